@@ -1,0 +1,208 @@
+"""Manifests, fingerprints and atomic stage directories.
+
+A stage writes `<out>/<stage>/` through a temporary sibling directory; `manifest.json` is written
+last and the directory is renamed into place, so a directory without a manifest (or a missing
+directory) is never mistaken for a finished stage, whatever interrupts the run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdpipe import __version__
+from kdpipe.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str  # relative to the stage directory (outputs) or as given (inputs)
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of(cls, path: Path, name: str) -> FileRecord:
+        return cls(path=name, sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+@dataclass(frozen=True)
+class Metric:
+    value: float | int | str | None
+    unit: str
+
+
+@dataclass
+class Manifest:
+    stage: str
+    run_id: str
+    config: dict[str, Any]
+    config_hash: str
+    inputs: list[FileRecord]
+    outputs: list[FileRecord]
+    environment: dict[str, Any]
+    metrics: dict[str, Metric] = field(default_factory=dict)
+    lineage: dict[str, str] = field(default_factory=dict)  # stage -> dir, relative to this one
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific facts (labels, export spec, ...)
+    schema_version: int = SCHEMA_VERSION
+    kdpipe_version: str = __version__
+    created_at: str = ""
+    # where this manifest was read from (not serialised)
+    dir: Path = field(default=Path("."), compare=False, repr=False)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("dir")
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_file(cls, path: Path) -> Manifest:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("schema_version") != SCHEMA_VERSION:
+                raise ArtifactError(
+                    f"{path}: schema_version {data.get('schema_version')} is not {SCHEMA_VERSION}",
+                    "re-run the stage with this kdpipe version (--force)",
+                )
+            data["inputs"] = [FileRecord(**r) for r in data["inputs"]]
+            data["outputs"] = [FileRecord(**r) for r in data["outputs"]]
+            data["metrics"] = {k: Metric(**m) for k, m in data.get("metrics", {}).items()}
+            return cls(**data, dir=path.parent)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ArtifactError(
+                f"{path}: not a valid kdpipe manifest ({e.__class__.__name__}: {e})",
+                "re-run the stage that wrote it (--force)",
+            ) from None
+
+    def path(self, name: str) -> Path:
+        """An output file of this stage, by its recorded name."""
+        if name not in {r.path for r in self.outputs}:
+            raise ArtifactError(f"{self.dir}: the {self.stage} manifest lists no file '{name}'",
+                                "re-run the stage with --force")
+        return self.dir / name
+
+    def metric(self, name: str) -> Any:
+        m = self.metrics.get(name)
+        return None if m is None else m.value
+
+    def upstream(self, stage: str) -> Manifest:
+        """The (verified) manifest of an earlier stage in this one's lineage."""
+        if stage not in self.lineage:
+            raise ArtifactError(f"{self.dir}: no '{stage}' stage in this artifact's lineage",
+                                "run the pipeline from the teacher stage on")
+        return read_manifest(self.dir / self.lineage[stage], stage)
+
+
+def verify_outputs(m: Manifest) -> list[str]:
+    """Every recorded output file that is missing or whose bytes changed; [] when all match."""
+    problems = []
+    for rec in m.outputs:
+        p = m.dir / rec.path
+        if not p.is_file():
+            problems.append(f"{p} is missing")
+        elif p.stat().st_size != rec.bytes or sha256_file(p) != rec.sha256:
+            problems.append(f"{p} changed since the {m.stage} stage wrote it (sha256 differs)")
+    return problems
+
+
+def read_manifest(directory: Path, expected_stage: str, verify: bool = True) -> Manifest:
+    """Read and check an upstream stage directory; one clear error for each way it can be wrong."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise ArtifactError(f"{directory}: no such directory (expected a '{expected_stage}' stage output)",
+                            f"run `kdpipe {expected_stage}` first, or point to its output directory")
+    mpath = directory / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(
+            f"{directory}: no {MANIFEST}, so this is not a finished '{expected_stage}' stage",
+            f"run `kdpipe {expected_stage}` to produce it (an interrupted stage leaves no manifest)",
+        )
+    m = Manifest.from_file(mpath)
+    if m.stage != expected_stage:
+        raise ArtifactError(f"{directory}: is a '{m.stage}' stage, expected a '{expected_stage}' stage",
+                            f"point to the output directory of `kdpipe {expected_stage}`")
+    if verify:
+        problems = verify_outputs(m)
+        if problems:
+            raise ArtifactError(f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                                f"the artifact was modified after it was written: re-run `kdpipe {m.stage} --force`")
+    return m
+
+
+def run_id(stage: str, cfg_hash: str, inputs: list[FileRecord], upstream_ids: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(stage.encode())
+    h.update(cfg_hash.encode())
+    for r in sorted(inputs, key=lambda r: r.path):
+        h.update(r.sha256.encode())
+    for u in upstream_ids:
+        h.update(u.encode())
+    return h.hexdigest()[:16]
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def list_outputs(work: Path) -> list[FileRecord]:
+    files = sorted(p for p in work.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return [FileRecord.of(p, p.relative_to(work).as_posix()) for p in files]
+
+
+def write_json_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of `final`; on success it replaces `final`, on any error
+    (Ctrl-C included) it is deleted and `final` is left as it was."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay whole."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = flat(old), flat(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

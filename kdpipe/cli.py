@@ -1,0 +1,242 @@
+"""The Typer app: parse options, load config, call the stages, map errors to exit codes. No logic."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from kdpipe import __version__
+
+app = typer.Typer(
+    name="kdpipe",
+    help="Distil a Hugging Face teacher into a smaller student, export it to ONNX and measure it.\n\n"
+    "Stages: teacher -> student -> distill -> export -> profile. Each writes <out>/<stage>/ with a "
+    "manifest.json that the next stage consumes; `kdpipe run` chains them from a recipe in stages/ "
+    "and skips every stage whose config and inputs did not change.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True, highlight=False)
+_state = {"debug": os.environ.get("KDPIPE_DEBUG") == "1"}
+
+RECIPE_HELP = "Recipe: a name in stages/ (e.g. 'default') or a YAML path. Stage options override it."
+SET_HELP = "Override any recipe field, e.g. --set distill.epochs=3 --set student.layers=[0,5]. Repeatable."
+OUT_HELP = "Output root; the stage writes <out>/<stage>/ (default: the recipe's `out`)."
+FORCE_HELP = "Re-run even if an identical run is already on disk."
+
+
+@contextmanager
+def _guard() -> Iterator[None]:
+    """One `error:` + `hint:` line pair and exit 1 for user errors; 130 on Ctrl-C."""
+    from kdpipe.errors import KdpipeError
+
+    try:
+        yield
+    except KdpipeError as e:
+        if _state["debug"]:
+            raise
+        for line in e.message.splitlines():
+            err.print(f"[bold red]error:[/] {line}", soft_wrap=True, markup=True)
+        if e.hint:
+            err.print(f"[bold]hint:[/] {e.hint}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: the stage in progress was discarded (no manifest written)")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as e:  # anything unexpected: one line, traceback only under --debug
+        if _state["debug"]:
+            raise
+        err.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {e}", soft_wrap=True, markup=False)
+        err.print("[bold]hint:[/] re-run with `kdpipe --debug ...` for the traceback, and report it")
+        raise typer.Exit(1) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kdpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _state["debug"] = debug or _state["debug"]
+
+
+def _stage(name: str, recipe: str, sets: list[str], out: Path | None, upstream: Path | None, force: bool) -> None:
+    from kdpipe.config import load_recipe
+    from kdpipe.pipeline import execute, stage
+
+    cfg, _ = load_recipe(recipe, sets)
+    root = out if out is not None else Path(cfg.out)
+    manifest, _ = execute(stage(name), cfg, root, upstream_dir=upstream, force=force, console=err)
+    typer.echo(f"{name}: {manifest.dir}")
+
+
+def _opt(sets: list[str], key: str, value: object) -> list[str]:
+    if value is None:
+        return sets
+    if isinstance(value, list | tuple):
+        value = "[" + ",".join(str(v) for v in value) + "]"
+    elif isinstance(value, bool):
+        value = str(value).lower()
+    return [f"{key}={value}", *sets]
+
+
+@app.command()
+def run(
+    recipe: str = typer.Argument("default", help=RECIPE_HELP),
+    sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output root (default: the recipe's `out`)."),
+    profile: str | None = typer.Option(None, "--profile", "-p", help="Target profile name in profiles/ or a YAML path."),
+    force: bool = typer.Option(False, "--force", help="Re-run every stage."),
+) -> None:
+    """Run the whole chain teacher -> student -> distill -> export -> profile from a recipe."""
+    with _guard():
+        from kdpipe.config import load_recipe
+        from kdpipe.pipeline import run_all
+
+        cfg, path = load_recipe(recipe, _opt(sets, "profile", profile))
+        root = out if out is not None else Path(cfg.out)
+        err.print(f"recipe {path} -> {root}")
+        last = run_all(cfg, root, force=force, console=err)
+        typer.echo(f"report: {last.dir / 'report.md'}")
+
+
+@app.command()
+def teacher(
+    model: str | None = typer.Option(None, "--model", "-m", help="Local HF model directory, or 'default' "
+                                     "(the embedded all-MiniLM-L6-v2)."),
+    data: str | None = typer.Option(None, "--data", "-d", help="CSV/JSON/JSONL/parquet file, or 'default' "
+                                    "(the embedded tweets)."),
+    text_column: str | None = typer.Option(None, help="Text column of --data."),
+    label_column: str | None = typer.Option(None, help="Label column of --data."),
+    epochs: float | None = typer.Option(None, help="Fine-tuning epochs."),
+    no_finetune: bool = typer.Option(False, "--no-finetune", help="Evaluate the model as it is (it needs a head)."),
+    recipe: str = typer.Option("default", "--recipe", "-r", help=RECIPE_HELP),
+    sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help=OUT_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Load a teacher, fine-tune a classification head on the train split, record test metrics."""
+    with _guard():
+        s = _opt(sets, "teacher.model", model)
+        s = _opt(s, "teacher.data.source", data)
+        s = _opt(s, "teacher.data.text_column", text_column)
+        s = _opt(s, "teacher.data.label_column", label_column)
+        s = _opt(s, "teacher.epochs", epochs)
+        s = _opt(s, "teacher.finetune", False if no_finetune else None)
+        _stage("teacher", recipe, s, out, None, force)
+
+
+@app.command()
+def student(
+    teacher_dir: Path | None = typer.Option(None, "--teacher", "-t", help="Teacher stage directory (default <out>/teacher)."),
+    layers: str | None = typer.Option(None, help="'every-other', 'last-k', 'first-k', or teacher layer indices "
+                                      "like 0,2,4."),
+    k: int | None = typer.Option(None, "-k", help="Layer count for last-k / first-k."),
+    init: str | None = typer.Option(None, help="'teacher' (copy kept layers) or 'random' (U[-0.08, 0.08])."),
+    pretrained: str | None = typer.Option(None, help="Use this local HF model directory as the student."),
+    recipe: str = typer.Option("default", "--recipe", "-r", help=RECIPE_HELP),
+    sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help=OUT_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Build a smaller student from the teacher's layers (DistilBERT's every-other-layer init by default)."""
+    with _guard():
+        s = sets
+        if layers is not None:
+            s = _opt(s, "student.layers", layers if not layers[:1].isdigit() else f"[{layers}]")
+        s = _opt(s, "student.k", k)
+        s = _opt(s, "student.init", init)
+        s = _opt(s, "student.pretrained", pretrained)
+        _stage("student", recipe, s, out, teacher_dir, force)
+
+
+@app.command()
+def distill(
+    student_dir: Path | None = typer.Option(None, "--student", help="Student stage directory (default <out>/student)."),
+    epochs: float | None = typer.Option(None, help="Training epochs."),
+    temperature: float | None = typer.Option(None, "-T", "--temperature", help="Hinton temperature (first hinton term)."),
+    device: str | None = typer.Option(None, help="'auto', 'cpu' or 'cuda'."),
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip the no-KD (hard labels only) baseline."),
+    recipe: str = typer.Option("default", "--recipe", "-r", help=RECIPE_HELP),
+    sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help=OUT_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Distil the teacher into the student (Hinton KD by default; CUDA + bf16 when available)."""
+    with _guard():
+        s = _opt(sets, "distill.epochs", epochs)
+        s = _opt(s, "distill.device", device)
+        s = _opt(s, "distill.baseline", False if no_baseline else None)
+        if temperature is not None:
+            s = [f"distill.losses=[{{name: hinton, temperature: {temperature}}}]", *s]
+        _stage("distill", recipe, s, out, student_dir, force)
+
+
+@app.command()
+def export(
+    distill_dir: Path | None = typer.Option(None, "--distill", help="Distill stage directory (default <out>/distill)."),
+    opset: int | None = typer.Option(None, help="ONNX opset."),
+    atol: float | None = typer.Option(None, help="Parity tolerance: max abs diff of logits."),
+    recipe: str = typer.Option("default", "--recipe", "-r", help=RECIPE_HELP),
+    sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help=OUT_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Export student and teacher to ONNX (dynamic batch/sequence) and check parity on real inputs."""
+    with _guard():
+        s = _opt(sets, "export.opset", opset)
+        s = _opt(s, "export.atol", atol)
+        _stage("export", recipe, s, out, distill_dir, force)
+
+
+@app.command()
+def profile(
+    export_dir: Path | None = typer.Option(None, "--export", help="Export stage directory (default <out>/export)."),
+    target: str | None = typer.Option(None, "--profile", "-p", help="Target profile name in profiles/ or a YAML path."),
+    recipe: str = typer.Option("default", "--recipe", "-r", help=RECIPE_HELP),
+    sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help=OUT_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Time student and teacher with onnxruntime (and torch eager) and write latency.json + report.md."""
+    with _guard():
+        _stage("profile", recipe, _opt(sets, "profile", target), out, export_dir, force)
+        root = out if out is not None else None
+        if root is not None:
+            typer.echo(f"report: {root / 'profile' / 'report.md'}")
+
+
+@app.command()
+def validate(files: list[Path] = typer.Argument(..., help="Recipe or profile YAML files to check.")) -> None:
+    """Check recipes and profiles without running anything."""
+    with _guard():
+        from kdpipe.config import validate_file
+        from kdpipe.errors import ConfigError
+
+        for f in files:
+            if not f.is_file():
+                raise ConfigError(f"{f}: no such file", "give the path of a recipe or profile YAML file")
+            kind = validate_file(f)
+            typer.echo(f"ok: {f} ({kind})")
+
+
+def main() -> None:
+    app(prog_name="kdpipe")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

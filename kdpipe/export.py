@@ -1,0 +1,115 @@
+"""The export stage: ONNX through optimum-onnx, then a fail-closed parity check on real inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from kdpipe.artifacts import Manifest, Metric
+from kdpipe.config import ExportConfig, Recipe
+from kdpipe.data import collate, encode, read_split
+from kdpipe.errors import ExportToleranceError
+from kdpipe.models import load_classifier, load_tokenizer
+from kdpipe.pipeline import StageOutput
+
+# batch sizes of the parity check: none equals the exporter's dummy batch (2), and real texts give
+# sequence lengths other than its dummy length (16), so axes baked in as static cannot pass.
+PARITY_BATCHES = (1, 7, 64)
+
+
+def onnx_inputs(session: Any, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Feed what the graph asks for: ids and mask from the batch, zeros for token_type_ids."""
+    ids = batch["input_ids"].numpy()
+    feed = {}
+    for inp in session.get_inputs():
+        if inp.name in batch:
+            feed[inp.name] = batch[inp.name].numpy().astype(np.int64)
+        else:
+            feed[inp.name] = np.zeros_like(ids, dtype=np.int64)
+    return feed
+
+
+def export_onnx(model_dir: Path, out: Path, opset: int) -> dict[str, Any]:
+    """optimum-onnx's exporter (TorchScript, dynamic batch and sequence axes); returns the spec."""
+    import onnx
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(model_dir), output=str(out), task="text-classification", opset=opset,
+                do_validation=False, no_post_process=True, device="cpu")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+
+    def dims(v: Any) -> list[str | int]:
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    return {
+        "exporter": "optimum-onnx main_export (TorchScript)",
+        "opset": opset,
+        "inputs": {i.name: dims(i) for i in graph.input},
+        "outputs": {o.name: dims(o) for o in graph.output},
+    }
+
+
+def parity(model_dir: Path, onnx_path: Path, texts: list[str], max_length: int, atol: float) -> dict[str, Any]:
+    """Max abs diff of logits and class agreement between PyTorch and ONNX on real texts."""
+    import onnxruntime as ort
+    import torch
+
+    model = load_classifier(model_dir).eval()
+    tok = load_tokenizer(model_dir)
+    from kdpipe.data import Split
+
+    enc = encode(tok, Split(texts=texts, labels=[0] * len(texts)), max_length)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst, same, n, shapes = 0.0, 0, 0, []
+    start = 0
+    for size in PARITY_BATCHES:
+        ids = enc.ids[start : start + size]
+        if not ids:
+            break
+        start += size
+        batch = collate(ids, enc.pad_id)
+        with torch.no_grad():
+            ref = model(**batch).logits.numpy()
+        got = session.run(["logits"], onnx_inputs(session, batch))[0]
+        worst = max(worst, float(np.abs(ref - got).max()))
+        same += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        n += len(ids)
+        shapes.append(list(batch["input_ids"].shape))
+    return {"max_abs_diff": worst, "atol": atol, "class_agreement": same / n, "examples": n, "shapes": shapes,
+            "ok": worst <= atol and same == n}
+
+
+def run_export(recipe: Recipe, upstream: Manifest | None, work: Path, console: Console) -> StageOutput:
+    assert upstream is not None  # the stage table gives export a distill upstream
+    cfg: ExportConfig = recipe.export
+    t_manifest = upstream.upstream("teacher")
+    texts = read_split(t_manifest.path("data/test.jsonl")).texts[: cfg.parity_samples]
+    max_length = int(t_manifest.extra["max_length"])
+    models = {"student": upstream.dir / "model"}
+    if cfg.teacher:
+        models["teacher"] = t_manifest.dir / "model"
+    metrics: dict[str, Metric] = {}
+    extra: dict[str, Any] = {"models": {}}
+    failures = []
+    for name, src in models.items():
+        spec = export_onnx(src, work / name, cfg.opset)
+        check = parity(src, work / name / "model.onnx", texts, max_length, cfg.atol)
+        size = (work / name / "model.onnx").stat().st_size
+        console.print(f"{name}: ONNX {size / 2**20:.1f} MiB, parity on {check['examples']} real test examples "
+                      f"at shapes {check['shapes']}: max |diff| {check['max_abs_diff']:.2e} (atol {cfg.atol:g}), "
+                      f"class agreement {check['class_agreement']:.2%}")
+        extra["models"][name] = {"onnx": f"{name}/model.onnx", "spec": spec, "parity": check, "source": str(src)}
+        metrics[f"{name}_max_abs_diff"] = Metric(check["max_abs_diff"], "logit units")
+        metrics[f"{name}_class_agreement"] = Metric(check["class_agreement"], "fraction")
+        metrics[f"{name}_onnx_bytes"] = Metric(size, "bytes")
+        if not check["ok"]:
+            failures.append(f"{name}: max |diff| {check['max_abs_diff']:.3e} vs atol {cfg.atol:g}, "
+                            f"class agreement {check['class_agreement']:.2%} on {check['examples']} examples")
+    if failures:
+        raise ExportToleranceError("ONNX parity check failed: " + "; ".join(failures),
+                                   "nothing was written; raise export.atol only if the difference is expected "
+                                   "(e.g. a different opset), otherwise report the model")
+    return StageOutput(metrics=metrics, extra=extra)

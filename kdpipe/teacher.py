@@ -1,0 +1,128 @@
+"""The teacher stage: load a HF encoder, give it a classification head, fine-tune, evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from kdpipe.artifacts import FileRecord, Manifest, Metric, sha256_file
+from kdpipe.config import Recipe
+from kdpipe.data import SPLITS, encode, make_splits, read_table, source_path, write_split
+from kdpipe.losses import LossContext, build_objective
+from kdpipe.models import count_params, load_tokenizer, resolve_model_dir
+from kdpipe.pipeline import StageOutput
+
+MODEL_DIR = "model"
+
+
+def stage_config(recipe: Recipe) -> dict[str, Any]:
+    return {"seed": recipe.seed, **recipe.teacher.model_dump(mode="json")}
+
+
+def inputs(recipe: Recipe, _: Manifest | None) -> list[FileRecord]:
+    """The model directory's files and the data file: a change to either re-runs the stage."""
+    model_dir = resolve_model_dir(recipe.teacher.model)
+    data = source_path(recipe.teacher.data)
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    return [FileRecord.of(p, f"model/{p.name}") for p in files] + [FileRecord.of(data, f"data/{data.name}")]
+
+
+def _head_params(model: Any, loading_info: dict[str, Any]) -> set[str]:
+    missing = set(loading_info.get("missing_keys", [])) | {k for k, *_ in loading_info.get("mismatched_keys", [])}
+    return {n for n, _ in model.named_parameters() if n in missing}
+
+
+def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console) -> StageOutput:
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from kdpipe.models import quiet_transformers
+    from kdpipe.train import evaluate, pick_device, train
+
+    cfg = recipe.teacher
+    quiet_transformers()
+    model_dir = resolve_model_dir(cfg.model)
+    data_file = source_path(cfg.data)
+    tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
+    df = read_table(data_file, cfg.data.text_column, cfg.data.label_column)
+
+    try:
+        hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        from kdpipe.errors import ModelError
+
+        raise ModelError(f"{model_dir}: unreadable config.json ({str(e).splitlines()[0]})",
+                         "point to a directory written by save_pretrained") from None
+    given = None if cfg.finetune else [hf_config.id2label[i] for i in sorted(hf_config.id2label)]
+    splits, names = make_splits(df, cfg.data, recipe.seed, given)
+    if cfg.finetune:
+        hf_config.num_labels = len(names)
+        hf_config.id2label = dict(enumerate(names))
+        hf_config.label2id = {n: i for i, n in enumerate(names)}
+    torch.manual_seed(recipe.seed)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, config=hf_config, local_files_only=True, trust_remote_code=cfg.trust_remote_code,
+        ignore_mismatched_sizes=cfg.finetune, output_loading_info=True, attn_implementation="eager",
+    )
+    (work / "data").mkdir()
+    for name in SPLITS:
+        write_split(splits[name], work / "data" / f"{name}.jsonl")
+    from kdpipe.data import read_split
+
+    enc = {n: encode(tokenizer, read_split(work / "data" / f"{n}.jsonl"), cfg.data.max_length) for n in SPLITS}
+    device = pick_device()
+    console.print(f"teacher {model_dir} ({count_params(model) / 1e6:.1f}M params, "
+                  f"{hf_config.num_hidden_layers} layers) on {len(enc['train'])} train / {len(enc['test'])} test "
+                  f"examples of {data_file.name}; labels {names}; device {device.torch_device}")
+
+    metrics: dict[str, Metric] = {}
+    if cfg.finetune:
+        head = _head_params(model, info)
+        groups = [{"params": [p for n, p in model.named_parameters() if n in head], "lr": cfg.head_lr}]
+        encoder = [p for n, p in model.named_parameters() if n not in head]
+        if cfg.freeze_encoder:
+            for p in encoder:
+                p.requires_grad_(False)
+        else:
+            groups.append({"params": encoder, "lr": cfg.lr})
+        objective = build_objective([_ce()], LossContext(layer_map={}))
+        result = train(model, objective, enc["train"], val_data=enc["val"], epochs=cfg.epochs,
+                       batch_size=cfg.batch_size, param_groups=groups, seed=recipe.seed, device=device,
+                       description="teacher fine-tune", console=console)
+        metrics["train_seconds"] = Metric(round(result.seconds, 1), "s")
+        metrics["train_samples_per_second"] = Metric(round(result.samples_per_second, 1), "samples/s")
+        metrics["train_final_loss"] = Metric(round(result.final_loss, 4), "nats")
+    test = evaluate(model, enc["test"], device)
+    val = evaluate(model, enc["val"], device) if len(enc["val"]) else None
+    console.print(f"teacher test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f}")
+    model.to("cpu").save_pretrained(work / MODEL_DIR, safe_serialization=True)
+    tokenizer.save_pretrained(work / MODEL_DIR)
+    np.save(work / "test_logits.npy", test.logits, allow_pickle=False)
+
+    metrics.update({
+        "test_accuracy": Metric(round(test.accuracy, 5), "fraction"),
+        "test_macro_f1": Metric(round(test.macro_f1, 5), "fraction"),
+        "params": Metric(count_params(model), "parameters"),
+        "layers": Metric(int(hf_config.num_hidden_layers), "layers"),
+    })
+    if val is not None:
+        metrics["val_accuracy"] = Metric(round(val.accuracy, 5), "fraction")
+    return StageOutput(metrics=metrics, extra={
+        "label_names": names,
+        "max_length": cfg.data.max_length,
+        "split_sizes": {n: len(enc[n]) for n in SPLITS},
+        "data_source": str(data_file),
+        "data_sha256": sha256_file(data_file),
+        "model_source": str(model_dir),
+        "finetuned": cfg.finetune,
+        "trained_params": "head" if cfg.freeze_encoder else "all",
+    })
+
+
+def _ce() -> Any:
+    from kdpipe.config import CELoss
+
+    return CELoss()

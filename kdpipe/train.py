@@ -1,0 +1,179 @@
+"""The explicit training loop shared by the teacher and distill stages, and evaluation."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kdpipe.data import Encoded, batches
+from kdpipe.losses import Objective
+from kdpipe.models import forward_kd
+
+if TYPE_CHECKING:
+    import torch
+    from rich.console import Console
+
+
+@dataclass(frozen=True)
+class Device:
+    torch_device: str  # "cpu" | "cuda"
+    amp_dtype: Any  # torch.bfloat16 or None
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.amp_dtype is not None else "fp32"
+
+    def autocast(self) -> Any:
+        import torch
+
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.torch_device, dtype=self.amp_dtype)
+
+
+def pick_device(device: str = "auto", precision: str = "auto") -> Device:
+    import torch
+
+    from kdpipe.errors import ConfigError
+
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise ConfigError("distill.device=cuda but torch sees no CUDA device", "use device: auto or cpu")
+    dev = "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
+    want_bf16 = precision == "bf16" or (precision == "auto" and dev == "cuda")
+    return Device(dev, torch.bfloat16 if want_bf16 else None)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float
+    macro_f1: float
+    logits: np.ndarray  # (N, C) float32
+
+
+def evaluate(model: torch.nn.Module, data: Encoded, device: Device, batch_size: int = 64) -> Evaluation:
+    import torch
+    from sklearn.metrics import accuracy_score, f1_score
+
+    model.eval()
+    chunks = []
+    with torch.no_grad(), device.autocast():
+        for batch in batches(data, batch_size, shuffle=False):
+            batch = {k: v.to(device.torch_device) for k, v in batch.items() if k != "labels"}
+            chunks.append(model(**batch).logits.float().cpu().numpy())
+    logits = np.concatenate(chunks).astype(np.float32)
+    preds = logits.argmax(-1)
+    return Evaluation(
+        accuracy=float(accuracy_score(data.labels, preds)),
+        macro_f1=float(f1_score(data.labels, preds, average="macro")),
+        logits=logits,
+    )
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    samples_per_second: float
+    final_loss: float
+    history: list[dict[str, float]] = field(default_factory=list)  # {step, loss, [val_accuracy]}
+    best_val_accuracy: float | None = None
+    best_state: dict[str, Any] | None = None
+
+
+def train(
+    model: torch.nn.Module,
+    objective: Objective,
+    train_data: Encoded,
+    *,
+    teacher: torch.nn.Module | None = None,
+    val_data: Encoded | None = None,
+    epochs: float,
+    batch_size: int,
+    param_groups: list[dict[str, Any]],
+    weight_decay: float = 0.01,
+    warmup_ratio: float = 0.06,
+    grad_clip: float = 1.0,
+    eval_every: int = 0,
+    keep_best: bool = False,
+    seed: int = 0,
+    device: Device,
+    description: str = "train",
+    console: Console | None = None,
+) -> TrainResult:
+    """Train `model` on the weighted sum of `objective`'s terms; teacher in eval mode, no grad."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    torch.manual_seed(seed)
+    model.to(device.torch_device).train()
+    if teacher is not None:
+        teacher.to(device.torch_device).eval()
+    steps_per_epoch = math.ceil(len(train_data) / batch_size)
+    total = max(1, math.ceil(epochs * steps_per_epoch))
+    warmup = int(warmup_ratio * total)
+    opt = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+    result = TrainResult(steps=0, seconds=0.0, samples_per_second=0.0, final_loss=float("nan"))
+    seen, ema = 0, None
+    start = time.perf_counter()
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:.1f} samples/s"),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total, loss=float("nan"), speed=0.0)
+        epoch = 0
+        while result.steps < total:
+            for batch in batches(train_data, batch_size, shuffle=True, seed=seed + epoch):
+                if result.steps >= total:
+                    break
+                batch = {k: v.to(device.torch_device) for k, v in batch.items()}
+                with device.autocast():
+                    t_out = None
+                    if objective.needs_teacher and teacher is not None:
+                        with torch.no_grad():
+                            t_out = forward_kd(teacher, batch, hidden=objective.needs_hidden)
+                    s_out = forward_kd(model, batch, hidden=objective.needs_hidden)
+                    terms = objective.terms(s_out, t_out)
+                    # the recipe's mixture: a weighted sum of its terms
+                    loss = sum(w * t for w, t in zip(objective.weights, terms, strict=True))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[union-attr]
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                opt.step()
+                sched.step()
+                result.steps += 1
+                seen += len(batch["input_ids"])
+                value = float(loss.detach())
+                ema = value if ema is None else 0.9 * ema + 0.1 * value
+                elapsed = time.perf_counter() - start
+                progress.update(task, advance=1, loss=ema, speed=seen / elapsed)
+                record: dict[str, float] = {"step": result.steps, "loss": value}
+                if val_data is not None and eval_every and result.steps % eval_every == 0:
+                    acc = evaluate(model, val_data, device).accuracy
+                    model.train()
+                    record["val_accuracy"] = acc
+                    progress.console.log(f"{description}: step {result.steps}/{total} val accuracy {acc:.4f}")
+                    if keep_best and (result.best_val_accuracy is None or acc > result.best_val_accuracy):
+                        result.best_val_accuracy = acc
+                        result.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                result.history.append(record)
+            epoch += 1
+    result.seconds = time.perf_counter() - start
+    result.samples_per_second = seen / result.seconds if result.seconds else 0.0
+    result.final_loss = ema if ema is not None else float("nan")
+    if keep_best and val_data is not None:
+        acc = evaluate(model, val_data, device).accuracy
+        if result.best_val_accuracy is None or acc > result.best_val_accuracy:
+            result.best_val_accuracy, result.best_state = acc, None  # the last one is the best
+        if result.best_state is not None:
+            model.load_state_dict(result.best_state)
+    model.eval()
+    return result

@@ -1,0 +1,110 @@
+"""Tiny models and data built in code: fully offline, seconds on two cores."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = {
+    "positive": ["good", "great", "love", "happy", "excellent", "nice"],
+    "negative": ["bad", "awful", "hate", "sad", "terrible", "crash"],
+    "neutral": ["car", "road", "today", "drive", "city", "street"],
+}
+FILLER = ["the", "a", "is", "this", "my", "was", "very", "so"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_tokenizer(extra_words: list[str] | None = None):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIAL + sorted({w for ws in WORDS.values() for w in ws} | set(FILLER) | set(extra_words or []))
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
+
+
+def make_model_dir(path: Path, layers: int = 2, hidden: int = 32, extra_words: list[str] | None = None,
+                   seed: int = 0) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = make_tokenizer(extra_words)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_csv(path: Path, rows: int = 240, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    lines = ["label,score,sentence"]
+    for i in range(rows):
+        label = ["positive", "negative", "neutral"][i % 3]
+        words = [rng.choice(WORDS[label]) for _ in range(rng.randint(1, 3))] + rng.sample(FILLER, 3)
+        rng.shuffle(words)
+        lines.append(f"{label},{rng.random():.3f},{' '.join(words)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny") / "teacher")
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_csv(tmp_path_factory.mktemp("data") / "tiny.csv")
+
+
+def write_recipe(path: Path, teacher_dir: Path, csv: Path, out: Path, **over: object) -> Path:
+    """A recipe that runs every stage on the tiny model in seconds."""
+    profile = path.parent / "tiny-profile.yaml"
+    profile.write_text(yaml.safe_dump({
+        "name": "tiny", "description": "test profile.", "intra_op_threads": 1,
+        "shapes": [{"batch": 1, "seq": 16}, {"batch": 4, "seq": 24}],
+        "warmup": 1, "min_runs": 3, "min_seconds": 0.0, "torch_eager": True,
+    }))
+    recipe: dict = {
+        "out": str(out),
+        "seed": 0,
+        "teacher": {"model": str(teacher_dir),
+                    "data": {"source": str(csv), "text_column": "sentence", "label_column": "label",
+                             "train_size": None, "val_size": 20, "test_size": 60, "max_length": 16},
+                    "epochs": 15, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-2},
+        "student": {"layers": "every-other"},
+        "distill": {"losses": [{"name": "hinton", "temperature": 2.0, "alpha": 0.5},
+                               {"name": "hidden_cosine", "weight": 0.1}],
+                    "epochs": 10, "batch_size": 16, "lr": 1e-3, "threads": 1},
+        "export": {"parity_samples": 20},
+        "profile": str(profile),
+    }
+    for key, value in over.items():
+        node = recipe
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path, tiny_dir: Path, tiny_csv: Path) -> Path:
+    return write_recipe(tmp_path / "recipe.yaml", tiny_dir, tiny_csv, tmp_path / "runs")
