@@ -95,8 +95,9 @@ class Manifest:
     def path(self, name: str) -> Path:
         """An output file of this stage, by its recorded name."""
         if name not in {r.path for r in self.outputs}:
-            raise ArtifactError(f"{self.dir}: the {self.stage} manifest lists no file '{name}'",
-                                "re-run the stage with --force")
+            raise ArtifactError(
+                f"{self.dir}: the {self.stage} manifest lists no file '{name}'", "re-run the stage with --force"
+            )
         return self.dir / name
 
     def metric(self, name: str) -> Any:
@@ -106,8 +107,10 @@ class Manifest:
     def upstream(self, stage: str) -> Manifest:
         """The (verified) manifest of an earlier stage in this one's lineage."""
         if stage not in self.lineage:
-            raise ArtifactError(f"{self.dir}: no '{stage}' stage in this artifact's lineage",
-                                "run the pipeline from the teacher stage on")
+            raise ArtifactError(
+                f"{self.dir}: no '{stage}' stage in this artifact's lineage",
+                "run the pipeline from the teacher stage on",
+            )
         return read_manifest(self.dir / self.lineage[stage], stage)
 
 
@@ -127,8 +130,10 @@ def read_manifest(directory: Path, expected_stage: str, verify: bool = True) -> 
     """Read and check an upstream stage directory; one clear error for each way it can be wrong."""
     directory = Path(directory)
     if not directory.exists():
-        raise ArtifactError(f"{directory}: no such directory (expected a '{expected_stage}' stage output)",
-                            f"run `kdpipe {expected_stage}` first, or point to its output directory")
+        raise ArtifactError(
+            f"{directory}: no such directory (expected a '{expected_stage}' stage output)",
+            f"run `kdpipe {expected_stage}` first, or point to its output directory",
+        )
     mpath = directory / MANIFEST
     if not mpath.is_file():
         raise ArtifactError(
@@ -137,13 +142,17 @@ def read_manifest(directory: Path, expected_stage: str, verify: bool = True) -> 
         )
     m = Manifest.from_file(mpath)
     if m.stage != expected_stage:
-        raise ArtifactError(f"{directory}: is a '{m.stage}' stage, expected a '{expected_stage}' stage",
-                            f"point to the output directory of `kdpipe {expected_stage}`")
+        raise ArtifactError(
+            f"{directory}: is a '{m.stage}' stage, expected a '{expected_stage}' stage",
+            f"point to the output directory of `kdpipe {expected_stage}`",
+        )
     if verify:
         problems = verify_outputs(m)
         if problems:
-            raise ArtifactError(f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
-                                f"the artifact was modified after it was written: re-run `kdpipe {m.stage} --force`")
+            raise ArtifactError(
+                f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                f"the artifact was modified after it was written: re-run `kdpipe {m.stage} --force`",
+            )
     return m
 
 

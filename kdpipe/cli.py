@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,7 +98,9 @@ def run(
     recipe: str = typer.Argument("default", help=RECIPE_HELP),
     sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output root (default: the recipe's `out`)."),
-    profile: str | None = typer.Option(None, "--profile", "-p", help="Target profile name in profiles/ or a YAML path."),
+    profile: str | None = typer.Option(
+        None, "--profile", "-p", help="Target profile name in profiles/ or a YAML path."
+    ),
     force: bool = typer.Option(False, "--force", help="Re-run every stage."),
 ) -> None:
     """Run the whole chain teacher -> student -> distill -> export -> profile from a recipe."""
@@ -116,10 +117,12 @@ def run(
 
 @app.command()
 def teacher(
-    model: str | None = typer.Option(None, "--model", "-m", help="Local HF model directory, or 'default' "
-                                     "(the embedded all-MiniLM-L6-v2)."),
-    data: str | None = typer.Option(None, "--data", "-d", help="CSV/JSON/JSONL/parquet file, or 'default' "
-                                    "(the embedded tweets)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Local HF model directory, or 'default' (the embedded all-MiniLM-L6-v2)."
+    ),
+    data: str | None = typer.Option(
+        None, "--data", "-d", help="CSV/JSON/JSONL/parquet file, or 'default' (the embedded tweets)."
+    ),
     text_column: str | None = typer.Option(None, help="Text column of --data."),
     label_column: str | None = typer.Option(None, help="Label column of --data."),
     epochs: float | None = typer.Option(None, help="Fine-tuning epochs."),
@@ -142,9 +145,12 @@ def teacher(
 
 @app.command()
 def student(
-    teacher_dir: Path | None = typer.Option(None, "--teacher", "-t", help="Teacher stage directory (default <out>/teacher)."),
-    layers: str | None = typer.Option(None, help="'every-other', 'last-k', 'first-k', or teacher layer indices "
-                                      "like 0,2,4."),
+    teacher_dir: Path | None = typer.Option(
+        None, "--teacher", "-t", help="Teacher stage directory (default <out>/teacher)."
+    ),
+    layers: str | None = typer.Option(
+        None, help="'every-other', 'last-k', 'first-k', or teacher layer indices like 0,2,4."
+    ),
     k: int | None = typer.Option(None, "-k", help="Layer count for last-k / first-k."),
     init: str | None = typer.Option(None, help="'teacher' (copy kept layers) or 'random' (U[-0.08, 0.08])."),
     pretrained: str | None = typer.Option(None, help="Use this local HF model directory as the student."),
@@ -168,7 +174,9 @@ def student(
 def distill(
     student_dir: Path | None = typer.Option(None, "--student", help="Student stage directory (default <out>/student)."),
     epochs: float | None = typer.Option(None, help="Training epochs."),
-    temperature: float | None = typer.Option(None, "-T", "--temperature", help="Hinton temperature (first hinton term)."),
+    temperature: float | None = typer.Option(
+        None, "-T", "--temperature", help="Hinton temperature (first hinton term)."
+    ),
     device: str | None = typer.Option(None, help="'auto', 'cpu' or 'cuda'."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip the no-KD (hard labels only) baseline."),
     recipe: str = typer.Option("default", "--recipe", "-r", help=RECIPE_HELP),
@@ -239,4 +247,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

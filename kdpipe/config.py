@@ -111,9 +111,7 @@ class HiddenCosineLoss(_Loss):
     name: Literal["hidden_cosine"] = "hidden_cosine"
 
 
-LossConfig = Annotated[
-    HintonLoss | CELoss | LogitMSELoss | HiddenCosineLoss, Field(discriminator="name")
-]
+LossConfig = Annotated[HintonLoss | CELoss | LogitMSELoss | HiddenCosineLoss, Field(discriminator="name")]
 
 
 def _default_losses() -> list[LossConfig]:
@@ -136,8 +134,7 @@ class DistillConfig(_Strict):
     )
     baseline: bool = Field(
         True,
-        description="Also train the same student on hard labels only (no KD) with the same budget, "
-        "and report both.",
+        description="Also train the same student on hard labels only (no KD) with the same budget, and report both.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when available.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -224,7 +221,9 @@ def resolve(kind: str, name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
-            raise ConfigError(f"{p}: no such file", f"give an existing YAML file, or a name ({did_you_mean(p.stem, available(kind))})")
+            raise ConfigError(
+                f"{p}: no such file", f"give an existing YAML file, or a name ({did_you_mean(p.stem, available(kind))})"
+            )
         return p
     for d in _search_dirs(kind):
         cand = d / f"{name_or_path}.yaml"
@@ -290,9 +289,11 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     path = resolve("stages", name_or_path)
     data = _merge(_read_yaml(path), parse_overrides(overrides))
     try:
-        return Recipe.model_validate(data), path
+        recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise format_validation_error(str(path), e) from None
+    load_profile(recipe.profile)  # an unknown or invalid profile fails before any model loads
+    return recipe, path
 
 
 def load_profile(name_or_path: str | Path) -> TargetProfile:

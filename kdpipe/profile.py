@@ -16,8 +16,12 @@ from kdpipe.artifacts import Manifest, Metric
 from kdpipe.config import Recipe, Shape, TargetProfile, load_profile
 from kdpipe.pipeline import StageOutput
 
-_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-           "all": "ORT_ENABLE_ALL"}
+_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
@@ -74,11 +78,19 @@ def profile_onnx(path: Path, prof: TargetProfile, vocab_size: int) -> dict[str, 
     shapes = {}
     for shape in prof.shapes:
         feed = {k: v for k, v in synthetic_batch(shape, vocab_size).items() if k in names}
-        times = time_fn(lambda feed=feed: session.run(None, feed), prof.warmup, prof.min_runs, prof.min_seconds)
+
+        def step(feed: dict[str, np.ndarray] = feed) -> None:
+            session.run(None, feed)
+
+        times = time_fn(step, prof.warmup, prof.min_runs, prof.min_seconds)
         shapes[f"{shape.batch}x{shape.seq}"] = latency_stats(times, shape.batch)
     # asking for a provider that is not built in silently falls back to CPU: record what ran
-    return {"session_init_ms": init_s * 1e3, "providers": session.get_providers(), "shapes": shapes,
-            "model_bytes": path.stat().st_size}
+    return {
+        "session_init_ms": init_s * 1e3,
+        "providers": session.get_providers(),
+        "shapes": shapes,
+        "model_bytes": path.stat().st_size,
+    }
 
 
 def profile_torch(model_dir: Path, prof: TargetProfile, vocab_size: int) -> dict[str, Any]:
@@ -90,8 +102,7 @@ def profile_torch(model_dir: Path, prof: TargetProfile, vocab_size: int) -> dict
     model = load_classifier(model_dir).eval()
     shapes = {}
     for shape in prof.shapes:
-        batch = {k: torch.from_numpy(v) for k, v in synthetic_batch(shape, vocab_size).items()
-                 if k != "token_type_ids"}
+        batch = {k: torch.from_numpy(v) for k, v in synthetic_batch(shape, vocab_size).items() if k != "token_type_ids"}
 
         def step(batch: dict[str, Any] = batch) -> None:
             with torch.inference_mode():

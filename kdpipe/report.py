@@ -84,8 +84,16 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
     split = teacher.extra["split_sizes"]
     dcfg, tcfg = distill.config, teacher.config
     losses = " + ".join(
-        f"{c['weight']:g} x {c['name']}" + (f" (T={c['temperature']:g}, alpha={c['alpha']:g})" if c["name"] == "hinton" else "")
-        for c in dcfg["losses"])
+        f"{c['weight']:g} x {c['name']}"
+        + (f" (T={c['temperature']:g}, alpha={c['alpha']:g})" if c["name"] == "hinton" else "")
+        for c in dcfg["losses"]
+    )
+    teacher_how = (
+        f"fine-tuned {tcfg['epochs']:g} epoch(s), {teacher.extra['trained_params']} parameters, batch "
+        f"{tcfg['batch_size']}, {teacher.metric('train_seconds')} s"
+        if tcfg["finetune"]
+        else "used as given (no fine-tuning)"
+    )
     lines = [
         "# kdpipe report",
         "",
@@ -97,9 +105,9 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
         "",
         f"- data: `{teacher.extra['data_source']}`; seeded splits (seed {tcfg['seed']}): "
         f"train {split['train']}, validation {split['val']}, test {split['test']} examples; max length "
-        f"{teacher.extra['max_length']} tokens." + (" A subset of the rows is used to keep the default run short."
-                                                    if tcfg['data']['train_size'] else ""),
-        f"- teacher: {'fine-tuned ' + format(tcfg['epochs'], 'g') + ' epoch(s), ' + teacher.extra['trained_params'] + ' parameters' if tcfg['finetune'] else 'used as given'}.",
+        f"{teacher.extra['max_length']} tokens."
+        + (" A subset of the rows is used to keep the default run short." if tcfg["data"]["train_size"] else ""),
+        f"- teacher: {teacher_how}; validation accuracy {_pct(teacher.metric('val_accuracy'))}.",
         f"- distillation: loss = {losses}; {dcfg['epochs']:g} epoch(s), batch {dcfg['batch_size']}, lr {dcfg['lr']:g}, "
         f"on {distill.extra['device']} ({distill.extra['precision']}), {distill.metric('train_seconds')} s "
         f"({distill.metric('train_samples_per_second')} samples/s).",
@@ -114,8 +122,10 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
     ]
     verdict = ""
     if b_acc is not None:
-        lines.append(f"| student, no KD (hard labels only) | {s_layers} | {s_params:,} | {_pct(b_acc)} | {_pct(b_f1)} | "
-                     f"{100 * b_acc / t_acc:.1f}% | {_pct(distill.metric('baseline_teacher_agreement'))} |")
+        lines.append(
+            f"| student, no KD (hard labels only) | {s_layers} | {s_params:,} | {_pct(b_acc)} | {_pct(b_f1)} | "
+            f"{100 * b_acc / t_acc:.1f}% | {_pct(distill.metric('baseline_teacher_agreement'))} |"
+        )
         gap = 100 * (s_acc - b_acc)
         if abs(gap) < 1e-9:
             verdict = "KD and the no-KD baseline tied on test accuracy."
@@ -125,36 +135,54 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
             verdict = f"The no-KD baseline won: {-gap:.2f} accuracy points better than KD on this run."
         f1_gap = 100 * (s_f1 - b_f1)
         verdict += f" Macro-F1: KD {'+' if f1_gap >= 0 else ''}{f1_gap:.2f} points vs no KD."
-    lines += ["", f"Student is {t_params / s_params:.2f}x smaller in parameters and {t_layers / s_layers:.1f}x "
-              "smaller in layers than the teacher. " + verdict, "", "![training loss](training.png)", ""]
+    lines += [
+        "",
+        f"Student is {t_params / s_params:.2f}x smaller in parameters and {t_layers / s_layers:.1f}x "
+        "smaller in layers than the teacher. " + verdict,
+        "",
+        "![training loss](training.png)",
+        "",
+    ]
 
-    lines += ["## ONNX export and parity", "",
-              "Parity is checked on real test-split texts at shapes other than the export's; "
-              "a miss fails the export stage.", "",
-              "| model | ONNX size | max abs diff | tolerance | class agreement | examples | shapes (batch x seq) |",
-              "|---|---:|---:|---:|---:|---:|---|"]
+    lines += [
+        "## ONNX export and parity",
+        "",
+        "Parity is checked on real test-split texts at shapes other than the export's; a miss fails the export stage.",
+        "",
+        "| model | ONNX size | max abs diff | tolerance | class agreement | examples | shapes (batch x seq) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for name, info in export.extra["models"].items():
         par = info["parity"]
         size = export.metric(f"{name}_onnx_bytes")
         shapes = ", ".join(f"{b}x{t}" for b, t in par["shapes"])
-        lines.append(f"| {name} | {size / 2**20:.1f} MiB | {par['max_abs_diff']:.2e} | {par['atol']:g} | "
-                     f"{_pct(par['class_agreement'])} | {par['examples']} | {shapes} |")
+        lines.append(
+            f"| {name} | {size / 2**20:.1f} MiB | {par['max_abs_diff']:.2e} | {par['atol']:g} | "
+            f"{_pct(par['class_agreement'])} | {par['examples']} | {shapes} |"
+        )
 
     ort_res, eager = results["onnxruntime"], results.get("torch_eager", {})
-    lines += ["", f"## Latency: profile `{prof['name']}`", "",
-              f"{prof['description']} onnxruntime with {prof['intra_op_threads']} intra-op thread(s), graph "
-              f"optimisation `{prof['graph_optimization_level']}`, providers that ran: "
-              f"{', '.join(next(iter(ort_res.values()))['providers'])}; {prof['warmup']} warm-up runs, then at least "
-              f"{prof['min_runs']} runs and {prof['min_seconds']:g} s per shape. Medians are what to compare; "
-              "absolute times vary with the machine.", "",
-              "| engine | model | batch x seq | p50 ms | p90 ms | p99 ms | mean ms | CoV | throughput /s | runs |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        f"## Latency: profile `{prof['name']}`",
+        "",
+        f"{prof['description']} onnxruntime with {prof['intra_op_threads']} intra-op thread(s), graph "
+        f"optimisation `{prof['graph_optimization_level']}`, providers that ran: "
+        f"{', '.join(next(iter(ort_res.values()))['providers'])}; {prof['warmup']} warm-up runs, then at least "
+        f"{prof['min_runs']} runs and {prof['min_seconds']:g} s per shape. Medians are what to compare; "
+        "absolute times vary with the machine.",
+        "",
+        "| engine | model | batch x seq | p50 ms | p90 ms | p99 ms | mean ms | CoV | throughput /s | runs |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for engine, res in (("onnxruntime", ort_res), ("torch eager", eager)):
         for name, r in res.items():
             for shape, st in r["shapes"].items():
-                lines.append(f"| {engine} | {name} | {shape} | {st['p50_ms']:.2f} | {st['p90_ms']:.2f} | "
-                             f"{st['p99_ms']:.2f} | {st['mean_ms']:.2f} | {st['cov']:.3f} | "
-                             f"{st['throughput_per_s']:.1f} | {st['runs']} |")
+                lines.append(
+                    f"| {engine} | {name} | {shape} | {st['p50_ms']:.2f} | {st['p90_ms']:.2f} | "
+                    f"{st['p99_ms']:.2f} | {st['mean_ms']:.2f} | {st['cov']:.3f} | "
+                    f"{st['throughput_per_s']:.1f} | {st['runs']} |"
+                )
     lines.append("")
     summary = Table(title="kdpipe summary")
     for col in ("", "teacher", "student (KD)", "student (no KD)"):
@@ -167,16 +195,25 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
         for shape in ort_res["student"]["shapes"]:
             t = ort_res["teacher"]["shapes"][shape]["p50_ms"]
             s = ort_res["student"]["shapes"][shape]["p50_ms"]
-            lines.append(f"- speed-up at {shape} (onnxruntime p50, teacher / student): **{t / s:.2f}x** "
-                         f"({t:.2f} ms -> {s:.2f} ms)")
+            lines.append(
+                f"- speed-up at {shape} (onnxruntime p50, teacher / student): **{t / s:.2f}x** "
+                f"({t:.2f} ms -> {s:.2f} ms)"
+            )
             summary.add_row(f"ORT p50 {shape}", f"{t:.2f} ms", f"{s:.2f} ms ({t / s:.2f}x)", "")
         for name in ort_res:
-            lines.append(f"- {name}: session init {ort_res[name]['session_init_ms']:.0f} ms, model "
-                         f"{ort_res[name]['model_bytes'] / 2**20:.1f} MiB")
-    lines += ["", "![latency](latency.png)", "",
-              f"Environment: {distill.environment['device']}, torch {distill.environment['packages']['torch']}, "
-              f"onnxruntime {export.environment['packages']['onnxruntime']}, kdpipe {export.kdpipe_version} "
-              f"(git {str(export.environment.get('git_sha'))[:10]}).", ""]
+            lines.append(
+                f"- {name}: session init {ort_res[name]['session_init_ms']:.0f} ms, model "
+                f"{ort_res[name]['model_bytes'] / 2**20:.1f} MiB"
+            )
+    lines += [
+        "",
+        "![latency](latency.png)",
+        "",
+        f"Environment: {distill.environment['device']}, torch {distill.environment['packages']['torch']}, "
+        f"onnxruntime {export.environment['packages']['onnxruntime']}, kdpipe {export.kdpipe_version} "
+        f"(git {str(export.environment.get('git_sha'))[:10]}).",
+        "",
+    ]
     if (distill.dir / "training.png").is_file():
         shutil.copyfile(distill.dir / "training.png", work / "training.png")
     path = work / "report.md"

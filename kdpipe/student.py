@@ -24,12 +24,14 @@ def select_layers(cfg: StudentConfig, n_teacher: int) -> list[int]:
         if cfg.k > n_teacher:
             raise ConfigError(f"student.k={cfg.k} exceeds the teacher's {n_teacher} layers", f"use k <= {n_teacher}")
         layers = list(range(n_teacher - cfg.k, n_teacher)) if spec == "last-k" else list(range(cfg.k))
-    else:
+    elif isinstance(spec, list):
         layers = list(spec)
         bad = [i for i in layers if not 0 <= i < n_teacher]
         if bad or not layers:
-            raise ConfigError(f"student.layers {layers}: indices {bad} outside the teacher's layers 0..{n_teacher - 1}",
-                              f"list 0-based teacher layers between 0 and {n_teacher - 1}")
+            raise ConfigError(
+                f"student.layers {layers}: indices {bad} outside the teacher's layers 0..{n_teacher - 1}",
+                f"list 0-based teacher layers between 0 and {n_teacher - 1}",
+            )
         if len(set(layers)) != len(layers) or layers != sorted(layers):
             raise ConfigError(f"student.layers {layers}: must be increasing without repeats", "e.g. [0, 2, 4]")
     return layers
@@ -85,9 +87,11 @@ def run_student(recipe: Any, upstream: Any, work: Any, console: Any) -> Any:
         tokenizer = load_tokenizer(s_dir)
         why = vocab_mismatch(t_tok, tokenizer)
         if why:
-            raise ModelError(f"{s_dir}: the student's tokenizer does not match the teacher's ({why})",
-                             "the losses feed the same token ids to both models: use a student with the "
-                             "teacher's tokenizer, or build one from the teacher (drop student.pretrained)")
+            raise ModelError(
+                f"{s_dir}: the student's tokenizer does not match the teacher's ({why})",
+                "the losses feed the same token ids to both models: use a student with the "
+                "teacher's tokenizer, or build one from the teacher (drop student.pretrained)",
+            )
         student = load_classifier(s_dir, upstream.extra["label_names"])
         m = int(student.config.num_hidden_layers)
         kept = [round((i + 1) * n_teacher / m) - 1 for i in range(m)]  # uniform map g(m), TinyBERT's default
@@ -100,8 +104,10 @@ def run_student(recipe: Any, upstream: Any, work: Any, console: Any) -> Any:
     student.save_pretrained(work / "model", safe_serialization=True)
     tokenizer.save_pretrained(work / "model")
     sp, tp = count_params(student), count_params(teacher)
-    console.print(f"student: {len(kept)} of {n_teacher} layers (teacher layers {kept}), init={init}, "
-                  f"{sp / 1e6:.1f}M vs {tp / 1e6:.1f}M params ({tp / sp:.2f}x smaller)")
+    console.print(
+        f"student: {len(kept)} of {n_teacher} layers (teacher layers {kept}), init={init}, "
+        f"{sp / 1e6:.1f}M vs {tp / 1e6:.1f}M params ({tp / sp:.2f}x smaller)"
+    )
     return StageOutput(
         metrics={
             "params": Metric(sp, "parameters"),

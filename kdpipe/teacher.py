@@ -50,12 +50,16 @@ def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console
     df = read_table(data_file, cfg.data.text_column, cfg.data.label_column)
 
     try:
-        hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(
+            model_dir, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+        )
     except (OSError, ValueError) as e:
         from kdpipe.errors import ModelError
 
-        raise ModelError(f"{model_dir}: unreadable config.json ({str(e).splitlines()[0]})",
-                         "point to a directory written by save_pretrained") from None
+        raise ModelError(
+            f"{model_dir}: unreadable config.json ({str(e).splitlines()[0]})",
+            "point to a directory written by save_pretrained",
+        ) from None
     given = None if cfg.finetune else [hf_config.id2label[i] for i in sorted(hf_config.id2label)]
     splits, names = make_splits(df, cfg.data, recipe.seed, given)
     if cfg.finetune:
@@ -64,8 +68,13 @@ def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console
         hf_config.label2id = {n: i for i, n in enumerate(names)}
     torch.manual_seed(recipe.seed)
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, config=hf_config, local_files_only=True, trust_remote_code=cfg.trust_remote_code,
-        ignore_mismatched_sizes=cfg.finetune, output_loading_info=True, attn_implementation="eager",
+        model_dir,
+        config=hf_config,
+        local_files_only=True,
+        trust_remote_code=cfg.trust_remote_code,
+        ignore_mismatched_sizes=cfg.finetune,
+        output_loading_info=True,
+        attn_implementation="eager",
     )
     (work / "data").mkdir()
     for name in SPLITS:
@@ -74,9 +83,11 @@ def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console
 
     enc = {n: encode(tokenizer, read_split(work / "data" / f"{n}.jsonl"), cfg.data.max_length) for n in SPLITS}
     device = pick_device()
-    console.print(f"teacher {model_dir} ({count_params(model) / 1e6:.1f}M params, "
-                  f"{hf_config.num_hidden_layers} layers) on {len(enc['train'])} train / {len(enc['test'])} test "
-                  f"examples of {data_file.name}; labels {names}; device {device.torch_device}")
+    console.print(
+        f"teacher {model_dir} ({count_params(model) / 1e6:.1f}M params, "
+        f"{hf_config.num_hidden_layers} layers) on {len(enc['train'])} train / {len(enc['test'])} test "
+        f"examples of {data_file.name}; labels {names}; device {device.torch_device}"
+    )
 
     metrics: dict[str, Metric] = {}
     if cfg.finetune:
@@ -89,9 +100,19 @@ def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console
         else:
             groups.append({"params": encoder, "lr": cfg.lr})
         objective = build_objective([_ce()], LossContext(layer_map={}))
-        result = train(model, objective, enc["train"], val_data=enc["val"], epochs=cfg.epochs,
-                       batch_size=cfg.batch_size, param_groups=groups, seed=recipe.seed, device=device,
-                       description="teacher fine-tune", console=console)
+        result = train(
+            model,
+            objective,
+            enc["train"],
+            val_data=enc["val"],
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            param_groups=groups,
+            seed=recipe.seed,
+            device=device,
+            description="teacher fine-tune",
+            console=console,
+        )
         metrics["train_seconds"] = Metric(round(result.seconds, 1), "s")
         metrics["train_samples_per_second"] = Metric(round(result.samples_per_second, 1), "samples/s")
         metrics["train_final_loss"] = Metric(round(result.final_loss, 4), "nats")
@@ -102,24 +123,29 @@ def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console
     tokenizer.save_pretrained(work / MODEL_DIR)
     np.save(work / "test_logits.npy", test.logits, allow_pickle=False)
 
-    metrics.update({
-        "test_accuracy": Metric(round(test.accuracy, 5), "fraction"),
-        "test_macro_f1": Metric(round(test.macro_f1, 5), "fraction"),
-        "params": Metric(count_params(model), "parameters"),
-        "layers": Metric(int(hf_config.num_hidden_layers), "layers"),
-    })
+    metrics.update(
+        {
+            "test_accuracy": Metric(round(test.accuracy, 5), "fraction"),
+            "test_macro_f1": Metric(round(test.macro_f1, 5), "fraction"),
+            "params": Metric(count_params(model), "parameters"),
+            "layers": Metric(int(hf_config.num_hidden_layers), "layers"),
+        }
+    )
     if val is not None:
         metrics["val_accuracy"] = Metric(round(val.accuracy, 5), "fraction")
-    return StageOutput(metrics=metrics, extra={
-        "label_names": names,
-        "max_length": cfg.data.max_length,
-        "split_sizes": {n: len(enc[n]) for n in SPLITS},
-        "data_source": str(data_file),
-        "data_sha256": sha256_file(data_file),
-        "model_source": str(model_dir),
-        "finetuned": cfg.finetune,
-        "trained_params": "head" if cfg.freeze_encoder else "all",
-    })
+    return StageOutput(
+        metrics=metrics,
+        extra={
+            "label_names": names,
+            "max_length": cfg.data.max_length,
+            "split_sizes": {n: len(enc[n]) for n in SPLITS},
+            "data_source": str(data_file),
+            "data_sha256": sha256_file(data_file),
+            "model_source": str(model_dir),
+            "finetuned": cfg.finetune,
+            "trained_params": "head" if cfg.freeze_encoder else "all",
+        },
+    )
 
 
 def _ce() -> Any:

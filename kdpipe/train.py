@@ -108,7 +108,14 @@ def train(
 ) -> TrainResult:
     """Train `model` on the weighted sum of `objective`'s terms; teacher in eval mode, no grad."""
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     torch.manual_seed(seed)
     model.to(device.torch_device).train()
@@ -124,9 +131,16 @@ def train(
     result = TrainResult(steps=0, seconds=0.0, samples_per_second=0.0, final_loss=float("nan"))
     seen, ema = 0, None
     start = time.perf_counter()
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:.1f} samples/s"),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[speed]:.1f} samples/s"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, loss=float("nan"), speed=0.0)
         epoch = 0
@@ -143,9 +157,9 @@ def train(
                     s_out = forward_kd(model, batch, hidden=objective.needs_hidden)
                     terms = objective.terms(s_out, t_out)
                     # the recipe's mixture: a weighted sum of its terms
-                    loss = sum(w * t for w, t in zip(objective.weights, terms, strict=True))
+                    loss: torch.Tensor = sum(w * t for w, t in zip(objective.weights, terms, strict=True))  # type: ignore[assignment]
                 opt.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[union-attr]
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 opt.step()
                 sched.step()
@@ -155,6 +169,14 @@ def train(
                 ema = value if ema is None else 0.9 * ema + 0.1 * value
                 elapsed = time.perf_counter() - start
                 progress.update(task, advance=1, loss=ema, speed=seen / elapsed)
+                if not progress.console.is_terminal and (
+                    result.steps % max(1, total // 10) == 0 or result.steps == total
+                ):
+                    # no live bar in a log file or CI: a plain line every 10% instead
+                    progress.console.print(
+                        f"{description}: step {result.steps}/{total}, loss {ema:.4f}, "
+                        f"{seen / elapsed:.1f} samples/s, {elapsed:.0f} s"
+                    )
                 record: dict[str, float] = {"step": result.steps, "loss": value}
                 if val_data is not None and eval_every and result.steps % eval_every == 0:
                     acc = evaluate(model, val_data, device).accuracy

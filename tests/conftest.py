@@ -33,19 +33,34 @@ def make_tokenizer(extra_words: list[str] | None = None):
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
 
 
-def make_model_dir(path: Path, layers: int = 2, hidden: int = 32, extra_words: list[str] | None = None,
-                   seed: int = 0) -> Path:
+def make_model_dir(
+    path: Path, layers: int = 2, hidden: int = 32, extra_words: list[str] | None = None, seed: int = 0
+) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     tok = make_tokenizer(extra_words)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=3)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     BertForSequenceClassification(config).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
@@ -76,22 +91,47 @@ def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_recipe(path: Path, teacher_dir: Path, csv: Path, out: Path, **over: object) -> Path:
     """A recipe that runs every stage on the tiny model in seconds."""
     profile = path.parent / "tiny-profile.yaml"
-    profile.write_text(yaml.safe_dump({
-        "name": "tiny", "description": "test profile.", "intra_op_threads": 1,
-        "shapes": [{"batch": 1, "seq": 16}, {"batch": 4, "seq": 24}],
-        "warmup": 1, "min_runs": 3, "min_seconds": 0.0, "torch_eager": True,
-    }))
+    profile.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "description": "test profile.",
+                "intra_op_threads": 1,
+                "shapes": [{"batch": 1, "seq": 16}, {"batch": 4, "seq": 24}],
+                "warmup": 1,
+                "min_runs": 3,
+                "min_seconds": 0.0,
+                "torch_eager": True,
+            }
+        )
+    )
     recipe: dict = {
         "out": str(out),
         "seed": 0,
-        "teacher": {"model": str(teacher_dir),
-                    "data": {"source": str(csv), "text_column": "sentence", "label_column": "label",
-                             "train_size": None, "val_size": 20, "test_size": 60, "max_length": 16},
-                    "epochs": 15, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-2},
+        "teacher": {
+            "model": str(teacher_dir),
+            "data": {
+                "source": str(csv),
+                "text_column": "sentence",
+                "label_column": "label",
+                "train_size": None,
+                "val_size": 20,
+                "test_size": 60,
+                "max_length": 16,
+            },
+            "epochs": 30,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "head_lr": 1e-2,
+        },
         "student": {"layers": "every-other"},
-        "distill": {"losses": [{"name": "hinton", "temperature": 2.0, "alpha": 0.5},
-                               {"name": "hidden_cosine", "weight": 0.1}],
-                    "epochs": 10, "batch_size": 16, "lr": 1e-3, "threads": 1},
+        "distill": {
+            "losses": [{"name": "hinton", "temperature": 2.0, "alpha": 0.5}, {"name": "hidden_cosine", "weight": 0.1}],
+            "epochs": 10,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "threads": 1,
+        },
         "export": {"parity_samples": 20},
         "profile": str(profile),
     }

@@ -43,7 +43,8 @@ LOSSES: dict[str, LossSpec] = {
     "logit_mse": LossSpec(lambda c, _: lambda s, t: logit_mse(s.logits, t.logits), True),
     "hidden_cosine": LossSpec(
         lambda c, ctx: lambda s, t: hidden_cosine(s.hidden_states, t.hidden_states, s.attention_mask, ctx.layer_map),
-        True, needs_hidden=True,
+        True,
+        needs_hidden=True,
     ),
 }
 

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def hidden_cosine(hs: tuple[Tensor, ...] | None, ht: tuple[Tensor, ...] | None, mask: Tensor | None,
-                  layer_map: dict[int, int]) -> Tensor:
+def hidden_cosine(
+    hs: tuple[Tensor, ...] | None, ht: tuple[Tensor, ...] | None, mask: Tensor | None, layer_map: dict[int, int]
+) -> Tensor:
     """METHODS.md 2.2 (DistilBERT): mean over mapped layers of 1 - cos(h_s, h_t) per real token.
 
     hs / ht: hidden states, embeddings first, each (B, T, H) (same width: the student keeps the

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdpipe.artifacts import (
+    Manifest,
+    Metric,
+    atomic_dir,
+    describe_changes,
+    list_outputs,
+    read_manifest,
+    run_id,
+    write_json_atomic,
+)
+from kdpipe.errors import ArtifactError
+
+
+def _stage(tmp: Path, name: str = "distill") -> Path:
+    with atomic_dir(tmp / name) as work:
+        (work / "model").mkdir()
+        (work / "model" / "w.bin").write_bytes(b"weights")
+        (work / "a.txt").write_text("a")
+        m = Manifest(
+            stage=name,
+            run_id="r",
+            config={"x": 1},
+            config_hash="h",
+            inputs=[],
+            outputs=list_outputs(work),
+            environment={},
+            metrics={"acc": Metric(0.5, "fraction")},
+        )
+        write_json_atomic(work / "manifest.json", m.to_json())
+    return tmp / name
+
+
+def test_roundtrip_and_sorted_outputs(tmp_path: Path) -> None:
+    d = _stage(tmp_path)
+    m = read_manifest(d, "distill")
+    assert [r.path for r in m.outputs] == ["a.txt", "model/w.bin"]
+    assert m.metric("acc") == 0.5 and m.metrics["acc"].unit == "fraction"
+
+
+def test_interrupted_stage_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "distill") as work:
+        (work / "half.bin").write_bytes(b"x")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rerun_keeps_previous_result(tmp_path: Path) -> None:
+    d = _stage(tmp_path)
+    with pytest.raises(RuntimeError), atomic_dir(d):
+        raise RuntimeError("boom")
+    assert read_manifest(d, "distill").stage == "distill"
+
+
+def test_refusals(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="no such directory"):
+        read_manifest(tmp_path / "none", "distill")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        read_manifest(tmp_path / "half", "distill")
+    d = _stage(tmp_path)
+    with pytest.raises(ArtifactError, match="expected a 'export' stage"):
+        read_manifest(d, "export")
+    (d / "model" / "w.bin").write_bytes(b"tampered")
+    with pytest.raises(ArtifactError, match="w.bin changed since the distill stage wrote it"):
+        read_manifest(d, "distill")
+    (d / "a.txt").unlink()
+    with pytest.raises(ArtifactError, match=r"a.txt is missing \(and 1 more\)"):
+        read_manifest(d, "distill")
+
+
+def test_run_id_depends_on_config_inputs_and_upstream(tmp_path: Path) -> None:
+    d = _stage(tmp_path)
+    recs = read_manifest(d, "distill").outputs
+    base = run_id("export", "h1", recs, ["u"])
+    assert base == run_id("export", "h1", list(reversed(recs)), ["u"])
+    assert base != run_id("export", "h2", recs, ["u"])
+    assert base != run_id("export", "h1", recs[:1], ["u"])
+    assert base != run_id("export", "h1", recs, ["v"])
+
+
+def test_describe_changes() -> None:
+    assert describe_changes({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == ["a.c: 2 -> 3"]

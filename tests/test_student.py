@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdpipe.config import StudentConfig
+from kdpipe.errors import ConfigError
+from kdpipe.models import load_classifier
+from kdpipe.student import build_student, layer_map, select_layers
+
+
+@pytest.mark.parametrize(
+    ("cfg", "n", "expected"),
+    [
+        (StudentConfig(), 6, [0, 2, 4]),
+        (StudentConfig(), 12, [0, 2, 4, 6, 8, 10]),
+        (StudentConfig(layers="last-k", k=2), 6, [4, 5]),
+        (StudentConfig(layers="first-k", k=2), 6, [0, 1]),
+        (StudentConfig(layers=[1, 5]), 6, [1, 5]),
+    ],
+)
+def test_select_layers(cfg: StudentConfig, n: int, expected: list[int]) -> None:
+    assert select_layers(cfg, n) == expected
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        StudentConfig(layers=[0, 9]),
+        StudentConfig(layers=[3, 1]),
+        StudentConfig(layers="last-k"),
+        StudentConfig(layers="last-k", k=7),
+    ],
+)
+def test_select_layers_rejects(cfg: StudentConfig) -> None:
+    with pytest.raises(ConfigError):
+        select_layers(cfg, 6)
+
+
+def test_layer_map() -> None:
+    assert layer_map([0, 2, 4]) == {0: 0, 1: 1, 2: 3, 3: 5}
+
+
+def test_teacher_init_copies_kept_layers(tmp_path: Path) -> None:
+    from conftest import make_model_dir
+
+    teacher = load_classifier(make_model_dir(tmp_path / "t", layers=4))
+    student = build_student(teacher, StudentConfig(layers=[1, 3]), [1, 3], seed=0)
+    assert student.config.num_hidden_layers == 2
+    t, s = teacher.state_dict(), student.state_dict()
+    for i, src in enumerate([1, 3]):
+        key = "attention.self.query.weight"
+        assert torch.equal(s[f"bert.encoder.layer.{i}.{key}"], t[f"bert.encoder.layer.{src}.{key}"])
+    assert torch.equal(s["bert.embeddings.word_embeddings.weight"], t["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(s["classifier.weight"], t["classifier.weight"])
+
+
+def test_random_init_is_uniform_in_range(tmp_path: Path) -> None:
+    from conftest import make_model_dir
+
+    teacher = load_classifier(make_model_dir(tmp_path / "t", layers=2))
+    student = build_student(teacher, StudentConfig(init="random"), [0], seed=0)
+    w = student.state_dict()["bert.encoder.layer.0.attention.self.query.weight"]
+    assert w.abs().max() <= 0.08 and w.std() > 0.03  # U[-0.08, 0.08] has std 0.046
+    assert torch.equal(student.state_dict()["bert.encoder.layer.0.output.LayerNorm.weight"], torch.ones(32))
