@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kdpipe.errors import ConfigError, did_you_mean
+from kdpipe.lossconfig import CELoss, HintonLoss, LossConfig
+
+__all__ = ["CELoss", "HintonLoss", "LossConfig"]
 
 
 class _Strict(BaseModel):
@@ -52,7 +55,7 @@ class TeacherConfig(_Strict):
         "train split. False: use the model as it is (it must already have a head for the labels).",
     )
     freeze_encoder: bool = Field(False, description="Train only the classification head.")
-    epochs: float = Field(1.0, gt=0, description="Fine-tuning epochs (fractions allowed).")
+    epochs: float = Field(3.0, gt=0, description="Fine-tuning epochs (fractions allowed).")
     batch_size: int = Field(32, gt=0, description="Fine-tuning batch size.")
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate for the encoder.")
     head_lr: float = Field(1e-3, gt=0, description="AdamW learning rate for the new head.")
@@ -81,41 +84,24 @@ class StudentConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- distill stage
-class _Loss(_Strict):
-    weight: float = Field(1.0, ge=0, description="Weight of this term in the total loss.")
-
-
-class HintonLoss(_Loss):
-    """METHODS.md 1.1: (1 - alpha) CE(y, SM(z)) + alpha T^2 KL(SM(v/T) || SM(z/T))."""
-
-    name: Literal["hinton"] = "hinton"
-    temperature: float = Field(4.0, gt=0, description="Softmax temperature T of the soft term.")
-    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the soft term; 1 - alpha on hard CE.")
-
-
-class CELoss(_Loss):
-    """Hard-label cross-entropy at T = 1 (the no-KD baseline)."""
-
-    name: Literal["ce"] = "ce"
-
-
-class LogitMSELoss(_Loss):
-    """METHODS.md 1.2: ||v - z||^2 averaged over classes."""
-
-    name: Literal["logit_mse"] = "logit_mse"
-
-
-class HiddenCosineLoss(_Loss):
-    """METHODS.md 2.2 (DistilBERT): 1 - cos(h_s, h_t) on mapped hidden states, real tokens only."""
-
-    name: Literal["hidden_cosine"] = "hidden_cosine"
-
-
-LossConfig = Annotated[HintonLoss | CELoss | LogitMSELoss | HiddenCosineLoss, Field(discriminator="name")]
-
-
 def _default_losses() -> list[LossConfig]:
     return [HintonLoss()]
+
+
+class ScheduleConfig(_Strict):
+    kind: Literal["all", "pid", "sid"] = Field(
+        "all",
+        description="'all': every term from the first step; 'pid': progressive, one matched layer at a time "
+        "bottom-up; 'sid': stacked, like pid but lower layers' losses are kept (METHODS.md 2.4).",
+    )
+    cap_steps: int = Field(100, gt=0, description="pid/sid: move to the next layer after this many steps ...")
+    threshold: float = Field(0.0, ge=0, description="... or as soon as the layer's loss falls below this.")
+    classifier_last: bool = Field(
+        True, description="pid/sid: logit terms start only once every layer is done (the classifier is trained last)."
+    )
+    keep_soft: bool = Field(
+        False, description="pid/sid: soft-label logit terms stay on throughout (the seed's alternative)."
+    )
 
 
 class DistillConfig(_Strict):
@@ -141,6 +127,23 @@ class DistillConfig(_Strict):
         "auto", description="'auto': bf16 autocast on CUDA, fp32 on CPU."
     )
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default).")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Layer schedule (PID/SID).")
+    train_limit: int | None = Field(
+        None, gt=0, description="Distil on the first N examples of the train split only (None: all)."
+    )
+    extra_teachers: list[str] = Field(
+        default_factory=list,
+        description="More teacher model directories (same labels and tokenizer): soft targets of hinton become "
+        "the ensemble of all teachers.",
+    )
+    transfer: str | None = Field(
+        None,
+        description="A text file (one example per line, no labels) to distil on instead of the train split; "
+        "hard-label terms then use the teacher's argmax.",
+    )
+    cka_samples: int = Field(
+        256, ge=0, description="Test examples for the teacher x student layer CKA analysis (0: skip it)."
+    )
 
 
 # --------------------------------------------------------------------------- export stage

@@ -81,7 +81,7 @@ def _looks_like_jsonl(path: Path) -> bool:
 @dataclass(frozen=True)
 class Split:
     texts: list[str]
-    labels: list[int]
+    labels: list[int] | None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -133,7 +133,7 @@ class Encoded:
     """A tokenised split: unpadded input ids per example, and labels."""
 
     ids: list[list[int]]
-    labels: list[int]
+    labels: list[int] | None  # None: unlabeled transfer data
     pad_id: int
 
     def __len__(self) -> int:
@@ -143,7 +143,8 @@ class Encoded:
 def encode(tokenizer: Any, split: Split, max_length: int) -> Encoded:
     enc = tokenizer(split.texts, truncation=True, max_length=max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Encoded(ids=[list(x) for x in enc["input_ids"]], labels=list(split.labels), pad_id=pad)
+    labels = None if split.labels is None else list(split.labels)
+    return Encoded(ids=[list(x) for x in enc["input_ids"]], labels=labels, pad_id=pad)
 
 
 def collate(ids: list[list[int]], pad_id: int, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
@@ -167,4 +168,22 @@ def batches(data: Encoded, batch_size: int, shuffle: bool, seed: int = 0) -> Ite
     order = np.random.RandomState(seed).permutation(len(data)) if shuffle else np.arange(len(data))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        yield collate([data.ids[i] for i in idx], data.pad_id, [data.labels[i] for i in idx])
+        labels = None if data.labels is None else [data.labels[i] for i in idx]
+        yield collate([data.ids[i] for i in idx], data.pad_id, labels)
+
+
+def subset(data: Encoded, n: int | None) -> Encoded:
+    """The first n examples (splits are already shuffled by their seed)."""
+    if n is None or n >= len(data):
+        return data
+    return Encoded(ids=data.ids[:n], labels=None if data.labels is None else data.labels[:n], pad_id=data.pad_id)
+
+
+def read_transfer(path: Path) -> Split:
+    """Unlabeled transfer data: a text file, one example per non-empty line."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such transfer file (distill.transfer)", "give a text file, one example per line")
+    texts = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    if not texts:
+        raise DataError(f"{path}: no non-empty lines (distill.transfer)", "give a text file, one example per line")
+    return Split(texts=texts, labels=None)

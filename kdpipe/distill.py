@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +11,35 @@ from rich.console import Console
 
 from kdpipe.artifacts import Manifest, Metric
 from kdpipe.config import CELoss, DistillConfig, Recipe
-from kdpipe.data import encode, read_split
+from kdpipe.data import Encoded, encode, read_split, read_transfer, subset
 from kdpipe.errors import ConfigError, ModelError
 from kdpipe.losses import LossContext, build_objective
 from kdpipe.models import load_classifier, load_tokenizer, vocab_mismatch
 from kdpipe.pipeline import StageOutput
+
+
+def loss_context(
+    teacher_config: dict[str, Any], student_config: dict[str, Any], layer_map: dict[int, int]
+) -> LossContext:
+    """From the two config.json dicts: enough to build (and so validate) every term without weights."""
+    return LossContext(
+        layer_map=layer_map,
+        n_student=int(student_config["num_hidden_layers"]),
+        n_teacher=int(teacher_config["num_hidden_layers"]),
+        d_student=int(student_config["hidden_size"]),
+        d_teacher=int(teacher_config["hidden_size"]),
+    )
+
+
+def check_objective(cfg: DistillConfig, ctx: LossContext) -> None:
+    """Build the objective once on the configs alone: a layer map that does not fit fails here,
+    before any model loads."""
+    build_objective(list(cfg.losses), ctx, cfg.schedule)
+    if cfg.baseline and all(c.name == "ce" for c in cfg.losses):
+        raise ConfigError(
+            "distill.baseline: the recipe's loss is already hard CE only",
+            "set distill.baseline: false, or add a distillation term",
+        )
 
 
 def _train_student(
@@ -22,8 +47,9 @@ def _train_student(
     losses: list[Any],
     cfg: DistillConfig,
     student_dir: Path,
-    teacher: Any,
-    data: dict[str, Any],
+    teachers: list[Any],
+    train_data: Encoded,
+    val_data: Encoded,
     ctx: LossContext,
     seed: int,
     device: Any,
@@ -32,13 +58,14 @@ def _train_student(
     from kdpipe.train import train
 
     model = load_classifier(student_dir)
-    objective = build_objective(losses, ctx)
+    objective = build_objective(losses, ctx, cfg.schedule)
     result = train(
         model,
         objective,
-        data["train"],
-        teacher=teacher if objective.needs_teacher else None,
-        val_data=data["val"] if len(data["val"]) else None,
+        train_data,
+        teacher=teachers[0] if objective.needs_teacher else None,
+        extra_teachers=teachers[1:] if objective.needs_teacher else [],
+        val_data=val_data if len(val_data) else None,
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         param_groups=[{"params": list(model.parameters()), "lr": cfg.lr}],
@@ -55,24 +82,55 @@ def _train_student(
     return model, result
 
 
-def _check_pair(teacher: Any, student: Any, t_tok: Any, s_tok: Any, cfg: DistillConfig, student_dir: Path) -> None:
+def _check_pair(teacher: Any, student: Any, t_tok: Any, s_tok: Any, cfg: DistillConfig, where: Path) -> None:
     why = vocab_mismatch(t_tok, s_tok)
     if why:
         raise ModelError(
-            f"{student_dir}: the student's tokenizer does not match the teacher's ({why})",
-            "the losses feed the same token ids to both models: rebuild the student from the teacher",
+            f"{where}: the tokenizer does not match the teacher's ({why})",
+            "the losses feed the same token ids to both models: use models that share the tokenizer",
         )
     if teacher.config.num_labels != student.config.num_labels:
         raise ModelError(
-            f"{student_dir}: student has {student.config.num_labels} classes, teacher {teacher.config.num_labels}",
-            "rebuild the student with `kdpipe student`",
+            f"{where}: has {student.config.num_labels} classes, the teacher {teacher.config.num_labels}",
+            "use models trained for the same labels",
         )
     if any(c.name == "hidden_cosine" for c in cfg.losses) and teacher.config.hidden_size != student.config.hidden_size:
         raise ConfigError(
             f"distill.losses: hidden_cosine needs equal widths (student {student.config.hidden_size}, "
             f"teacher {teacher.config.hidden_size})",
-            "drop the hidden_cosine term",
+            "use tinybert or hint, which learn a projection",
         )
+
+
+def _cka(teacher: Any, student: Any, data: Encoded, n: int, device: Any, work: Path) -> dict[str, Any]:
+    """METHODS.md 3.3: linear CKA of every teacher layer x every student layer (mean-pooled hidden
+    states over real tokens, on `n` test examples)."""
+    import torch
+
+    from kdpipe.analysis import cka_matrix, mean_pool
+    from kdpipe.data import batches
+    from kdpipe.models import forward_kd
+    from kdpipe.report import plot_cka
+
+    feats: dict[str, list[list[torch.Tensor]]] = {"teacher": [], "student": []}
+    with torch.no_grad():
+        for batch in batches(subset(data, n), 64, shuffle=False):
+            batch = {k: v.to(device.torch_device) for k, v in batch.items() if k != "labels"}
+            for key, model in (("teacher", teacher), ("student", student)):
+                out = forward_kd(model.eval(), batch, hidden=True)
+                assert out.hidden_states is not None
+                feats[key].append([mean_pool(h.float(), batch["attention_mask"]).cpu() for h in out.hidden_states])
+    per_layer = {k: [torch.cat([b[i] for b in v]) for i in range(len(v[0]))] for k, v in feats.items()}
+    matrix = cka_matrix(per_layer["teacher"], per_layer["student"])
+    result = {
+        "rows": "teacher hidden states (0 = embeddings)",
+        "cols": "student hidden states (0 = embeddings)",
+        "examples": int(per_layer["teacher"][0].shape[0]),
+        "matrix": np.round(matrix, 5).tolist(),
+    }
+    (work / "cka.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_cka(matrix, work / "cka.png")
+    return result
 
 
 def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: Console) -> StageOutput:
@@ -84,29 +142,47 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
     cfg = recipe.distill
     t_manifest = upstream.upstream("teacher")
     t_dir, s_dir = t_manifest.dir / "model", upstream.dir / "model"
+    t_conf = json.loads((t_dir / "config.json").read_text())
+    ctx = loss_context(
+        t_conf,
+        json.loads((s_dir / "config.json").read_text()),
+        {int(k): v for k, v in upstream.extra["layer_map"].items()},
+    )
+    check_objective(cfg, ctx)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     teacher = load_classifier(t_dir)
     student0 = load_classifier(s_dir)
     t_tok, s_tok = load_tokenizer(t_dir), load_tokenizer(s_dir)
     _check_pair(teacher, student0, t_tok, s_tok, cfg, s_dir)
+    teachers = [teacher]
+    for member_path in cfg.extra_teachers:
+        from kdpipe.models import resolve_model_dir
+
+        e_dir = resolve_model_dir(member_path, "distill.extra_teachers")
+        member = load_classifier(e_dir)
+        _check_pair(teacher, member, t_tok, load_tokenizer(e_dir), cfg, e_dir)
+        teachers.append(member)
     del student0
     max_length = int(t_manifest.extra["max_length"])
     data = {
         n: encode(s_tok, read_split(t_manifest.path(f"data/{n}.jsonl")), max_length) for n in ("train", "val", "test")
     }
-    ctx = LossContext(layer_map={int(k): v for k, v in upstream.extra["layer_map"].items()})
+    transfer = encode(s_tok, read_transfer(Path(cfg.transfer)), max_length) if cfg.transfer else data["train"]
+    transfer = subset(transfer, cfg.train_limit)
     device = pick_device(cfg.device, cfg.precision)
     teacher_logits = np.load(t_manifest.path("test_logits.npy"), allow_pickle=False)
     teacher_preds = teacher_logits.argmax(-1)
     terms = ", ".join(f"{c.weight:g} x {c.name}" for c in cfg.losses)
     console.print(
         f"distilling on {device.torch_device} ({device.precision}), {torch.get_num_threads()} threads: "
-        f"loss = {terms}; {len(data['train'])} examples x {cfg.epochs:g} epochs"
+        f"loss = {terms}; schedule {cfg.schedule.kind}; {len(transfer)} "
+        f"{'unlabeled ' if cfg.transfer else ''}examples x {cfg.epochs:g} epochs"
+        + (f"; ensemble of {len(teachers)} teachers" if len(teachers) > 1 else "")
     )
 
     model, result = _train_student(
-        "distill (KD)", list(cfg.losses), cfg, s_dir, teacher, data, ctx, recipe.seed, device, console
+        "distill (KD)", list(cfg.losses), cfg, s_dir, teachers, transfer, data["val"], ctx, recipe.seed, device, console
     )
     test = evaluate(model, data["test"], device)
     model.to("cpu").save_pretrained(work / "model", safe_serialization=True)
@@ -114,12 +190,14 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
     np.save(work / "test_logits.npy", test.logits, allow_pickle=False)
 
     t_acc = float(t_manifest.metric("test_accuracy"))
+    epochs_done = result.steps * cfg.batch_size / max(1, len(transfer))
     metrics = {
         "test_accuracy": Metric(round(test.accuracy, 5), "fraction"),
         "test_macro_f1": Metric(round(test.macro_f1, 5), "fraction"),
         "teacher_agreement": Metric(round(float((test.logits.argmax(-1) == teacher_preds).mean()), 5), "fraction"),
         "retention": Metric(round(100 * test.accuracy / t_acc, 2) if t_acc else None, "% of teacher accuracy"),
         "train_seconds": Metric(round(result.seconds, 1), "s"),
+        "seconds_per_epoch": Metric(round(result.seconds / max(epochs_done, 1e-9), 1), "s/epoch"),
         "train_samples_per_second": Metric(round(result.samples_per_second, 1), "samples/s"),
         "steps": Metric(result.steps, "steps"),
         "final_loss": Metric(round(result.final_loss, 4), "loss"),
@@ -130,10 +208,25 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
         "precision": device.precision,
         "history": _thin(result.history),
         "losses": [c.model_dump() for c in cfg.losses],
+        "schedule_events": result.schedule_events,
+        "train_examples": len(transfer),
     }
+    if cfg.cka_samples:
+        cka = _cka(teacher, model.to(device.torch_device), data["test"], cfg.cka_samples, device, work)
+        extra["cka_diagonal"] = [cka["matrix"][t][s] for s, t in sorted(ctx.layer_map.items())]
     if cfg.baseline:
         base, b_result = _train_student(
-            "baseline (no KD)", [CELoss()], cfg, s_dir, None, data, ctx, recipe.seed, device, console
+            "baseline (no KD)",
+            [CELoss()],
+            cfg,
+            s_dir,
+            [],
+            transfer if not cfg.transfer else subset(data["train"], cfg.train_limit),
+            data["val"],
+            ctx,
+            recipe.seed,
+            device,
+            console,
         )
         b_test = evaluate(base, data["test"], device)
         console.print(f"no-KD student test accuracy {b_test.accuracy:.4f}, macro-F1 {b_test.macro_f1:.4f}")
@@ -155,12 +248,14 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
 
 
 def _thin(history: list[dict[str, float]], points: int = 200) -> list[dict[str, float]]:
-    """At most `points` records of the loss curve, each the mean loss of its window."""
+    """At most `points` records of the loss curve, each the mean of its window."""
     if len(history) <= points:
         return history
     step = len(history) / points
     out = []
     for i in range(points):
         window = history[int(i * step) : int((i + 1) * step)]
-        out.append({"step": window[-1]["step"], "loss": float(np.mean([r["loss"] for r in window]))})
+        keys = {k for r in window for k in r if k != "step"}
+        rec = {k: float(np.mean([r[k] for r in window if k in r])) for k in keys}
+        out.append({"step": window[-1]["step"], **rec})
     return out

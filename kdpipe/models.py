@@ -123,7 +123,8 @@ class KDOutputs:
     hidden_states: tuple[Tensor, ...] | None  # embeddings first, then one per layer, each (B, T, H)
     attentions: tuple[Tensor, ...] | None  # (B, heads, T, T) per layer
     attention_mask: Tensor | None  # (B, T), 1 on real tokens
-    labels: Tensor | None  # (B,) class ids
+    labels: Tensor | None  # (B,) class ids; None on unlabeled transfer data
+    ensemble_logits: tuple[Tensor, ...] = ()  # a teacher's fellow ensemble members' logits, same shape
 
 
 def forward_kd(

@@ -108,7 +108,8 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
         f"{teacher.extra['max_length']} tokens."
         + (" A subset of the rows is used to keep the default run short." if tcfg["data"]["train_size"] else ""),
         f"- teacher: {teacher_how}; validation accuracy {_pct(teacher.metric('val_accuracy'))}.",
-        f"- distillation: loss = {losses}; {dcfg['epochs']:g} epoch(s), batch {dcfg['batch_size']}, lr {dcfg['lr']:g}, "
+        f"- distillation: loss = {losses}; {distill.extra.get('train_examples', split['train'])} examples x "
+        f"{dcfg['epochs']:g} epoch(s), batch {dcfg['batch_size']}, lr {dcfg['lr']:g}, "
         f"on {distill.extra['device']} ({distill.extra['precision']}), {distill.metric('train_seconds')} s "
         f"({distill.metric('train_samples_per_second')} samples/s).",
         "",
@@ -144,6 +145,18 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
         "",
     ]
 
+    if (distill.dir / "cka.png").is_file():
+        lines += [
+            "Linear CKA between every teacher and student layer on test inputs (what was transferred; METHODS.md 3.3):",
+            "",
+            "![CKA](cka.png)",
+            "",
+        ]
+    if distill.extra.get("schedule_events"):
+        moves = ", ".join(
+            f"layer {e['layer']} done at step {e['step']} ({e['reason']})" for e in distill.extra["schedule_events"]
+        )
+        lines += [f"Layer schedule `{dcfg['schedule']['kind']}`: {moves}.", ""]
     lines += [
         "## ONNX export and parity",
         "",
@@ -214,8 +227,34 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
         f"(git {str(export.environment.get('git_sha'))[:10]}).",
         "",
     ]
-    if (distill.dir / "training.png").is_file():
-        shutil.copyfile(distill.dir / "training.png", work / "training.png")
+    for png in ("training.png", "cka.png"):
+        if (distill.dir / png).is_file():
+            shutil.copyfile(distill.dir / png, work / png)
     path = work / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return Report(path=path, summary=summary)
+
+
+def plot_cka(matrix: Any, path: Path) -> None:
+    """Teacher layer x student layer linear CKA heat map (METHODS.md 3.3)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * matrix.shape[1], 1.0 + 0.5 * matrix.shape[0]))
+    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(
+                j,
+                i,
+                f"{matrix[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if matrix[i, j] < 0.6 else "black",
+            )
+    ax.set_xlabel("student hidden state (0 = embeddings)")
+    ax.set_ylabel("teacher hidden state")
+    ax.set_title("linear CKA, teacher x student")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -84,6 +84,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # {step, loss, [val_accuracy]}
     best_val_accuracy: float | None = None
     best_state: dict[str, Any] | None = None
+    schedule_events: list[dict[str, Any]] = field(default_factory=list)
 
 
 def train(
@@ -92,6 +93,7 @@ def train(
     train_data: Encoded,
     *,
     teacher: torch.nn.Module | None = None,
+    extra_teachers: list[torch.nn.Module] | None = None,
     val_data: Encoded | None = None,
     epochs: float,
     batch_size: int,
@@ -119,8 +121,15 @@ def train(
 
     torch.manual_seed(seed)
     model.to(device.torch_device).train()
-    if teacher is not None:
-        teacher.to(device.torch_device).eval()
+    extra_teachers = extra_teachers or []
+    for t in [teacher, *extra_teachers]:
+        if t is not None:
+            t.to(device.torch_device).eval()
+    objective.to(device.torch_device)
+    # projections / regressors a loss owns train with the student (never exported with it)
+    owned = [p for p in objective.parameters() if p.requires_grad]
+    if owned:
+        param_groups = [*param_groups, {"params": owned, "lr": param_groups[0]["lr"]}]
     steps_per_epoch = math.ceil(len(train_data) / batch_size)
     total = max(1, math.ceil(epochs * steps_per_epoch))
     warmup = int(warmup_ratio * total)
@@ -153,17 +162,20 @@ def train(
                     t_out = None
                     if objective.needs_teacher and teacher is not None:
                         with torch.no_grad():
-                            t_out = forward_kd(teacher, batch, hidden=objective.needs_hidden)
-                    s_out = forward_kd(model, batch, hidden=objective.needs_hidden)
-                    terms = objective.terms(s_out, t_out)
-                    # the recipe's mixture: a weighted sum of its terms
-                    loss: torch.Tensor = sum(w * t for w, t in zip(objective.weights, terms, strict=True))  # type: ignore[assignment]
+                            t_out = forward_kd(teacher, batch, objective.needs_hidden, objective.needs_attentions)
+                            t_out.ensemble_logits = tuple(forward_kd(m, batch).logits for m in extra_teachers)
+                    s_out = forward_kd(model, batch, objective.needs_hidden, objective.needs_attentions)
+                    if s_out.labels is None and t_out is not None:  # unlabeled transfer data
+                        s_out.labels = t_out.labels = t_out.logits.argmax(-1)
+                    loss, values = objective(s_out, t_out)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if loss.requires_grad:  # a schedule step may leave no term with a gradient
+                    loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 opt.step()
                 sched.step()
                 result.steps += 1
+                objective.after_step(result.steps)
                 seen += len(batch["input_ids"])
                 value = float(loss.detach())
                 ema = value if ema is None else 0.9 * ema + 0.1 * value
@@ -177,7 +189,11 @@ def train(
                         f"{description}: step {result.steps}/{total}, loss {ema:.4f}, "
                         f"{seen / elapsed:.1f} samples/s, {elapsed:.0f} s"
                     )
-                record: dict[str, float] = {"step": result.steps, "loss": value}
+                record: dict[str, float] = {
+                    "step": result.steps,
+                    "loss": value,
+                    **{f"term_{k}": v for k, v in values.items()},
+                }
                 if val_data is not None and eval_every and result.steps % eval_every == 0:
                     acc = evaluate(model, val_data, device).accuracy
                     model.train()
@@ -189,6 +205,7 @@ def train(
                 result.history.append(record)
             epoch += 1
     result.seconds = time.perf_counter() - start
+    result.schedule_events = list(objective.schedule.events)
     result.samples_per_second = seen / result.seconds if result.seconds else 0.0
     result.final_loss = ema if ema is not None else float("nan")
     if keep_best and val_data is not None:

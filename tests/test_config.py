@@ -11,7 +11,7 @@ from kdpipe.errors import ConfigError
 def test_defaults_live_in_the_models() -> None:
     r = Recipe()
     assert r.student.layers == "every-other" and r.distill.losses[0].name == "hinton"
-    assert r.distill.losses[0].temperature == 4.0 and r.distill.losses[0].alpha == 0.9
+    assert r.distill.losses[0].temperature == 4.0 and r.distill.losses[0].alpha == 0.5
 
 
 def test_default_recipe_and_profiles_load() -> None:

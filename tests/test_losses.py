@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kdpipe.config import CELoss, HiddenCosineLoss, HintonLoss, LogitMSELoss
+from kdpipe.lossconfig import CELoss, HiddenCosineLoss, HintonLoss, LogitMSELoss
 from kdpipe.losses import LossContext, build_objective
 from kdpipe.losses.features import hidden_cosine
 from kdpipe.losses.logits import hinton, logit_mse, soft_kl
@@ -95,7 +95,7 @@ def test_hidden_cosine_ignores_padding_and_matches_hand_value() -> None:
 
 
 def test_objective_weights_and_needs() -> None:
-    ctx = LossContext(layer_map={0: 0, 1: 1, 2: 2})
+    ctx = LossContext(layer_map={0: 0, 1: 1, 2: 2}, n_student=2, n_teacher=2, d_student=4, d_teacher=4)
     obj = build_objective([HintonLoss(weight=0.5), CELoss(weight=0.2), LogitMSELoss(), HiddenCosineLoss()], ctx)
     assert obj.needs_teacher and obj.needs_hidden and obj.weights == [0.5, 0.2, 1.0, 1.0]
     baseline = build_objective([CELoss()], ctx)
@@ -103,6 +103,8 @@ def test_objective_weights_and_needs() -> None:
     h = tuple(_logits(i, (2, 3, 4)) for i in range(3))
     s = KDOutputs(_logits(7, (2, 3)), h, None, torch.ones(2, 3), torch.tensor([0, 2]))
     t = KDOutputs(_logits(8, (2, 3)), h, None, torch.ones(2, 3), torch.tensor([0, 2]))
-    terms = obj.terms(s, t)
-    assert len(terms) == 4 and all(torch.isfinite(x) for x in terms)
-    assert terms[3].item() == pytest.approx(0.0, abs=1e-6)  # identical hidden states
+    total, values = obj(s, t)
+    assert set(values) == {"hinton", "ce", "logit_mse", "hidden_cosine"}
+    assert values["hidden_cosine"] == pytest.approx(0.0, abs=1e-6)  # identical hidden states
+    expected = sum(w * values[n] for w, n in zip(obj.weights, obj.names, strict=True))
+    assert total.item() == pytest.approx(expected, rel=1e-6)
