@@ -58,7 +58,7 @@ def main() -> None:
             names = {i.name for i in sess.get_inputs()}
             f = {k: v for k, v in feed.items() if k in names}
             calls[f"{name}/onnxruntime"] = lambda s=sess, f=f: s.run(None, f)
-            calls[f"{name}/torch"] = lambda m=model: m(**tfeed)
+            calls[f"{name}/torch"] = lambda m=model, tf=tfeed: m(**tf)
         times: dict[str, list[float]] = {k: [] for k in calls}
         with torch.inference_mode():
             for _ in range(10):
@@ -78,16 +78,22 @@ def main() -> None:
             "onnxruntime_vs_torch_teacher": med["teacher/torch"] / med["teacher/onnxruntime"],
         }
 
-    print(f"# latency medians, {args.runs} interleaved runs each, {args.threads} threads, "
-          f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
-    print("| batch x seq | teacher ORT ms | student ORT ms | student speed-up (ORT) | student speed-up (torch) "
-          "| ORT vs torch (student) | ORT vs torch (teacher) |")
+    print(
+        f"# latency medians, {args.runs} interleaved runs each, {args.threads} threads, "
+        f"{platform.processor() or platform.machine()}, python {platform.python_version()}"
+    )
+    print(
+        "| batch x seq | teacher ORT ms | student ORT ms | student speed-up (ORT) | student speed-up (torch) "
+        "| ORT vs torch (student) | ORT vs torch (teacher) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for shape, r in results.items():
         m = r["median_ms"]
-        print(f"| {shape} | {m['teacher/onnxruntime']:.2f} | {m['student/onnxruntime']:.2f} | "
-              f"{r['student_speedup_onnxruntime']:.2f}x | {r['student_speedup_torch']:.2f}x | "
-              f"{r['onnxruntime_vs_torch_student']:.2f}x | {r['onnxruntime_vs_torch_teacher']:.2f}x |")
+        print(
+            f"| {shape} | {m['teacher/onnxruntime']:.2f} | {m['student/onnxruntime']:.2f} | "
+            f"{r['student_speedup_onnxruntime']:.2f}x | {r['student_speedup_torch']:.2f}x | "
+            f"{r['onnxruntime_vs_torch_student']:.2f}x | {r['onnxruntime_vs_torch_teacher']:.2f}x |"
+        )
     if args.out:
         args.out.write_text(json.dumps({"args": sys.argv[1:], "results": results}, indent=2) + "\n")
 

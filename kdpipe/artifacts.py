@@ -187,8 +187,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a fresh temporary sibling of `final`; on success it replaces `final`, on any error
     (Ctrl-C included) it is deleted and `final` is left as it was."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    # leftovers of a run killed without a chance to clean up (SIGKILL, power loss)
+    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp

@@ -242,7 +242,15 @@ def validate(files: list[Path] = typer.Argument(..., help="Recipe or profile YAM
             typer.echo(f"ok: {f} ({kind})")
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # `docker stop` / CI cancellation send SIGTERM: unwind like Ctrl-C so the stage in progress is discarded
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     app(prog_name="kdpipe")
 
 

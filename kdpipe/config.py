@@ -317,7 +317,11 @@ def validate_file(path: Path) -> str:
     except ValidationError as e:
         raise format_validation_error(str(path), e) from None
     if not is_profile:
-        load_profile(data.get("profile", "cpu"))
+        recipe = Recipe.model_validate(data)
+        load_profile(recipe.profile)
+        from kdpipe.distill import check_recipe_losses
+
+        check_recipe_losses(recipe)
     return "profile" if is_profile else "recipe"
 
 

@@ -259,3 +259,26 @@ def _thin(history: list[dict[str, float]], points: int = 200) -> list[dict[str, 
         rec = {k: float(np.mean([r[k] for r in window if k in r])) for k in keys}
         out.append({"step": window[-1]["step"], **rec})
     return out
+
+
+def check_recipe_losses(recipe: Recipe) -> None:
+    """`kdpipe validate`: build the distill objective from the teacher's config.json and the student
+    spec alone, so that a layer map that does not fit fails before any model loads. Skipped when the
+    teacher is not on this machine yet."""
+    from kdpipe.models import resolve_model_dir
+    from kdpipe.student import layer_map, select_layers, uniform_layers
+
+    try:
+        t_dir = resolve_model_dir(recipe.teacher.model)
+    except ModelError:
+        return
+    t_conf = json.loads((t_dir / "config.json").read_text())
+    if recipe.student.pretrained is not None:
+        s_conf = json.loads(
+            (resolve_model_dir(recipe.student.pretrained, "student.pretrained") / "config.json").read_text()
+        )
+        kept = uniform_layers(int(s_conf["num_hidden_layers"]), int(t_conf["num_hidden_layers"]))
+    else:
+        kept = select_layers(recipe.student, int(t_conf["num_hidden_layers"]))
+        s_conf = {**t_conf, "num_hidden_layers": len(kept)}
+    check_objective(recipe.distill, loss_context(t_conf, s_conf, layer_map(kept)))

@@ -37,6 +37,11 @@ def select_layers(cfg: StudentConfig, n_teacher: int) -> list[int]:
     return layers
 
 
+def uniform_layers(m: int, n: int) -> list[int]:
+    """0-based teacher layers for an m-layer student under the uniform map g(k) = k n / m (TinyBERT)."""
+    return [max(1, round((i + 1) * n / m)) - 1 for i in range(m)]
+
+
 def layer_map(kept: list[int]) -> dict[int, int]:
     """Student hidden-state index -> teacher hidden-state index (0 is the embeddings in both)."""
     return {0: 0, **{i + 1: t + 1 for i, t in enumerate(kept)}}
@@ -94,7 +99,7 @@ def run_student(recipe: Any, upstream: Any, work: Any, console: Any) -> Any:
             )
         student = load_classifier(s_dir, upstream.extra["label_names"])
         m = int(student.config.num_hidden_layers)
-        kept = [round((i + 1) * n_teacher / m) - 1 for i in range(m)]  # uniform map g(m), TinyBERT's default
+        kept = uniform_layers(m, n_teacher)
         init = "pretrained"
     else:
         kept = select_layers(cfg, n_teacher)

@@ -86,3 +86,37 @@ def test_run_id_depends_on_config_inputs_and_upstream(tmp_path: Path) -> None:
 
 def test_describe_changes() -> None:
     assert describe_changes({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == ["a.c: 2 -> 3"]
+
+
+def test_leftovers_of_a_killed_run_are_cleared(tmp_path: Path) -> None:
+    (tmp_path / ".distill.tmp-999999").mkdir()
+    (tmp_path / ".distill.old-999999").mkdir()
+    _stage(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["distill"]
+
+
+def test_sigterm_discards_the_stage_in_progress(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import time, sys\n"
+        "from pathlib import Path\n"
+        "from kdpipe.artifacts import atomic_dir\n"
+        "from kdpipe import cli\n"
+        "import signal\n"
+        "signal.signal(signal.SIGTERM, cli._terminated)\n"
+        f"with atomic_dir(Path({str(tmp_path)!r}) / 'distill') as work:\n"
+        "    (work / 'half.bin').write_bytes(b'x')\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=20)
+    time.sleep(0.1)
+    assert proc.returncode != 0 and list(tmp_path.iterdir()) == []

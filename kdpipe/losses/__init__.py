@@ -75,7 +75,9 @@ def resolve_map(spec: Any, ctx: LossContext, field_name: str) -> dict[int, int]:
     if spec == "kept":
         return {m: ctx.layer_map[m] for m in range(1, m_count + 1)}
     if spec == "uniform":
-        return {m: max(1, round(m * n_count / m_count)) for m in range(1, m_count + 1)}
+        from kdpipe.student import uniform_layers
+
+        return {m: g + 1 for m, g in enumerate(uniform_layers(m_count, n_count), start=1)}
     values = list(spec)
     if len(values) != m_count or any(not 1 <= g <= n_count for g in values):
         raise ConfigError(

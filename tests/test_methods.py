@@ -1,0 +1,183 @@
+"""Every recipe term wired end to end on tiny models; schedules; ensembles; unlabeled transfer data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_model_dir, write_recipe
+from pydantic import TypeAdapter
+
+from kdpipe.data import collate
+from kdpipe.errors import ConfigError
+from kdpipe.lossconfig import LossConfig
+from kdpipe.losses import LOSSES, LossContext, Schedule, build_objective
+from kdpipe.models import forward_kd, load_classifier
+from kdpipe.student import layer_map
+
+ALL_TERMS = {
+    "hinton": {},
+    "ce": {},
+    "logit_mse": {"alpha": 0.5},
+    "reverse_kl": {},
+    "jsd": {},
+    "ofa": {},
+    "pkd": {},
+    "hidden_cosine": {},
+    "tinybert": {"project": "always"},
+    "attention_kl": {},
+    "hint": {},
+    "crd": {"dim": 8},
+    "pkt": {"symmetric": True},
+    "vid": {},
+}
+LEARNED = {"tinybert", "hint", "crd", "vid"}
+
+
+def test_every_registered_loss_has_a_recipe_term_and_a_test() -> None:
+    assert set(LOSSES) == set(ALL_TERMS)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("pair")
+    teacher = load_classifier(make_model_dir(base / "t", layers=4)).eval()
+    student = load_classifier(make_model_dir(base / "s", layers=2, seed=1))
+    ctx = LossContext(layer_map=layer_map([1, 3]), n_student=2, n_teacher=4, d_student=32, d_teacher=32)
+    batch = collate([[2, 7, 8, 9, 3], [2, 10, 3], [2, 11, 12, 3], [2, 7, 3]], pad_id=0, labels=[0, 1, 2, 0])
+    return teacher, student, ctx, batch
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TERMS))
+def test_term_trains_student_and_its_own_modules(name: str, pair) -> None:
+    teacher, student, ctx, batch = pair
+    cfg = TypeAdapter(LossConfig).validate_python({"name": name, **ALL_TERMS[name]})
+    obj = build_objective([cfg], ctx)
+    with torch.no_grad():
+        t = forward_kd(teacher, batch, obj.needs_hidden, obj.needs_attentions)
+    student.zero_grad()
+    s = forward_kd(student, batch, obj.needs_hidden, obj.needs_attentions)
+    total, values = obj(s, t)
+    assert math.isfinite(total.item()) and set(values) == {name}
+    total.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    owned = list(obj.parameters())
+    assert bool(owned) == (name in LEARNED)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in owned)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in teacher.parameters())
+
+
+def test_layer_map_that_does_not_fit_fails_before_models_load(tiny_recipe: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kdpipe.cli import app
+
+    data = yaml.safe_load(tiny_recipe.read_text())
+    data["distill"]["losses"] = [{"name": "tinybert", "map": [1, 2, 3]}]  # the tiny student has 1 layer
+    tiny_recipe.write_text(yaml.safe_dump(data))
+    out = CliRunner().invoke(app, ["validate", str(tiny_recipe)]).output
+    assert "tinybert.map: layer map [1, 2, 3] does not fit a 1-layer student and a 2-layer teacher" in out
+
+
+def test_schedule_needs_a_layer_term() -> None:
+    ctx = LossContext(layer_map={0: 0, 1: 1}, n_student=1, n_teacher=1, d_student=4, d_teacher=4)
+    cfg = TypeAdapter(LossConfig).validate_python({"name": "hinton"})
+
+    class Sched:
+        kind, cap_steps, threshold, classifier_last, keep_soft = "pid", 5, 0.0, True, False
+
+    with pytest.raises(ConfigError, match="needs at least one layer term"):
+        build_objective([cfg], ctx, Sched())
+
+
+def test_pid_moves_on_cap_and_threshold_and_trains_classifier_last() -> None:
+    s = Schedule(kind="pid", order=[1, 2, 3], cap_steps=3, threshold=0.5)
+    seen = []
+    losses = [1.0, 1.0, 1.0, 0.4, 1.0, 1.0, 1.0, 1.0]
+    for step, loss in enumerate(losses, start=1):
+        seen.append((s.active_layers(), s.logit_term_on("hinton")))
+        s.advance(step, loss)
+    assert seen[0] == ({1}, False) and seen[2] == ({1}, False)
+    assert seen[3] == ({2}, False)  # layer 1 hit its 3-step cap
+    assert seen[4] == ({3}, False)  # layer 2 fell below the threshold after one step
+    assert seen[7] == (set(), True)  # pid: every layer done, only the classifier terms
+    assert [e["reason"] for e in s.events] == ["cap", "threshold", "cap"]
+
+
+def test_sid_keeps_lower_layers_and_keep_soft() -> None:
+    s = Schedule(kind="sid", order=[0, 1, 2], cap_steps=1, keep_soft=True)
+    assert s.active_layers() == {0} and s.logit_term_on("hinton") and not s.logit_term_on("ce")
+    s.advance(1, None)
+    assert s.active_layers() == {0, 1}
+    s.advance(2, None)
+    s.advance(3, None)
+    assert s.active_layers() == {0, 1, 2} and s.logit_term_on("ce")
+
+
+def test_objective_skips_inactive_terms(pair) -> None:
+    teacher, student, ctx, batch = pair
+    adapter = TypeAdapter(LossConfig)
+    cfgs = [adapter.validate_python({"name": "hidden_cosine"}), adapter.validate_python({"name": "hinton"})]
+
+    class Sched:
+        kind, cap_steps, threshold, classifier_last, keep_soft = "pid", 1, 0.0, True, False
+
+    obj = build_objective(cfgs, ctx, Sched())
+    assert obj.schedule.order == [0, 1, 2]
+    with torch.no_grad():
+        t = forward_kd(teacher, batch, True)
+        s = forward_kd(student, batch, True)
+        _, first = obj(s, t)
+        assert set(first) == {"hidden_cosine"}
+        for step in range(3):
+            obj.after_step(step)
+        _, last = obj(s, t)
+        assert set(last) == {"hinton"}
+
+
+def _run(recipe: Path, *extra: str) -> str:
+    from typer.testing import CliRunner
+
+    from kdpipe.cli import app
+
+    result = CliRunner().invoke(app, ["run", str(recipe), *extra])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_methods_through_the_pipeline(tiny_dir: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    """TinyBERT with a PID schedule, an ensemble of two teachers, and unlabeled transfer data."""
+    transfer = tmp_path / "unlabeled.txt"
+    transfer.write_text("\n".join(["good great day", "bad awful road", "the car today", "", "love it"] * 8))
+    member = make_model_dir(tmp_path / "member", layers=2, seed=5)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_dir,
+        tiny_csv,
+        tmp_path / "runs",
+        distill__losses=[{"name": "tinybert", "map": "uniform"}, {"name": "hinton", "temperature": 2.0}],
+        distill__schedule={"kind": "pid", "cap_steps": 2},
+        distill__extra_teachers=[str(member)],
+        distill__transfer=str(transfer),
+        distill__baseline=False,
+    )
+    out = " ".join(_run(recipe).split())  # rich wraps long lines
+    assert "ensemble of 2 teachers" in out and "32 unlabeled examples" in out, out
+    m = json.loads((tmp_path / "runs" / "distill" / "manifest.json").read_text())
+    assert [e["layer"] for e in m["extra"]["schedule_events"]] == [0, 1]
+    assert m["extra"]["train_examples"] == 32  # empty lines dropped
+    cka = json.loads((tmp_path / "runs" / "distill" / "cka.json").read_text())
+    assert len(cka["matrix"]) == 3 and len(cka["matrix"][0]) == 2  # 2-layer teacher x 1-layer student
+    assert cka["matrix"][0][0] == pytest.approx(1.0, abs=0.2)  # the student keeps the teacher's embeddings
+    report = (tmp_path / "runs" / "profile" / "report.md").read_text()
+    assert "![CKA](cka.png)" in report and "Layer schedule `pid`" in report
+    # projections the losses own are not part of the student that is saved and exported
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "runs" / "distill" / "model" / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if "w_h" in k or "learned" in k]  # noqa: SIM118
