@@ -191,6 +191,11 @@ class Recipe(_Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher stage.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="Student stage.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Distill stage.")
+    assistant: StudentConfig | None = Field(
+        None,
+        description="Teaching assistant (METHODS.md 5): when given, `kdpipe run` distils teacher -> an assistant of "
+        "this size -> the student, the assistant standing in as the student's teacher.",
+    )
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export stage.")
     profile: str = Field("cpu", description="Target profile: a name in profiles/ or a YAML path.")
 

@@ -43,6 +43,7 @@ class StageSpec:
     inputs: Callable[[Recipe, Manifest | None], list[FileRecord]]
     run: Callable[[Recipe, Manifest | None, Path, Console], StageOutput]
     summary: str
+    kind: str | None = None  # the artifact kind its manifest records (default: its name)
 
 
 def upstream_inputs(_: Recipe, upstream: Manifest | None) -> list[FileRecord]:
@@ -57,7 +58,8 @@ def _lineage(upstream: Manifest | None, final: Path) -> dict[str, str]:
         return {}
     dirs = {upstream.stage: upstream.dir.resolve()}
     for stage, rel in upstream.lineage.items():
-        dirs[stage] = (upstream.dir / rel).resolve()
+        # the nearest artifact of a kind wins: behind a teaching assistant, "teacher" is the assistant
+        dirs.setdefault(stage, (upstream.dir / rel).resolve())
     return {s: os.path.relpath(d, final.resolve()) for s, d in dirs.items()}
 
 
@@ -101,7 +103,7 @@ def execute(
     with atomic_dir(final) as work:
         out = spec.run(recipe, upstream, work, console)
         manifest = Manifest(
-            stage=spec.name,
+            stage=spec.kind or spec.name,
             run_id=rid,
             config=cfg,
             config_hash=chash,
@@ -120,9 +122,18 @@ def execute(
 
 
 def _stages() -> dict[str, StageSpec]:
-    from kdpipe import distill, export, profile, student, teacher
+    from kdpipe import assistant, distill, export, profile, student, teacher
 
     specs = [
+        StageSpec(
+            "assistant",
+            "teacher",
+            assistant.stage_config,
+            upstream_inputs,
+            assistant.run_assistant,
+            "distil a teaching assistant from the teacher",
+            kind="teacher",
+        ),
         StageSpec(
             "teacher",
             None,
@@ -175,8 +186,12 @@ def stage(name: str) -> StageSpec:
 
 
 def run_all(recipe: Recipe, out_root: Path, force: bool = False, console: Console | None = None) -> Manifest:
-    manifest = None
-    for name in STAGE_NAMES:
-        manifest, _ = execute(stage(name), recipe, out_root, force=force, console=console)
-    assert manifest is not None
+    """The whole chain; with a teaching assistant: teacher -> assistant -> student -> ..."""
+    manifest, _ = execute(stage("teacher"), recipe, out_root, force=force, console=console)
+    names = list(STAGE_NAMES[1:])
+    if recipe.assistant is not None:
+        execute(stage("assistant"), recipe, out_root, force=force, console=console)
+    for name in names:
+        upstream_dir = out_root / "assistant" if name == "student" and recipe.assistant is not None else None
+        manifest, _ = execute(stage(name), recipe, out_root, upstream_dir=upstream_dir, force=force, console=console)
     return manifest

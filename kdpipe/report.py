@@ -75,12 +75,15 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
     distill = export.upstream("distill")
     student = export.upstream("student")
     teacher = export.upstream("teacher")
+    assistant = None
+    if "assistant" in teacher.extra:  # a teaching-assistant chain: the direct teacher is the assistant
+        assistant, teacher = teacher, teacher.upstream("teacher")
     prof = results["profile"]
     t_acc, t_f1 = teacher.metric("test_accuracy"), teacher.metric("test_macro_f1")
     s_acc, s_f1 = distill.metric("test_accuracy"), distill.metric("test_macro_f1")
     b_acc, b_f1 = distill.metric("baseline_test_accuracy"), distill.metric("baseline_test_macro_f1")
-    t_params, s_params = student.metric("teacher_params"), student.metric("params")
-    t_layers, s_layers = student.metric("teacher_layers"), student.metric("layers")
+    t_params, s_params = teacher.metric("params"), student.metric("params")
+    t_layers, s_layers = teacher.metric("layers"), student.metric("layers")
     split = teacher.extra["split_sizes"]
     dcfg, tcfg = distill.config, teacher.config
     losses = " + ".join(
@@ -118,6 +121,15 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
         "| model | layers | parameters | accuracy | macro-F1 | retention (acc.) | agreement with teacher |",
         "|---|---:|---:|---:|---:|---:|---:|",
         f"| teacher | {t_layers} | {t_params:,} | {_pct(t_acc)} | {_pct(t_f1)} | 100% | 100% |",
+        *(
+            [
+                f"| teaching assistant | {assistant.metric('layers')} | {assistant.metric('params'):,} | "
+                f"{_pct(assistant.metric('test_accuracy'))} | {_pct(assistant.metric('test_macro_f1'))} | "
+                f"{100 * assistant.metric('test_accuracy') / t_acc:.1f}% | n/a |"
+            ]
+            if assistant is not None
+            else []
+        ),
         f"| student, KD | {s_layers} | {s_params:,} | {_pct(s_acc)} | {_pct(s_f1)} | "
         f"{100 * s_acc / t_acc:.1f}% | {_pct(distill.metric('teacher_agreement'))} |",
     ]
@@ -157,6 +169,13 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
             f"layer {e['layer']} done at step {e['step']} ({e['reason']})" for e in distill.extra["schedule_events"]
         )
         lines += [f"Layer schedule `{dcfg['schedule']['kind']}`: {moves}.", ""]
+    if assistant is not None:
+        lines += [
+            "The student was distilled from the teaching assistant (teacher layers "
+            f"{assistant.extra['assistant']['kept_layers']}), itself distilled from the teacher; agreement, "
+            "export and latency below compare the student with the assistant, its direct teacher.",
+            "",
+        ]
     lines += [
         "## ONNX export and parity",
         "",

@@ -181,3 +181,35 @@ def test_methods_through_the_pipeline(tiny_dir: Path, tiny_csv: Path, tmp_path: 
 
     with safe_open(tmp_path / "runs" / "distill" / "model" / "model.safetensors", "pt") as f:
         assert not [k for k in f.keys() if "w_h" in k or "learned" in k]  # noqa: SIM118
+
+
+def test_teaching_assistant_chain(tiny_csv: Path, tmp_path: Path) -> None:
+    teacher_dir = make_model_dir(tmp_path / "t4", layers=4)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        teacher_dir,
+        tiny_csv,
+        tmp_path / "runs",
+        distill__baseline=False,
+        distill__epochs=2,
+        teacher__epochs=5,
+    )
+    data = yaml.safe_load(recipe.read_text())
+    data["assistant"] = {"layers": [0, 1, 3]}
+    recipe.write_text(yaml.safe_dump(data))
+    _run(recipe)
+    runs = tmp_path / "runs"
+    assistant = json.loads((runs / "assistant" / "manifest.json").read_text())
+    assert assistant["stage"] == "teacher" and assistant["extra"]["assistant"]["kept_layers"] == [0, 1, 3]
+    assert assistant["metrics"]["layers"]["value"] == 3
+    student = json.loads((runs / "student" / "manifest.json").read_text())
+    assert student["lineage"] == {"teacher": "../assistant"}
+    assert student["metrics"]["teacher_layers"]["value"] == 3 and student["metrics"]["layers"]["value"] == 2
+    distill = json.loads((runs / "distill" / "manifest.json").read_text())
+    assert distill["lineage"]["teacher"] == "../assistant"
+    assert not list((runs / "assistant").glob("_chain"))
+    report = (runs / "profile" / "report.md").read_text()
+    assert "| teaching assistant | 3 |" in report and "| teacher | 4 |" in report
+    # nothing changed: every stage, the assistant included, is skipped
+    out = _run(recipe)
+    assert all(f"skipped {s}" in out for s in ("teacher", "assistant", "student", "distill", "export", "profile"))
