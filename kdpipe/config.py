@@ -104,6 +104,17 @@ class ScheduleConfig(_Strict):
     )
 
 
+class AugmentConfig(_Strict):
+    p_mask: float = Field(0.1, ge=0, le=1, description="Probability that a word becomes the mask token.")
+    p_replace: float = Field(
+        0.1, ge=0, le=1, description="Probability that a word is replaced by a teacher-embedding neighbour."
+    )
+    p_ngram: float = Field(0.25, ge=0, le=1, description="Probability that only a random n-gram is kept.")
+    ngram_max: int = Field(5, ge=1, description="Longest n-gram kept (n in 1..ngram_max).")
+    n_iter: int = Field(2, ge=1, description="Augmented copies per training example.")
+    neighbours: int = Field(5, ge=1, description="Candidate replacements per word (nearest by cosine).")
+
+
 class DistillConfig(_Strict):
     losses: list[LossConfig] = Field(
         default_factory=_default_losses, min_length=1, description="Weighted loss terms, summed."
@@ -140,6 +151,11 @@ class DistillConfig(_Strict):
         None,
         description="A text file (one example per line, no labels) to distil on instead of the train split; "
         "hard-label terms then use the teacher's argmax.",
+    )
+    augment: AugmentConfig | None = Field(
+        None,
+        description="Add augmented copies of the transfer set (masking, embedding-neighbour replacement, n-gram "
+        "sampling; METHODS.md 1.2), labelled by the teacher; written to the stage as augmented.jsonl.",
     )
     cka_samples: int = Field(
         256, ge=0, description="Test examples for the teacher x student layer CKA analysis (0: skip it)."

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from kdpipe.artifacts import Manifest, Metric
 from kdpipe.config import CELoss, DistillConfig, Recipe
-from kdpipe.data import Encoded, encode, read_split, read_transfer, subset
+from kdpipe.data import Encoded, Split, encode, read_split, read_transfer, subset
 from kdpipe.errors import ConfigError, ModelError
 from kdpipe.losses import LossContext, build_objective
 from kdpipe.models import load_classifier, load_tokenizer, vocab_mismatch
@@ -168,8 +168,25 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
     data = {
         n: encode(s_tok, read_split(t_manifest.path(f"data/{n}.jsonl")), max_length) for n in ("train", "val", "test")
     }
-    transfer = encode(s_tok, read_transfer(Path(cfg.transfer)), max_length) if cfg.transfer else data["train"]
-    transfer = subset(transfer, cfg.train_limit)
+    labeled = subset(data["train"], cfg.train_limit)
+    transfer = labeled
+    if cfg.transfer or cfg.augment:
+        base = read_transfer(Path(cfg.transfer)) if cfg.transfer else read_split(t_manifest.path("data/train.jsonl"))
+        n = cfg.train_limit or len(base)
+        base = Split(texts=base.texts[:n], labels=None if base.labels is None else base.labels[:n])
+        if cfg.augment:
+            from kdpipe.augment import augment
+
+            emb = teacher.get_input_embeddings().weight.detach().float().numpy()
+            extra_split = augment(base, t_tok, emb, cfg.augment, recipe.seed)
+            with open(work / "augmented.jsonl", "w", encoding="utf-8") as f:
+                for text in extra_split.texts:
+                    f.write(json.dumps({"text": text, "label": -1}, ensure_ascii=False) + "\n")
+            base = Split(
+                texts=base.texts + extra_split.texts,
+                labels=(base.labels or [-1] * len(base.texts)) + [-1] * len(extra_split.texts),
+            )
+        transfer = encode(s_tok, base, max_length)
     device = pick_device(cfg.device, cfg.precision)
     teacher_logits = np.load(t_manifest.path("test_logits.npy"), allow_pickle=False)
     teacher_preds = teacher_logits.argmax(-1)
@@ -177,7 +194,9 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
     console.print(
         f"distilling on {device.torch_device} ({device.precision}), {torch.get_num_threads()} threads: "
         f"loss = {terms}; schedule {cfg.schedule.kind}; {len(transfer)} "
-        f"{'unlabeled ' if cfg.transfer else ''}examples x {cfg.epochs:g} epochs"
+        f"{'unlabeled ' if cfg.transfer else ''}examples"
+        + (f" (incl. {cfg.augment.n_iter} augmented copies of each)" if cfg.augment else "")
+        + f" x {cfg.epochs:g} epochs"
         + (f"; ensemble of {len(teachers)} teachers" if len(teachers) > 1 else "")
     )
 
@@ -221,7 +240,7 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
             cfg,
             s_dir,
             [],
-            transfer if not cfg.transfer else subset(data["train"], cfg.train_limit),
+            labeled,  # gold labels only: no transfer file, no augmented copies
             data["val"],
             ctx,
             recipe.seed,

@@ -165,8 +165,11 @@ def train(
                             t_out = forward_kd(teacher, batch, objective.needs_hidden, objective.needs_attentions)
                             t_out.ensemble_logits = tuple(forward_kd(m, batch).logits for m in extra_teachers)
                     s_out = forward_kd(model, batch, objective.needs_hidden, objective.needs_attentions)
-                    if s_out.labels is None and t_out is not None:  # unlabeled transfer data
-                        s_out.labels = t_out.labels = t_out.logits.argmax(-1)
+                    if t_out is not None and (s_out.labels is None or bool((s_out.labels < 0).any())):
+                        # unlabeled transfer data (or augmented copies, label -1): the teacher's argmax
+                        t_arg = t_out.logits.argmax(-1)
+                        y = t_arg if s_out.labels is None else torch.where(s_out.labels < 0, t_arg, s_out.labels)
+                        s_out.labels = t_out.labels = y
                     loss, values = objective(s_out, t_out)
                 opt.zero_grad(set_to_none=True)
                 if loss.requires_grad:  # a schedule step may leave no term with a gradient

@@ -213,3 +213,45 @@ def test_teaching_assistant_chain(tiny_csv: Path, tmp_path: Path) -> None:
     # nothing changed: every stage, the assistant included, is skipped
     out = _run(recipe)
     assert all(f"skipped {s}" in out for s in ("teacher", "assistant", "student", "distill", "export", "profile"))
+
+
+def test_augmentation_rules() -> None:
+    import numpy as np
+
+    from conftest import make_tokenizer
+    from kdpipe.augment import Neighbours, augment
+    from kdpipe.config import AugmentConfig
+    from kdpipe.data import Split
+
+    tok = make_tokenizer()
+    emb = np.random.RandomState(0).randn(len(tok), 8).astype(np.float32)
+    good = tok.get_vocab()["good"]
+    emb[tok.get_vocab()["great"]] = emb[good] * 2  # the nearest neighbour of "good" by cosine
+    assert Neighbours(tok, emb, k=1).of("good") == ["great"]
+    split = Split(texts=["the good car is very nice"], labels=[2])
+    masked = augment(split, tok, emb, AugmentConfig(p_mask=1.0, p_ngram=0.0, n_iter=3), seed=0)
+    assert masked.texts == ["[MASK] " * 5 + "[MASK]"] * 3 and masked.labels == [-1] * 3
+    grams = augment(split, tok, emb, AugmentConfig(p_mask=0, p_replace=0, p_ngram=1.0, ngram_max=2, n_iter=20), 0)
+    assert all(1 <= len(t.split()) <= 2 and t in "the good car is very nice" for t in grams.texts)
+    replaced = augment(split, tok, emb, AugmentConfig(p_mask=0, p_replace=1.0, p_ngram=0, n_iter=5), 0)
+    assert all(t != split.texts[0] and len(t.split()) == 6 for t in replaced.texts)
+    again = augment(split, tok, emb, AugmentConfig(p_mask=0, p_replace=1.0, p_ngram=0, n_iter=5), 0)
+    assert again.texts == replaced.texts  # seeded
+
+
+def test_augmented_transfer_set_is_an_artifact(tiny_dir: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_dir,
+        tiny_csv,
+        tmp_path / "runs",
+        distill__train_limit=50,
+        distill__augment={"n_iter": 3},
+        distill__epochs=1,
+    )
+    _run(recipe)
+    m = json.loads((tmp_path / "runs" / "distill" / "manifest.json").read_text())
+    assert "augmented.jsonl" in {r["path"] for r in m["outputs"]}
+    assert m["extra"]["train_examples"] == 50 * 4
+    lines = (tmp_path / "runs" / "distill" / "augmented.jsonl").read_text().splitlines()
+    assert len(lines) == 150 and all(json.loads(x)["label"] == -1 for x in lines)
