@@ -217,8 +217,8 @@ def test_teaching_assistant_chain(tiny_csv: Path, tmp_path: Path) -> None:
 
 def test_augmentation_rules() -> None:
     import numpy as np
-
     from conftest import make_tokenizer
+
     from kdpipe.augment import Neighbours, augment
     from kdpipe.config import AugmentConfig
     from kdpipe.data import Split
