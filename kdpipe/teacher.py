@@ -122,6 +122,8 @@ def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console
     model.to("cpu").save_pretrained(work / MODEL_DIR, safe_serialization=True)
     tokenizer.save_pretrained(work / MODEL_DIR)
     np.save(work / "test_logits.npy", test.logits, allow_pickle=False)
+    if val is not None:
+        write_logit_stats(val.logits, enc["val"].labels or [], names, work / "logit_stats.json")
 
     metrics.update(
         {
@@ -152,3 +154,22 @@ def _ce() -> Any:
     from kdpipe.config import CELoss
 
     return CELoss()
+
+
+def write_logit_stats(logits: np.ndarray, labels: list[int], names: list[str], path: Path) -> None:
+    """Per-class mean and covariance of the teacher's logits on the validation split: what data-free
+    distillation (METHODS.md 5, Lopes et al.) samples targets from when no training data is at hand."""
+    import json
+
+    y = np.asarray(labels)
+    classes = {}
+    for i, name in enumerate(names):
+        rows = logits[y == i].astype(np.float64)
+        if len(rows) < 2:
+            continue
+        classes[name] = {
+            "count": int(len(rows)),
+            "mean": rows.mean(0).round(6).tolist(),
+            "cov": np.cov(rows, rowvar=False).round(6).tolist(),
+        }
+    path.write_text(json.dumps({"split": "val", "classes": classes}, indent=2) + "\n")
