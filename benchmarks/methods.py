@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ["no-kd", "random-init", "hinton", "logit-mse", "reverse-kl", "jsd", "ofa", "pkd", "pkd-last", "distilbert",
-         "tinybert", "internal", "internal-pid", "internal-sid", "hint", "crd", "pkt", "vid"]
+         "tinybert", "internal", "internal-pid", "internal-sid", "hint", "crd", "pkt", "vid", "augmented", "data-free"]
 
 
 def kdpipe(*args: str) -> None:

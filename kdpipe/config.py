@@ -115,6 +115,13 @@ class AugmentConfig(_Strict):
     neighbours: int = Field(5, ge=1, description="Candidate replacements per word (nearest by cosine).")
 
 
+class DataFreeConfig(_Strict):
+    samples_per_class: int = Field(200, gt=0, description="Targets sampled per class from N(mu_c, Sigma_c).")
+    seq_len: int = Field(16, ge=2, le=512, description="Positions per reconstructed input.")
+    steps: int = Field(100, gt=0, description="Adam steps of the reconstruction x0 = argmin ||f(x) - b||^2.")
+    lr: float = Field(0.05, gt=0, description="Adam learning rate of the reconstruction.")
+
+
 class DistillConfig(_Strict):
     losses: list[LossConfig] = Field(
         default_factory=_default_losses, min_length=1, description="Weighted loss terms, summed."
@@ -156,6 +163,11 @@ class DistillConfig(_Strict):
         None,
         description="Add augmented copies of the transfer set (masking, embedding-neighbour replacement, n-gram "
         "sampling; METHODS.md 1.2), labelled by the teacher; written to the stage as augmented.jsonl.",
+    )
+    data_free: DataFreeConfig | None = Field(
+        None,
+        description="Distil without data (METHODS.md 5): on inputs reconstructed from the teacher's per-class "
+        "logit statistics instead of the train split.",
     )
     cka_samples: int = Field(
         256, ge=0, description="Test examples for the teacher x student layer CKA analysis (0: skip it)."

@@ -164,10 +164,21 @@ def collate(ids: list[list[int]], pad_id: int, labels: list[int] | None = None) 
     return batch
 
 
-def batches(data: Encoded, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def batches(data: Any, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded id batches of an Encoded split, or embedding batches of a data-free EmbeddedSet."""
+    import torch
+
     order = np.random.RandomState(seed).permutation(len(data)) if shuffle else np.arange(len(data))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
+        if hasattr(data, "embeds"):
+            emb = data.embeds[torch.as_tensor(idx)]
+            yield {
+                "inputs_embeds": emb,
+                "attention_mask": torch.ones(emb.shape[:2], dtype=torch.long),
+                "labels": torch.tensor([data.labels[i] for i in idx], dtype=torch.long),
+            }
+            continue
         labels = None if data.labels is None else [data.labels[i] for i in idx]
         yield collate([data.ids[i] for i in idx], data.pad_id, labels)
 

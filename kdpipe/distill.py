@@ -168,6 +168,7 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
     data = {
         n: encode(s_tok, read_split(t_manifest.path(f"data/{n}.jsonl")), max_length) for n in ("train", "val", "test")
     }
+    device = pick_device(cfg.device, cfg.precision)
     labeled = subset(data["train"], cfg.train_limit)
     transfer = labeled
     if cfg.transfer or cfg.augment:
@@ -187,14 +188,21 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
                 labels=(base.labels or [-1] * len(base.texts)) + [-1] * len(extra_split.texts),
             )
         transfer = encode(s_tok, base, max_length)
-    device = pick_device(cfg.device, cfg.precision)
+    df_report = None
+    if cfg.data_free:
+        from kdpipe.datafree import load_stats, synthesize
+
+        stats = load_stats(t_manifest.dir / "logit_stats.json")
+        synthetic, df_report = synthesize(teacher, stats, cfg.data_free, recipe.seed, device.torch_device, console)
+        np.save(work / "data_free_inputs.npy", synthetic.embeds.numpy(), allow_pickle=False)
+        transfer = synthetic  # type: ignore[assignment]  # batches() takes either kind
     teacher_logits = np.load(t_manifest.path("test_logits.npy"), allow_pickle=False)
     teacher_preds = teacher_logits.argmax(-1)
     terms = ", ".join(f"{c.weight:g} x {c.name}" for c in cfg.losses)
     console.print(
         f"distilling on {device.torch_device} ({device.precision}), {torch.get_num_threads()} threads: "
         f"loss = {terms}; schedule {cfg.schedule.kind}; {len(transfer)} "
-        f"{'unlabeled ' if cfg.transfer else ''}examples"
+        f"{'unlabeled ' if cfg.transfer else 'data-free ' if cfg.data_free else ''}examples"
         + (f" (incl. {cfg.augment.n_iter} augmented copies of each)" if cfg.augment else "")
         + f" x {cfg.epochs:g} epochs"
         + (f"; ensemble of {len(teachers)} teachers" if len(teachers) > 1 else "")
@@ -229,6 +237,7 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
         "losses": [c.model_dump() for c in cfg.losses],
         "schedule_events": result.schedule_events,
         "train_examples": len(transfer),
+        "data_free": df_report,
     }
     if cfg.cka_samples:
         cka = _cka(teacher, model.to(device.torch_device), data["test"], cfg.cka_samples, device, work)

@@ -179,7 +179,7 @@ def train(
                 sched.step()
                 result.steps += 1
                 objective.after_step(result.steps)
-                seen += len(batch["input_ids"])
+                seen += len(batch["attention_mask"])
                 value = float(loss.detach())
                 ema = value if ema is None else 0.9 * ema + 0.1 * value
                 elapsed = time.perf_counter() - start

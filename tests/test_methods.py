@@ -255,3 +255,27 @@ def test_augmented_transfer_set_is_an_artifact(tiny_dir: Path, tiny_csv: Path, t
     assert m["extra"]["train_examples"] == 50 * 4
     lines = (tmp_path / "runs" / "distill" / "augmented.jsonl").read_text().splitlines()
     assert len(lines) == 150 and all(json.loads(x)["label"] == -1 for x in lines)
+
+
+def test_data_free_distillation(tiny_dir: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_dir,
+        tiny_csv,
+        tmp_path / "runs",
+        distill__baseline=False,
+        distill__data_free={"samples_per_class": 20, "seq_len": 8, "steps": 30, "lr": 0.1},
+        distill__epochs=2,
+    )
+    out = " ".join(_run(recipe).split())
+    assert "60 data-free examples" in out
+    runs = tmp_path / "runs"
+    stats = json.loads((runs / "teacher" / "logit_stats.json").read_text())
+    assert set(stats["classes"]) == {"negative", "neutral", "positive"}
+    assert all(len(c["cov"]) == 3 and len(c["mean"]) == 3 for c in stats["classes"].values())
+    m = json.loads((runs / "distill" / "manifest.json").read_text())
+    df = m["extra"]["data_free"]
+    assert df["inputs"] == 60 and df["match_loss_last"] < df["match_loss_first"]
+    import numpy as np
+
+    assert np.load(runs / "distill" / "data_free_inputs.npy").shape == (60, 8, 32)
