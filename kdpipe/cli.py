@@ -73,7 +73,7 @@ def _main(
     _state["debug"] = debug or _state["debug"]
 
 
-def _stage(name: str, recipe: str, sets: list[str], out: Path | None, upstream: Path | None, force: bool) -> None:
+def _stage(name: str, recipe: str, sets: list[str], out: Path | None, upstream: Path | None, force: bool) -> Path:
     from kdpipe.config import load_recipe
     from kdpipe.pipeline import execute, stage
 
@@ -81,6 +81,7 @@ def _stage(name: str, recipe: str, sets: list[str], out: Path | None, upstream: 
     root = out if out is not None else Path(cfg.out)
     manifest, _ = execute(stage(name), cfg, root, upstream_dir=upstream, force=force, console=err)
     typer.echo(f"{name}: {manifest.dir}")
+    return manifest.dir
 
 
 def _opt(sets: list[str], key: str, value: object) -> list[str]:
@@ -222,10 +223,8 @@ def profile(
 ) -> None:
     """Time student and teacher with onnxruntime (and torch eager) and write latency.json + report.md."""
     with _guard():
-        _stage("profile", recipe, _opt(sets, "profile", target), out, export_dir, force)
-        root = out if out is not None else None
-        if root is not None:
-            typer.echo(f"report: {root / 'profile' / 'report.md'}")
+        done = _stage("profile", recipe, _opt(sets, "profile", target), out, export_dir, force)
+        typer.echo(f"report: {done / 'report.md'}")
 
 
 @app.command()
