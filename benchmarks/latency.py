@@ -1,7 +1,8 @@
 """Student vs teacher and onnxruntime vs PyTorch eager, measured side by side in one process.
 
-Runs are interleaved (teacher, student, teacher, student, ...) so that machine noise hits both
-alike; the script prints median latencies and their ratios, which travel between machines where
+Runs alternate between teacher and student in blocks, one engine at a time (onnxruntime's spinning
+worker threads would otherwise slow whatever runs next), so that drifting machine noise hits both
+alike. The script prints median latencies and their ratios, which travel between machines where
 absolute times do not.
 
     python benchmarks/latency.py runs/default [--threads 2] [--runs 200]
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path, help="a kdpipe output root with export/ (e.g. runs/default)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=200, help="interleaved runs per engine and shape")
+    ap.add_argument("--block", type=int, default=10, help="runs of one model before switching to the other")
     ap.add_argument("--shapes", default="1x32,1x128,8x64", help="batch x seq, comma separated")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
@@ -60,15 +62,22 @@ def main() -> None:
             calls[f"{name}/onnxruntime"] = lambda s=sess, f=f: s.run(None, f)
             calls[f"{name}/torch"] = lambda m=model, tf=tfeed: m(**tf)
         times: dict[str, list[float]] = {k: [] for k in calls}
-        with torch.inference_mode():
-            for _ in range(10):
-                for fn in calls.values():
-                    fn()
-            for _ in range(args.runs):
-                for key, fn in calls.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[key].append(time.perf_counter() - t0)
+        # one engine at a time (onnxruntime's spinning workers and torch's would slow each other), teacher
+        # and student alternating in blocks within it so that drifting machine noise hits both alike
+        for engine in ("onnxruntime", "torch"):
+            phase = {k: fn for k, fn in calls.items() if k.endswith(engine)}
+            with torch.inference_mode():
+                for _ in range(10):
+                    for fn in phase.values():
+                        fn()
+                for _ in range(max(1, args.runs // args.block)):
+                    for key, fn in phase.items():
+                        for _ in range(3):  # untimed: the other model's idle (spinning) workers go to sleep
+                            fn()
+                        for _ in range(args.block):
+                            t0 = time.perf_counter()
+                            fn()
+                            times[key].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         results[shape] = {
             "median_ms": med,

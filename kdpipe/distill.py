@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,33 @@ def loss_context(
     )
 
 
-def check_objective(cfg: DistillConfig, ctx: LossContext) -> None:
+def check_objective(cfg: DistillConfig, ctx: LossContext) -> Any:
     """Build the objective once on the configs alone: a layer map that does not fit fails here,
     before any model loads."""
-    build_objective(list(cfg.losses), ctx, cfg.schedule)
+    objective = build_objective(list(cfg.losses), ctx, cfg.schedule)
     if cfg.baseline and all(c.name == "ce" for c in cfg.losses):
         raise ConfigError(
             "distill.baseline: the recipe's loss is already hard CE only",
             "set distill.baseline: false, or add a distillation term",
         )
+    return objective
+
+
+def schedule_warning(objective: Any, cfg: DistillConfig, examples: int) -> str | None:
+    """PID/SID with the classifier last: say so when the layer phase can outlast the whole budget."""
+    sched = objective.schedule
+    if sched.kind == "all" or not cfg.schedule.classifier_last:
+        return None
+    total = math.ceil(cfg.epochs * math.ceil(examples / cfg.batch_size))
+    layer_steps = len(sched.order) * cfg.schedule.cap_steps
+    if layer_steps < total:
+        return None
+    unless = " unless a layer's loss falls below the threshold" if cfg.schedule.threshold else ""
+    return (
+        f"warning: schedule {sched.kind}: {len(sched.order)} layers x cap_steps {cfg.schedule.cap_steps} = "
+        f"{layer_steps} steps >= the {total} training steps, so the classifier terms may never run{unless}; "
+        "lower distill.schedule.cap_steps or train longer"
+    )
 
 
 def _train_student(
@@ -148,7 +167,7 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
         json.loads((s_dir / "config.json").read_text()),
         {int(k): v for k, v in upstream.extra["layer_map"].items()},
     )
-    check_objective(cfg, ctx)
+    objective = check_objective(cfg, ctx)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     teacher = load_classifier(t_dir)
@@ -208,6 +227,8 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
         + (f"; ensemble of {len(teachers)} teachers" if len(teachers) > 1 else "")
     )
 
+    if warning := schedule_warning(objective, cfg, len(transfer)):
+        console.print(f"[yellow]{warning}[/]")
     model, result = _train_student(
         "distill (KD)", list(cfg.losses), cfg, s_dir, teachers, transfer, data["val"], ctx, recipe.seed, device, console
     )

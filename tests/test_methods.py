@@ -279,3 +279,18 @@ def test_data_free_distillation(tiny_dir: Path, tiny_csv: Path, tmp_path: Path) 
     import numpy as np
 
     assert np.load(runs / "distill" / "data_free_inputs.npy").shape == (60, 8, 32)
+
+
+def test_schedule_that_outlasts_the_budget_is_reported() -> None:
+    from kdpipe.config import DistillConfig
+    from kdpipe.distill import check_objective, schedule_warning
+
+    ctx = LossContext(layer_map={0: 0, 1: 1, 2: 3, 3: 5}, n_student=3, n_teacher=6, d_student=8, d_teacher=8)
+    losses = [{"name": "attention_kl"}, {"name": "hinton"}]
+    long = DistillConfig.model_validate(
+        {"losses": losses, "epochs": 1, "baseline": False, "schedule": {"kind": "pid", "cap_steps": 40}}
+    )
+    warning = schedule_warning(check_objective(long, ctx), long, examples=3000)  # 94 steps < 3 x 40
+    assert warning is not None and "3 layers x cap_steps 40 = 120 steps >= the 94 training steps" in warning
+    short = long.model_copy(update={"schedule": long.schedule.model_copy(update={"cap_steps": 15})})
+    assert schedule_warning(check_objective(short, ctx), short, examples=3000) is None
