@@ -29,6 +29,14 @@ class EmbeddedSet:
         return int(self.embeds.shape[0])
 
 
+def _psd(cov: np.ndarray) -> np.ndarray:
+    """The nearest symmetric positive-semidefinite matrix: logits of one class are nearly collinear, so
+    a stored (rounded) covariance can have tiny negative eigenvalues."""
+    sym = (cov + cov.T) / 2
+    w, v = np.linalg.eigh(sym)
+    return np.asarray((v * np.clip(w, 0, None)) @ v.T)
+
+
 def load_stats(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(
@@ -50,7 +58,11 @@ def synthesize(
     targets, wanted = [], []
     for c, name in enumerate(names):
         st = stats["classes"][name]
-        targets.append(rng.multivariate_normal(st["mean"], st["cov"], size=cfg.samples_per_class))
+        targets.append(
+            rng.multivariate_normal(
+                st["mean"], _psd(np.asarray(st["cov"])), size=cfg.samples_per_class, check_valid="ignore"
+            )
+        )
         wanted += [c] * cfg.samples_per_class
     b = torch.tensor(np.concatenate(targets), dtype=torch.float32, device=device)
     teacher.to(device).eval()
@@ -68,8 +80,8 @@ def synthesize(
         loss = ((teacher(inputs_embeds=x, attention_mask=mask).logits.float() - b) ** 2).sum(-1).mean()
         loss.backward()
         opt.step()
-        first = float(loss) if step == 0 else first
-        last = float(loss)
+        last = float(loss.detach())
+        first = last if step == 0 else first
     with torch.no_grad():
         pred = teacher(inputs_embeds=x, attention_mask=mask).logits.argmax(-1).cpu().numpy()
     hit = float((pred == np.asarray(wanted)).mean())
