@@ -9,8 +9,8 @@ import numpy as np
 from rich.console import Console
 
 from kdpipe.artifacts import FileRecord, Manifest, Metric, sha256_file
-from kdpipe.config import Recipe
-from kdpipe.data import SPLITS, encode, make_splits, read_table, source_path, write_split
+from kdpipe.config import CELoss, Recipe
+from kdpipe.data import SPLITS, encode, make_splits, read_split, read_table, source_path, write_split
 from kdpipe.losses import LossContext, build_objective
 from kdpipe.models import count_params, load_tokenizer, resolve_model_dir
 from kdpipe.pipeline import StageOutput
@@ -79,8 +79,6 @@ def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console
     (work / "data").mkdir()
     for name in SPLITS:
         write_split(splits[name], work / "data" / f"{name}.jsonl")
-    from kdpipe.data import read_split
-
     enc = {n: encode(tokenizer, read_split(work / "data" / f"{n}.jsonl"), cfg.data.max_length) for n in SPLITS}
     device = pick_device()
     console.print(
@@ -99,7 +97,7 @@ def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console
                 p.requires_grad_(False)
         else:
             groups.append({"params": encoder, "lr": cfg.lr})
-        objective = build_objective([_ce()], LossContext(layer_map={}))
+        objective = build_objective([CELoss()], LossContext(layer_map={}))
         result = train(
             model,
             objective,
@@ -148,12 +146,6 @@ def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console
             "trained_params": "head" if cfg.freeze_encoder else "all",
         },
     )
-
-
-def _ce() -> Any:
-    from kdpipe.config import CELoss
-
-    return CELoss()
 
 
 def write_logit_stats(logits: np.ndarray, labels: list[int], names: list[str], path: Path) -> None:
