@@ -11,6 +11,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import platform
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,16 @@ class FileRecord:
     @classmethod
     def of(cls, path: Path, name: str) -> FileRecord:
         return cls(path=name, sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def input_records(path: Path, name: str) -> list[FileRecord]:
+    """Content records of an input a stage reads: one for a file, one per file (recursively) for a
+    directory, each named `name/<relative path>`. Inputs are identified by their bytes, never by
+    their path, so editing a file in place re-runs the stage that reads it."""
+    if path.is_file():
+        return [FileRecord.of(path, name)]
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return [FileRecord.of(p, f"{name}/{p.relative_to(path).as_posix()}") for p in files]
 
 
 @dataclass(frozen=True)
@@ -182,14 +193,38 @@ def write_json_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this machine (signal 0 probes without sending)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _owner_pid(path: Path) -> int | None:
+    """The PID in a `.<name>.tmp-<pid>` / `.<name>.old-<pid>` directory name."""
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a fresh temporary sibling of `final`; on success it replaces `final`, on any error
     (Ctrl-C included) it is deleted and `final` is left as it was."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    # leftovers of a run killed without a chance to clean up (SIGKILL, power loss)
+    # leftovers of a run killed without a chance to clean up (SIGKILL, power loss); a directory whose
+    # PID is still alive belongs to a live process and is never touched
     for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
+        pid = _owner_pid(stale)
+        if pid is None or pid == os.getpid() or not pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     tmp.mkdir()
     try:
@@ -202,6 +237,73 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+LOCK = ".kdpipe.lock"
+_held: dict[Path, int] = {}  # lock path -> nesting depth, for this process
+
+
+@contextmanager
+def locked(root: Path) -> Iterator[None]:
+    """Hold `<root>/.kdpipe.lock` (this process's PID) while stages write into `root`.
+
+    A second kdpipe on the same output root is refused with the holder's PID instead of racing it
+    (each would clear the other's temporary stage directory). A lock left by a process that no
+    longer exists is stale and taken over. Re-entrant within one process."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = (root / LOCK).resolve()
+    if path in _held:
+        _held[path] += 1
+        try:
+            yield
+        finally:
+            _held[path] -= 1
+        return
+    info = json.dumps({"pid": os.getpid(), "host": platform.node(), "started": now()})
+    # written in full beside it, then hard-linked into place: link() fails if the lock exists, so
+    # taking it is atomic and a reader never sees a half-written lock
+    mine = path.with_name(f"{LOCK}.{os.getpid()}")
+    mine.write_text(info + "\n", encoding="utf-8")
+    try:
+        for _attempt in range(3):
+            try:
+                os.link(mine, path)
+                break
+            except FileExistsError:
+                holder = _read_lock(path)
+            pid = holder.get("pid")
+            same_host = holder.get("host", platform.node()) == platform.node()
+            if isinstance(pid, int) and pid != os.getpid() and (not same_host or pid_alive(pid)):
+                where = "" if same_host else f" on host {holder.get('host')}"
+                raise ArtifactError(
+                    f"{root}: in use by another kdpipe (PID {pid}{where}, since {holder.get('started', '?')})",
+                    f"wait for it to finish or use another --out; if no kdpipe is running, delete {root / LOCK}",
+                )
+            path.unlink(missing_ok=True)  # stale: its process is gone (killed, machine restarted)
+        else:
+            raise ArtifactError(f"{root / LOCK}: could not take the lock", "retry; another kdpipe may be starting")
+    finally:
+        mine.unlink(missing_ok=True)
+    _held[path] = 1
+    try:
+        yield
+    finally:
+        _held.pop(path, None)
+        try:
+            if _read_lock(path).get("pid") == os.getpid():
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _read_lock(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return {"pid": None}  # unreadable: treated as stale
+    return data if isinstance(data, dict) else {"pid": None}
 
 
 def flat(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -51,6 +51,8 @@ def run_assistant(recipe: Recipe, upstream: Manifest | None, work: Path, console
     (work / "data").mkdir()
     for split in ("train", "val", "test"):
         os.link(upstream.path(f"data/{split}.jsonl"), work / "data" / f"{split}.jsonl")
+    if upstream.extra.get("split_sizes", {}).get("val"):
+        _write_logit_stats(work, upstream)
     shutil.rmtree(scratch)
     t_acc = upstream.metric("test_accuracy")
     console.print(
@@ -70,8 +72,24 @@ def run_assistant(recipe: Recipe, upstream: Manifest | None, work: Path, console
         "trained_params": "all",
         "assistant": {
             "kept_layers": built.extra["kept_layers"],
-            "of": str(upstream.dir.resolve()),
+            "of": upstream.extra.get("model_source"),
             "teacher_layers": upstream.metric("layers"),
         },
     }
     return StageOutput(metrics=metrics, extra=extra)
+
+
+def _write_logit_stats(work: Path, teacher: Manifest) -> None:
+    """The assistant stands in as the student's teacher, so data-free distillation from it needs its
+    own per-class logit statistics on the validation split (as the teacher stage writes them)."""
+    from kdpipe.data import encode, read_split
+    from kdpipe.models import load_classifier, load_tokenizer
+    from kdpipe.teacher import write_logit_stats
+    from kdpipe.train import evaluate, pick_device
+
+    model = load_classifier(work / "model")
+    val = encode(
+        load_tokenizer(work / "model"), read_split(work / "data" / "val.jsonl"), int(teacher.extra["max_length"])
+    )
+    logits = evaluate(model, val, pick_device("cpu")).logits
+    write_logit_stats(logits, val.labels or [], list(teacher.extra["label_names"]), work / "logit_stats.json")

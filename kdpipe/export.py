@@ -75,7 +75,7 @@ def parity(model_dir: Path, onnx_path: Path, texts: list[str], max_length: int, 
 
     enc = encode(tok, Split(texts=texts, labels=[0] * len(texts)), max_length)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    worst, same, n, shapes = 0.0, 0, 0, []
+    worst, same, n, shapes, nonfinite = 0.0, 0, 0, [], 0
     start = 0
     for size in PARITY_BATCHES:
         ids = enc.ids[start : start + size]
@@ -86,7 +86,11 @@ def parity(model_dir: Path, onnx_path: Path, texts: list[str], max_length: int, 
         with torch.no_grad():
             ref = model(**batch).logits.numpy()
         got = session.run(["logits"], onnx_inputs(session, batch))[0]
-        worst = max(worst, float(np.abs(ref - got).max()))
+        if not (np.isfinite(ref).all() and np.isfinite(got).all()):
+            # NaN/inf logits are a broken model, never "equal": max(0.0, nan) is 0.0 in Python
+            nonfinite += int((~np.isfinite(ref)).any(-1).sum() + (~np.isfinite(got)).any(-1).sum())
+        diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+        worst = max(worst, float(diff.max())) if np.isfinite(diff).all() else float("inf")
         same += int((ref.argmax(-1) == got.argmax(-1)).sum())
         n += len(ids)
         shapes.append(list(batch["input_ids"].shape))
@@ -96,7 +100,9 @@ def parity(model_dir: Path, onnx_path: Path, texts: list[str], max_length: int, 
         "class_agreement": same / n,
         "examples": n,
         "shapes": shapes,
-        "ok": worst <= atol and same == n,
+        "nonfinite_outputs": nonfinite,
+        # written so that NaN fails: `nan <= atol` is False, and non-finite outputs fail outright
+        "ok": bool(nonfinite == 0 and n > 0 and worst <= atol and same == n),
     }
 
 
@@ -121,7 +127,9 @@ def run_export(recipe: Recipe, upstream: Manifest | None, work: Path, console: C
             f"at shapes {check['shapes']}: max |diff| {check['max_abs_diff']:.2e} (atol {cfg.atol:g}), "
             f"class agreement {check['class_agreement']:.2%}"
         )
-        extra["models"][name] = {"onnx": f"{name}/model.onnx", "spec": spec, "parity": check, "source": str(src)}
+        # where the PyTorch model lives, as a stage of this run's lineage (never an absolute path)
+        source = {"stage": "distill" if name == "student" else "teacher", "dir": "model"}
+        extra["models"][name] = {"onnx": f"{name}/model.onnx", "spec": spec, "parity": check, "source": source}
         metrics[f"{name}_max_abs_diff"] = Metric(check["max_abs_diff"], "logit units")
         metrics[f"{name}_class_agreement"] = Metric(check["class_agreement"], "fraction")
         metrics[f"{name}_onnx_bytes"] = Metric(size, "bytes")
@@ -129,6 +137,11 @@ def run_export(recipe: Recipe, upstream: Manifest | None, work: Path, console: C
             failures.append(
                 f"{name}: max |diff| {check['max_abs_diff']:.3e} vs atol {cfg.atol:g}, "
                 f"class agreement {check['class_agreement']:.2%} on {check['examples']} examples"
+                + (
+                    f", {check['nonfinite_outputs']} outputs with NaN/inf logits (a broken model)"
+                    if check["nonfinite_outputs"]
+                    else ""
+                )
             )
     if failures:
         raise ExportToleranceError(

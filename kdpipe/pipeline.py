@@ -17,7 +17,9 @@ from kdpipe.artifacts import (
     Metric,
     atomic_dir,
     describe_changes,
+    input_records,
     list_outputs,
+    locked,
     now,
     read_manifest,
     run_id,
@@ -53,6 +55,43 @@ def upstream_inputs(_: Recipe, upstream: Manifest | None) -> list[FileRecord]:
     return [FileRecord(f"{upstream.stage}/{r.path}", r.sha256, r.bytes) for r in upstream.outputs]
 
 
+def student_inputs(recipe: Recipe, upstream: Manifest | None) -> list[FileRecord]:
+    """The teacher artifact, and the files of `student.pretrained` by content."""
+    records = upstream_inputs(recipe, upstream)
+    if recipe.student.pretrained is not None:
+        from kdpipe.models import resolve_model_dir
+
+        pretrained = resolve_model_dir(recipe.student.pretrained, "student.pretrained")
+        records += input_records(pretrained, "pretrained")
+    return records
+
+
+def distill_inputs(recipe: Recipe, upstream: Manifest | None) -> list[FileRecord]:
+    """The student artifact, the transfer file and every extra teacher's files, by content."""
+    from kdpipe.data import read_transfer
+    from kdpipe.models import resolve_model_dir
+
+    records = upstream_inputs(recipe, upstream)
+    cfg = recipe.distill
+    if cfg.transfer is not None:
+        read_transfer(Path(cfg.transfer))  # a missing or empty file: one clear error, before hashing
+        records += input_records(Path(cfg.transfer), "transfer")
+    for i, member in enumerate(cfg.extra_teachers):
+        records += input_records(resolve_model_dir(member, f"distill.extra_teachers[{i}]"), f"extra_teacher_{i}")
+    return records
+
+
+def assistant_inputs(recipe: Recipe, upstream: Manifest | None) -> list[FileRecord]:
+    """What the assistant's own student and distill stages read."""
+    records = distill_inputs(recipe, upstream)
+    if recipe.assistant is not None and recipe.assistant.pretrained is not None:
+        from kdpipe.models import resolve_model_dir
+
+        pretrained = resolve_model_dir(recipe.assistant.pretrained, "assistant.pretrained")
+        records += input_records(pretrained, "pretrained")
+    return records
+
+
 def _lineage(upstream: Manifest | None, final: Path) -> dict[str, str]:
     if upstream is None:
         return {}
@@ -73,6 +112,13 @@ def execute(
 ) -> tuple[Manifest, bool]:
     """Run one stage unless an identical run is already on disk. Returns (manifest, ran)."""
     console = console or Console(stderr=True)
+    with locked(out_root):
+        return _execute(spec, recipe, out_root, upstream_dir, force, console)
+
+
+def _execute(
+    spec: StageSpec, recipe: Recipe, out_root: Path, upstream_dir: Path | None, force: bool, console: Console
+) -> tuple[Manifest, bool]:
     upstream = None
     if spec.upstream is not None:
         upstream = read_manifest(upstream_dir or out_root / spec.upstream, spec.upstream)
@@ -129,7 +175,7 @@ def _stages() -> dict[str, StageSpec]:
             "assistant",
             "teacher",
             assistant.stage_config,
-            upstream_inputs,
+            assistant_inputs,
             assistant.run_assistant,
             "distil a teaching assistant from the teacher",
             kind="teacher",
@@ -146,7 +192,7 @@ def _stages() -> dict[str, StageSpec]:
             "student",
             "teacher",
             lambda r: {"seed": r.seed, **r.student.model_dump(mode="json")},
-            upstream_inputs,
+            student_inputs,
             student.run_student,
             "build the student from the teacher",
         ),
@@ -154,7 +200,7 @@ def _stages() -> dict[str, StageSpec]:
             "distill",
             "student",
             lambda r: {"seed": r.seed, **r.distill.model_dump(mode="json")},
-            upstream_inputs,
+            distill_inputs,
             distill.run_distill,
             "distil the teacher into the student",
         ),
@@ -187,6 +233,11 @@ def stage(name: str) -> StageSpec:
 
 def run_all(recipe: Recipe, out_root: Path, force: bool = False, console: Console | None = None) -> Manifest:
     """The whole chain; with a teaching assistant: teacher -> assistant -> student -> ..."""
+    with locked(out_root):
+        return _run_all(recipe, out_root, force, console)
+
+
+def _run_all(recipe: Recipe, out_root: Path, force: bool, console: Console | None) -> Manifest:
     manifest, _ = execute(stage("teacher"), recipe, out_root, force=force, console=console)
     names = list(STAGE_NAMES[1:])
     if recipe.assistant is not None:
