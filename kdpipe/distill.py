@@ -233,6 +233,7 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
         "distill (KD)", list(cfg.losses), cfg, s_dir, teachers, transfer, data["val"], ctx, recipe.seed, device, console
     )
     test = evaluate(model, data["test"], device)
+    _require_finite(test.logits, "the KD student")
     model.to("cpu").save_pretrained(work / "model", safe_serialization=True)
     s_tok.save_pretrained(work / "model")
     np.save(work / "test_logits.npy", test.logits, allow_pickle=False)
@@ -278,6 +279,7 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
             console,
         )
         b_test = evaluate(base, data["test"], device)
+        _require_finite(b_test.logits, "the no-KD baseline")
         console.print(f"no-KD student test accuracy {b_test.accuracy:.4f}, macro-F1 {b_test.macro_f1:.4f}")
         metrics.update(
             {
@@ -294,6 +296,16 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
 
     plot_training(extra, work / "training.png")
     return StageOutput(metrics=metrics, extra=extra)
+
+
+def _require_finite(logits: np.ndarray, who: str) -> None:
+    """A gate: NaN/inf logits mean a broken model, whatever accuracy argmax would give them."""
+    bad = int((~np.isfinite(logits)).any(-1).sum())
+    if bad:
+        raise ModelError(
+            f"{who} gives NaN/inf logits on {bad} of {len(logits)} test examples: training diverged",
+            "lower distill.lr or raise the loss temperatures; nothing was written",
+        )
 
 
 def _thin(history: list[dict[str, float]], points: int = 200) -> list[dict[str, float]]:

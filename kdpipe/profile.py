@@ -113,6 +113,21 @@ def profile_torch(model_dir: Path, prof: TargetProfile, vocab_size: int) -> dict
     return {"shapes": shapes, "threads": torch.get_num_threads()}
 
 
+def model_source(export: Manifest, info: dict[str, Any]) -> Path:
+    """The PyTorch model an ONNX file was exported from, found through the run's lineage (relative
+    paths), so a moved or copied run profiles its own models."""
+    src = info.get("source")
+    if not isinstance(src, dict):
+        from kdpipe.errors import ArtifactError
+
+        raise ArtifactError(
+            f"{export.dir}: the export manifest was written by an older kdpipe (absolute model paths)",
+            "re-run `kdpipe export --force`",
+        )
+    stage = export.upstream(src["stage"])
+    return stage.path(f"{src['dir']}/config.json").parent
+
+
 def run_profile(recipe: Recipe, upstream: Manifest | None, work: Path, console: Console) -> StageOutput:
     from kdpipe.report import plot_latency, write_report
 
@@ -121,7 +136,7 @@ def run_profile(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
     label = f"{prof.name} (emulated on this host)" if prof.emulated else prof.name
     results: dict[str, Any] = {"profile": prof.model_dump(mode="json"), "onnxruntime": {}, "torch_eager": {}}
     for name, info in upstream.extra["models"].items():
-        src = Path(info["source"])
+        src = model_source(upstream, info)
         vocab = json.loads((src / "config.json").read_text())["vocab_size"]
         console.print(f"profiling {name} on {label}: onnxruntime ...")
         results["onnxruntime"][name] = profile_onnx(upstream.path(info["onnx"]), prof, vocab)
