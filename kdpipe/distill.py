@@ -227,8 +227,10 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
         + (f"; ensemble of {len(teachers)} teachers" if len(teachers) > 1 else "")
     )
 
+    warnings = []
     if warning := schedule_warning(objective, cfg, len(transfer)):
         console.print(f"[yellow]{warning}[/]")
+        warnings.append(warning.removeprefix("warning: "))
     model, result = _train_student(
         "distill (KD)", list(cfg.losses), cfg, s_dir, teachers, transfer, data["val"], ctx, recipe.seed, device, console
     )
@@ -260,6 +262,7 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
         "schedule_events": result.schedule_events,
         "train_examples": len(transfer),
         "data_free": df_report,
+        "warnings": warnings,
     }
     if cfg.cka_samples:
         cka = _cka(teacher, model.to(device.torch_device), data["test"], cfg.cka_samples, device, work)

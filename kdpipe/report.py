@@ -71,6 +71,17 @@ def _pct(x: Any) -> str:
     return "n/a" if x is None else f"{100 * float(x):.2f}%"
 
 
+def _warnings(*manifests: Manifest | None) -> list[str]:
+    """What the stages flagged (a teacher that predicts one class, a schedule that outlasts the budget,
+    ...), once each, in stage order: a figure next to a warning is not a result to quote."""
+    seen: list[str] = []
+    for m in manifests:
+        for w in (m.extra.get("warnings") or []) if m is not None else []:
+            if w not in seen:
+                seen.append(str(w))
+    return seen
+
+
 def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Report:
     distill = export.upstream("distill")
     student = export.upstream("student")
@@ -104,6 +115,7 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
         f"(teacher layers {student.extra['kept_layers']}, init `{student.extra['init']}`), "
         f"profile `{prof['name']}`{' (emulated on this host)' if prof['emulated'] else ''}.",
         "",
+        *[f"> **Warning:** {w}\n" for w in _warnings(teacher, assistant, distill, export)],
         "## Data and budget",
         "",
         f"- data: `{teacher.extra['data_source']}`; seeded splits (seed {tcfg['seed']}): "

@@ -247,3 +247,16 @@ def test_data_free_through_a_teaching_assistant(tiny_dir: Path, tiny_csv: Path, 
     assistant = read_manifest(runs / "assistant", "teacher")
     assert "logit_stats.json" in {r.path for r in assistant.outputs}
     assert read_manifest(runs / "distill", "distill").extra["data_free"]["inputs"] == 12
+
+
+def test_stage_warnings_reach_the_report(finished: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+    recipe, runs = finished
+    copy = tmp_path / "runs"
+    shutil.copytree(runs, copy)
+    m = json.loads((copy / "teacher" / "manifest.json").read_text())
+    m["extra"]["warnings"] = ["the teacher predicts one class on the test split"]
+    write_json_atomic(copy / "teacher" / "manifest.json", json.dumps(m))
+    code, out = invoke("profile", "-r", recipe, "-o", copy, "--force")
+    assert code == 0, out
+    report = (copy / "profile" / "report.md").read_text()
+    assert "> **Warning:** the teacher predicts one class on the test split" in report
