@@ -78,6 +78,10 @@ def _stage(name: str, recipe: str, sets: list[str], out: Path | None, upstream: 
     from kdpipe.pipeline import execute, stage
 
     cfg, _ = load_recipe(recipe, sets)
+    if name == "teacher":  # a bad data file fails in a second, before torch is imported or a model hashed
+        from kdpipe.data import check_source
+
+        check_source(cfg.teacher.data, finetune=cfg.teacher.finetune)
     root = out if out is not None else Path(cfg.out)
     manifest, _ = execute(stage(name), cfg, root, upstream_dir=upstream, force=force, console=err)
     typer.echo(f"{name}: {manifest.dir}")
@@ -107,9 +111,11 @@ def run(
     """Run the whole chain teacher -> student -> distill -> export -> profile from a recipe."""
     with _guard():
         from kdpipe.config import load_recipe
+        from kdpipe.data import check_source
         from kdpipe.pipeline import run_all
 
         cfg, path = load_recipe(recipe, _opt(sets, "profile", profile))
+        check_source(cfg.teacher.data, finetune=cfg.teacher.finetune)  # data errors first, before torch loads
         root = out if out is not None else Path(cfg.out)
         err.print(f"recipe {path} -> {root}")
         last = run_all(cfg, root, force=force, console=err)
@@ -122,7 +128,12 @@ def teacher(
         None, "--model", "-m", help="Local HF model directory, or 'default' (the embedded all-MiniLM-L6-v2)."
     ),
     data: str | None = typer.Option(
-        None, "--data", "-d", help="CSV/JSON/JSONL/parquet file, or 'default' (the embedded tweets)."
+        None, "--data", "-d", help="CSV/TSV/JSON/JSONL/parquet file, or 'default' (the embedded tweets)."
+    ),
+    encoding: str | None = typer.Option(
+        None,
+        help="Text encoding of --data: 'auto' (UTF-8, or a UTF-8/UTF-16 byte-order mark) or a codec "
+        "name such as cp1252, latin-1, cp1251.",
     ),
     text_column: str | None = typer.Option(None, help="Text column of --data."),
     label_column: str | None = typer.Option(None, help="Label column of --data."),
@@ -137,6 +148,7 @@ def teacher(
     with _guard():
         s = _opt(sets, "teacher.model", model)
         s = _opt(s, "teacher.data.source", data)
+        s = _opt(s, "teacher.data.encoding", encoding)
         s = _opt(s, "teacher.data.text_column", text_column)
         s = _opt(s, "teacher.data.label_column", label_column)
         s = _opt(s, "teacher.epochs", epochs)

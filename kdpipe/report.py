@@ -10,6 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from kdpipe.artifacts import Manifest
+from kdpipe.data import rows_summary
 
 
 def _plt() -> Any:
@@ -82,6 +83,25 @@ def _warnings(*manifests: Manifest | None) -> list[str]:
     return seen
 
 
+def data_lines(extra: dict[str, Any], tcfg: dict[str, Any]) -> list[str]:
+    """The report's data bullets from the teacher manifest's extra and config: source and splits, and
+    the rows read and dropped (manifests written before kdpipe counted them have no `data_rows`)."""
+    split = extra["split_sizes"]
+    lines = [
+        f"- data: `{extra['data_source']}`; seeded splits (seed {tcfg['seed']}): "
+        f"train {split['train']}, validation {split['val']}, test {split['test']} examples; max length "
+        f"{extra['max_length']} tokens."
+        + (
+            " A subset of the rows is used to keep the default run short."
+            if tcfg["data"]["source"] == "default" and tcfg["data"]["train_size"]
+            else ""
+        )
+    ]
+    if extra.get("data_rows"):
+        lines.append(f"- Data: {rows_summary(extra['data_rows'])}.")
+    return lines
+
+
 def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Report:
     distill = export.upstream("distill")
     student = export.upstream("student")
@@ -118,10 +138,7 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
         *[f"> **Warning:** {w}\n" for w in _warnings(teacher, assistant, distill, export)],
         "## Data and budget",
         "",
-        f"- data: `{teacher.extra['data_source']}`; seeded splits (seed {tcfg['seed']}): "
-        f"train {split['train']}, validation {split['val']}, test {split['test']} examples; max length "
-        f"{teacher.extra['max_length']} tokens."
-        + (" A subset of the rows is used to keep the default run short." if tcfg["data"]["train_size"] else ""),
+        *data_lines(teacher.extra, tcfg),
         f"- teacher: {teacher_how}; validation accuracy {_pct(teacher.metric('val_accuracy'))}.",
         f"- distillation: loss = {losses}; {distill.extra.get('train_examples', split['train'])} examples x "
         f"{dcfg['epochs']:g} epoch(s), batch {dcfg['batch_size']}, lr {dcfg['lr']:g}, "

