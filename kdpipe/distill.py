@@ -97,6 +97,7 @@ def _train_student(
         device=device,
         description=name,
         console=console,
+        lr_setting="distill.lr",
     )
     return model, result
 
@@ -263,6 +264,8 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
         "train_examples": len(transfer),
         "data_free": df_report,
         "warnings": warnings,
+        # attention terms read softmax probabilities: the student's attention dropout was off for them
+        "attention_dropout_off": result.attention_dropout_off,
     }
     if cfg.cka_samples:
         cka = _cka(teacher, model.to(device.torch_device), data["test"], cfg.cka_samples, device, work)

@@ -28,6 +28,10 @@ class ModelError(KdpipeError):
     """A model directory cannot be used (not a HF model, mismatched tokenizer)."""
 
 
+class TrainingDivergedError(KdpipeError):
+    """Training produced a non-finite loss, gradient or weight (NaN/inf); nothing is written."""
+
+
 class ExportToleranceError(KdpipeError):
     """The ONNX model's outputs do not match PyTorch's within the recorded tolerance."""
 

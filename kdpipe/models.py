@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,3 +141,66 @@ def forward_kd(
         attention_mask=batch.get("attention_mask"),
         labels=batch.get("labels"),
     )
+
+
+# Where encoders keep the dropout they apply to their attention PROBABILITIES: a direct nn.Dropout
+# child, or a float probability read at forward time, of the self-attention module (BERT/RoBERTa/
+# ELECTRA `*SelfAttention.dropout` / `.dropout_prob`, DistilBERT `MultiHeadSelfAttention.dropout`,
+# ModernBERT-style `*Attention.attention_dropout`). Hidden-state dropout (`*SelfOutput.dropout`,
+# embeddings, FFN) lives in other modules and is left on: it is the student's ordinary regularisation.
+_ATTN_DROPOUT_NAMES = ("dropout", "attn_dropout", "attention_dropout", "dropout_prob")
+_ATTN_DROPOUT_CONFIG = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def _is_attention_module(module: Any) -> bool:
+    name = type(module).__name__
+    return "SelfAttention" in name or name.endswith("Attention")
+
+
+@contextmanager
+def attention_dropout_off(model: torch.nn.Module) -> Iterator[list[str]]:
+    """Zero the dropout on the attention probabilities of `model` (in train mode too), restored on exit.
+
+    In train mode a Hugging Face encoder returns its attention maps AFTER dropout (about 10% of the
+    entries zeroed, the rest scaled by 1/0.9, rows no longer summing to 1), so an attention loss
+    would compare the teacher's maps with noise. Inside this context `output_attentions` gives the
+    softmax probabilities themselves. Yields the names of the modules (and `config.<key>`) changed."""
+    import torch
+
+    saved: list[tuple[Any, str, Any]] = []
+    changed: list[str] = []
+    for mod_name, module in model.named_modules():
+        if not _is_attention_module(module):
+            continue
+        hit = False
+        for attr in _ATTN_DROPOUT_NAMES:
+            value = getattr(module, attr, None)
+            if isinstance(value, torch.nn.Dropout) and value.p:
+                saved.append((value, "p", value.p))
+                value.p = 0.0
+                hit = True
+            elif isinstance(value, float) and not isinstance(value, bool) and value:
+                saved.append((module, attr, value))
+                setattr(module, attr, 0.0)
+                hit = True
+        if hit:
+            changed.append(mod_name)
+    config = getattr(model, "config", None)
+    for key in _ATTN_DROPOUT_CONFIG:
+        value = getattr(config, key, None)
+        if isinstance(value, float) and value:
+            saved.append((config, key, value))
+            setattr(config, key, 0.0)
+            changed.append(f"config.{key}")
+    try:
+        yield changed
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
+
+
+def attention_row_sums(attentions: tuple[Tensor, ...]) -> tuple[float, float]:
+    """(min, max) over every layer, head and query row of the attention rows' sums: (1, 1) for
+    softmax probabilities, far from it when dropout was applied to them."""
+    sums = [a.detach().float().sum(-1) for a in attentions]
+    return min(float(x.min()) for x in sums), max(float(x.max()) for x in sums)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kdpipe.data import Encoded, batches
+from kdpipe.errors import ModelError, TrainingDivergedError
 from kdpipe.losses import Objective
-from kdpipe.models import forward_kd
+from kdpipe.models import attention_dropout_off, attention_row_sums, forward_kd
 
 if TYPE_CHECKING:
     import torch
@@ -85,6 +86,27 @@ class TrainResult:
     best_val_accuracy: float | None = None
     best_state: dict[str, Any] | None = None
     schedule_events: list[dict[str, Any]] = field(default_factory=list)
+    # modules whose attention-probability dropout was off while training (attention loss terms)
+    attention_dropout_off: list[str] = field(default_factory=list)
+
+
+def _diverged(description: str, what: str, step: int, epoch: int, loss: float | None, lr_setting: str) -> Exception:
+    last = "" if loss is None else f" (last loss {loss:.6g})"
+    return TrainingDivergedError(
+        f"{description}: training diverged at step {step}, epoch {epoch}: {what}{last}",
+        f"lower {lr_setting} or raise the loss temperature(s) (a very low temperature overflows the "
+        "softmax); nothing was written",
+    )
+
+
+def _first_nonfinite(named: list[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first tensor with a NaN/inf entry, or None; one reduction per tensor."""
+    import torch
+
+    for name, p in named:
+        if not bool(torch.isfinite(p.detach()).all()):
+            return name
+    return None
 
 
 def train(
@@ -107,8 +129,65 @@ def train(
     device: Device,
     description: str = "train",
     console: Console | None = None,
+    lr_setting: str = "the learning rate (distill.lr; teacher.lr / teacher.head_lr for the teacher fine-tune)",
 ) -> TrainResult:
-    """Train `model` on the weighted sum of `objective`'s terms; teacher in eval mode, no grad."""
+    """Train `model` on the weighted sum of `objective`'s terms; teacher in eval mode, no grad.
+
+    When a term reads attention maps, the student's attention-probability dropout is off while it
+    trains (restored afterwards), so the maps it gives the losses are softmax probabilities whose
+    rows sum to 1; the first step checks that. Stops with TrainingDivergedError on a non-finite
+    loss or gradient norm (every step) or non-finite weights (every epoch end and at the end)."""
+    off: AbstractContextManager[list[str]] = (
+        attention_dropout_off(model) if objective.needs_attentions else nullcontext([])
+    )
+    with off as changed:
+        result = _train(
+            model,
+            objective,
+            train_data,
+            teacher=teacher,
+            extra_teachers=extra_teachers,
+            val_data=val_data,
+            epochs=epochs,
+            batch_size=batch_size,
+            param_groups=param_groups,
+            weight_decay=weight_decay,
+            warmup_ratio=warmup_ratio,
+            grad_clip=grad_clip,
+            eval_every=eval_every,
+            keep_best=keep_best,
+            seed=seed,
+            device=device,
+            description=description,
+            console=console,
+            lr_setting=lr_setting,
+        )
+        result.attention_dropout_off = list(changed)
+    return result
+
+
+def _train(
+    model: torch.nn.Module,
+    objective: Objective,
+    train_data: Encoded,
+    *,
+    teacher: torch.nn.Module | None,
+    extra_teachers: list[torch.nn.Module] | None,
+    val_data: Encoded | None,
+    epochs: float,
+    batch_size: int,
+    param_groups: list[dict[str, Any]],
+    weight_decay: float,
+    warmup_ratio: float,
+    grad_clip: float,
+    eval_every: int,
+    keep_best: bool,
+    seed: int,
+    device: Device,
+    description: str,
+    console: Console | None,
+    lr_setting: str,
+) -> TrainResult:
     import torch
     from rich.progress import (
         BarColumn,
@@ -130,6 +209,11 @@ def train(
     owned = [p for p in objective.parameters() if p.requires_grad]
     if owned:
         param_groups = [*param_groups, {"params": owned, "lr": param_groups[0]["lr"]}]
+    # everything the optimizer updates: gradient clipping and the finiteness checks cover it all
+    names = {id(p): n for n, p in model.named_parameters()}
+    names.update({id(p): f"loss term {n}" for n, p in objective.named_parameters()})
+    trained = [(names.get(id(p), "parameter"), p) for g in param_groups for p in g["params"]]
+    trained_params = [p for _, p in trained]
     steps_per_epoch = math.ceil(len(train_data) / batch_size)
     total = max(1, math.ceil(epochs * steps_per_epoch))
     warmup = int(warmup_ratio * total)
@@ -170,17 +254,25 @@ def train(
                         t_arg = t_out.logits.argmax(-1)
                         y = t_arg if s_out.labels is None else torch.where(s_out.labels < 0, t_arg, s_out.labels)
                         s_out.labels = t_out.labels = y
+                    if result.steps == 0 and s_out.attentions is not None:
+                        _check_attention_rows(s_out.attentions, model)
                     loss, values = objective(s_out, t_out)
+                value = float(loss.detach())
+                step = result.steps + 1
+                if not math.isfinite(value):
+                    raise _diverged(description, f"the loss is {value}", step, epoch + 1, None, lr_setting)
                 opt.zero_grad(set_to_none=True)
                 if loss.requires_grad:  # a schedule step may leave no term with a gradient
                     loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(trained_params, grad_clip)
+                if not bool(torch.isfinite(norm)):
+                    what = f"the gradient norm is {float(norm)}"
+                    raise _diverged(description, what, step, epoch + 1, value, lr_setting)
                 opt.step()
                 sched.step()
                 result.steps += 1
                 objective.after_step(result.steps)
                 seen += len(batch["attention_mask"])
-                value = float(loss.detach())
                 ema = value if ema is None else 0.9 * ema + 0.1 * value
                 elapsed = time.perf_counter() - start
                 progress.update(task, advance=1, loss=ema, speed=seen / elapsed)
@@ -207,6 +299,10 @@ def train(
                         result.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 result.history.append(record)
             epoch += 1
+            # at every epoch's end, the last (possibly partial) one included: one pass over the weights
+            if bad := _first_nonfinite(trained):
+                what = f"weights of {bad} are not finite (NaN/inf)"
+                raise _diverged(description, what, result.steps, epoch, ema, lr_setting)
     result.seconds = time.perf_counter() - start
     result.schedule_events = list(objective.schedule.events)
     result.samples_per_second = seen / result.seconds if result.seconds else 0.0
@@ -219,3 +315,16 @@ def train(
             model.load_state_dict(result.best_state)
     model.eval()
     return result
+
+
+def _check_attention_rows(attentions: tuple[torch.Tensor, ...], model: torch.nn.Module) -> None:
+    """The student's maps in train mode must be probabilities: a row that does not sum to 1 means
+    dropout is still applied to them (an architecture `attention_dropout_off` does not know)."""
+    lo, hi = attention_row_sums(attentions)
+    if lo < 0.98 or hi > 1.02:
+        raise ModelError(
+            f"{type(model).__name__}: the student's attention maps have dropout applied in train mode "
+            f"(rows sum to {lo:.3f}..{hi:.3f}, not 1), so the attention loss terms would compare noise",
+            "set the attention dropout in the student's config.json to 0 "
+            "(attention_probs_dropout_prob or attention_dropout)",
+        )

@@ -4,7 +4,14 @@
 nn.Module so that projections and regressors a loss owns (TinyBERT's W, FitNets' regressor, VID's
 heads, CRD's projections) train with the student; they are never part of the exported model.
 `layers` of a Term are the student hidden-state indices it reads (0 = embeddings); the PID/SID
-schedules switch those on one at a time.
+schedules switch those on one at a time. A layer term's `logit_fn` (TinyBERT's prediction term) acts on
+the logits and follows the schedule like a logit term; its `progress` is the [CLS] cosine loss of one
+layer, which the PID/SID threshold compares.
+
+Attention maps: every attention term reads the maps `output_attentions` returns, i.e. the softmax
+PROBABILITIES (rows sum to 1; padded keys ~0), never the raw scores. The training loop turns the
+student's attention-probability dropout off while such a term is in the recipe (kdpipe.models.
+attention_dropout_off), so the student's maps are not dropout-corrupted in train mode.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdpipe.errors import ConfigError
@@ -26,6 +34,9 @@ if TYPE_CHECKING:
     from kdpipe.models import KDOutputs
 
 TermFn = Callable[["KDOutputs", "KDOutputs | None", dict[int, int]], Tensor]
+LogitFn = Callable[["KDOutputs", "KDOutputs | None"], Tensor]
+# (student, teacher, student layer m, teacher layer n) -> 1 - cos of the two [CLS] vectors, batch mean
+ProgressFn = Callable[["KDOutputs", "KDOutputs", int, int], Tensor]
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,11 @@ class LossContext:
 
 
 class Term(nn.Module):
-    """One weighted recipe term: `fn(student, teacher, active_map)`; owns its learned modules."""
+    """One weighted recipe term: `fn(student, teacher, active_map)`; owns its learned modules.
+
+    logit_fn: the part of a layer term that acts on the logits (TinyBERT's L_pred); the Objective
+    runs it when the schedule lets logit terms run. progress: the [CLS] cosine loss of one mapped
+    layer, for the PID/SID threshold (None when this term cannot compare the two widths)."""
 
     def __init__(
         self,
@@ -52,12 +67,15 @@ class Term(nn.Module):
         hidden: bool = False,
         attentions: bool = False,
         modules: dict[str, nn.Module] | None = None,
+        logit_fn: LogitFn | None = None,
+        progress: ProgressFn | None = None,
     ) -> None:
         super().__init__()
         self.name, self.weight, self.fn = name, weight, fn
         self.layer_map = layer_map or {}
         self.needs_teacher, self.hidden, self.attentions = needs_teacher, hidden, attentions
         self.learned = nn.ModuleDict(modules or {})
+        self.logit_fn, self.progress = logit_fn, progress
 
     @property
     def layers(self) -> set[int]:
@@ -107,6 +125,27 @@ def _proj(d_in: int, d_out: int, always: bool = False) -> nn.Module:
     return feat.Projection(d_in, d_out) if always or d_in != d_out else nn.Identity()
 
 
+def _cls_loss(
+    s: KDOutputs, t: KDOutputs, m: int, n: int, proj_s: nn.Module | None = None, proj_t: nn.Module | None = None
+) -> Tensor:
+    """1 - cos(proj_s(h_s[m][:, 0]), proj_t(h_t[n][:, 0])), mean over the batch: a layer's [CLS] cosine
+    loss, through the term's own projections when the widths differ."""
+    assert s.hidden_states is not None and t.hidden_states is not None
+    a, b = s.hidden_states[m][:, 0].float(), t.hidden_states[n][:, 0].detach().float()
+    if proj_s is not None:
+        a = proj_s(a)
+    if proj_t is not None:
+        b = proj_t(b)
+    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+
+
+def _plain_progress(ctx: LossContext) -> ProgressFn | None:
+    """The [CLS] cosine without a projection: only when the two widths are equal."""
+    if ctx.d_student != ctx.d_teacher:
+        return None
+    return lambda s, t, m, n: _cls_loss(s, t, m, n)
+
+
 # ----------------------------------------------------------------------------- builders
 def _hinton(c: Any, ctx: LossContext) -> Term:
     def fn(s: KDOutputs, t: KDOutputs | None, _: dict[int, int]) -> Tensor:
@@ -120,47 +159,87 @@ def _hinton(c: Any, ctx: LossContext) -> Term:
 
 
 def _tinybert(c: Any, ctx: LossContext) -> Term:
+    """METHODS.md 2.3: sum over the mapped layers m of lambda_m L_layer(m): `embedding` x L_embd (m = 0)
+    + sum over 0 < m <= M of (`hidden` x L_hidn(m) + `attention` x L_attn(m)) + `prediction` x L_pred.
+
+    L_hidn / L_attn are per layer (each a mean over real tokens / entries and heads) and SUMMED over
+    layers, as the spec's total; L_attn compares attention PROBABILITIES (softmax outputs, no dropout).
+    L_pred = soft CE(SM(v/t), SM(z/t)) with the teacher's logits v detached; it is the term's `logit_fn`,
+    so under PID/SID it runs when the logit terms do (after the layer phase), not during it."""
     gmap = resolve_map(c.map, ctx, "tinybert.map")
     always = c.project == "always"
     mods = {"w_e": _proj(ctx.d_student, ctx.d_teacher, always), "w_h": _proj(ctx.d_student, ctx.d_teacher, always)}
     term: Term
 
     def fn(s: KDOutputs, t: KDOutputs | None, lm: dict[int, int]) -> Tensor:
-        assert t is not None
+        t = _t(t)
         total = torch.zeros((), device=s.logits.device)
-        if 0 in lm and c.embedding:
-            total = total + c.embedding * feat.hidden_mse(
-                s.hidden_states, t.hidden_states, {0: 0}, s.attention_mask, term.learned["w_e"]
-            )
-        layers = {m: n for m, n in lm.items() if m > 0}
-        if layers and c.hidden:
-            total = total + c.hidden * feat.hidden_mse(
-                s.hidden_states, t.hidden_states, layers, s.attention_mask, term.learned["w_h"]
-            )
-        if layers and c.attention:
-            amap = {m - 1: n - 1 for m, n in layers.items()}
-            total = total + c.attention * feat.attention_mse(s.attentions, t.attentions, amap, s.attention_mask)
-        if c.prediction:
-            p = torch.softmax(t.logits.float() / c.temperature, -1)
-            soft_ce = -(p * torch.log_softmax(s.logits.float() / c.temperature, -1)).sum(-1).mean()
-            total = total + c.prediction * soft_ce
+        for m, n in sorted(lm.items()):
+            if m == 0:
+                if c.embedding:
+                    total = total + c.embedding * feat.hidden_mse(
+                        s.hidden_states, t.hidden_states, {0: 0}, s.attention_mask, term.learned["w_e"]
+                    )
+                continue
+            if c.hidden:
+                total = total + c.hidden * feat.hidden_mse(
+                    s.hidden_states, t.hidden_states, {m: n}, s.attention_mask, term.learned["w_h"]
+                )
+            if c.attention:
+                total = total + c.attention * feat.attention_mse(
+                    s.attentions, t.attentions, {m - 1: n - 1}, s.attention_mask
+                )
         return total
 
-    term = Term("tinybert", c.weight, fn, {0: 0, **gmap}, hidden=True, attentions=True, modules=mods)
+    def prediction(s: KDOutputs, t: KDOutputs | None) -> Tensor:
+        p = torch.softmax(_t(t).logits.detach().float() / c.temperature, -1)
+        soft_ce = -(p * torch.log_softmax(s.logits.float() / c.temperature, -1)).sum(-1).mean()
+        return c.prediction * soft_ce
+
+    def progress(s: KDOutputs, t: KDOutputs, m: int, n: int) -> Tensor:
+        return _cls_loss(s, t, m, n, term.learned["w_e" if m == 0 else "w_h"])
+
+    lmap = {**({0: 0} if c.embedding else {}), **(gmap if c.hidden or c.attention else {})}
+    term = Term(
+        "tinybert",
+        c.weight,
+        fn,
+        lmap,
+        hidden=True,
+        attentions=bool(c.attention),
+        modules=mods,
+        logit_fn=prediction if c.prediction else None,
+        progress=progress,
+    )
     return term
 
 
 def _attention_kl(c: Any, ctx: LossContext) -> Term:
+    """METHODS.md 2.4: on the active mapped layers, KL(A_t || A_s) of the attention PROBABILITY rows
+    (softmax outputs, no dropout; mean over real rows, heads and layers) + `cls_weight` x the [CLS]
+    cosine loss on the same layers (mean over layers). Its progress (the PID/SID threshold) is that
+    [CLS] cosine loss on the current layer alone."""
     gmap = resolve_map(c.map, ctx, "attention_kl.map")
 
     def fn(s: KDOutputs, t: KDOutputs | None, lm: dict[int, int]) -> Tensor:
-        assert t is not None
+        t = _t(t)
         loss = feat.attention_kl(s.attentions, t.attentions, {m - 1: n - 1 for m, n in lm.items()}, s.attention_mask)
         if c.cls_weight:
             loss = loss + c.cls_weight * feat.cls_cosine(s.hidden_states, t.hidden_states, list(lm.items()))
         return loss
 
-    return Term("attention_kl", c.weight, fn, gmap, hidden=True, attentions=True)
+    def progress(s: KDOutputs, t: KDOutputs, m: int, n: int) -> Tensor:
+        return feat.cls_cosine(s.hidden_states, t.hidden_states, [(m, n)])
+
+    return Term(
+        "attention_kl",
+        c.weight,
+        fn,
+        gmap,
+        hidden=True,
+        attentions=True,
+        progress=progress if ctx.d_student == ctx.d_teacher else None,
+    )
 
 
 def _pkd(c: Any, ctx: LossContext) -> Term:
@@ -174,6 +253,7 @@ def _pkd(c: Any, ctx: LossContext) -> Term:
         lambda s, t, lm: feat.cls_mse_normalised(s.hidden_states, _t(t).hidden_states, list(lm.items())),
         pairs,
         hidden=True,
+        progress=_plain_progress(ctx),
     )
 
 
@@ -205,6 +285,7 @@ def _hint(c: Any, ctx: LossContext) -> Term:
         {s_layer: t_layer},
         hidden=True,
         modules={"regressor": feat.Projection(ctx.d_student, ctx.d_teacher)},
+        progress=lambda s, t, m, n: _cls_loss(s, t, m, n, term.learned["regressor"]),
     )
     return term
 
@@ -235,6 +316,7 @@ def _crd(c: Any, ctx: LossContext) -> Term:
         {ctx.n_student: ctx.n_teacher},
         hidden=True,
         modules={"proj_s": feat.Projection(ctx.d_student, c.dim), "proj_t": feat.Projection(ctx.d_teacher, c.dim)},
+        progress=lambda s, t, m, n: _cls_loss(s, t, m, n, term.learned["proj_s"], term.learned["proj_t"]),
     )
     return term
 
@@ -247,10 +329,18 @@ def _pkt(c: Any, ctx: LossContext) -> Term:
         fs, ft = _last_features(s, t, lm, c.feature)
         return rel.pkt(fs, ft, symmetric=c.symmetric)
 
-    return Term("pkt", c.weight, fn, {ctx.n_student: ctx.n_teacher}, hidden=True)
+    return Term("pkt", c.weight, fn, {ctx.n_student: ctx.n_teacher}, hidden=True, progress=_plain_progress(ctx))
+
+
+def _vid_mu(head: nn.Module) -> nn.Module:
+    assert isinstance(head, rel.VIDHead)
+    return head.mu
 
 
 def _vid(c: Any, ctx: LossContext) -> Term:
+    """METHODS.md 3.2 on every mapped layer, one VIDHead each; the layers' -log q(t | s) are AVERAGED
+    (so the term's scale does not grow with depth; the paper's sum_k lambda_k equals this with
+    lambda_k = weight / K)."""
     gmap = resolve_map(c.map, ctx, "vid.map")
     heads: dict[str, nn.Module] = {str(m): rel.VIDHead(ctx.d_student, ctx.d_teacher, init_var=c.init_var) for m in gmap}
     term: Term
@@ -262,7 +352,15 @@ def _vid(c: Any, ctx: LossContext) -> Term:
             total = total + term.learned[str(m)](s.hidden_states[m], t.hidden_states[n].detach(), s.attention_mask)
         return total / max(len(lm), 1)
 
-    term = Term("vid", c.weight, fn, gmap, hidden=True, modules=heads)
+    term = Term(
+        "vid",
+        c.weight,
+        fn,
+        gmap,
+        hidden=True,
+        modules=heads,
+        progress=lambda s, t, m, n: _cls_loss(s, t, m, n, _vid_mu(term.learned[str(m)])),
+    )
     return term
 
 
@@ -274,6 +372,7 @@ def _hidden_cosine(c: Any, ctx: LossContext) -> Term:
         lambda s, t, lm: feat.hidden_cosine(s.hidden_states, _t(t).hidden_states, s.attention_mask, lm),
         gmap,
         hidden=True,
+        progress=_plain_progress(ctx),
     )
 
 
@@ -328,8 +427,10 @@ LOSSES: dict[str, Callable[[Any, LossContext], Term]] = {
 @dataclass
 class Schedule:
     """PID / SID (METHODS.md 2.4): one matched student layer at a time, bottom-up; move on after
-    `cap_steps` or once the layer terms' loss is below `threshold`, whichever first. After the last
-    layer, the logit terms take over (classifier last); SID keeps every layer's loss on."""
+    `cap_steps` or once the CURRENT layer's [CLS] cosine loss (not the sum of the active terms) is
+    below `threshold`, whichever first. After the last layer, the logit terms (and the logit parts of
+    layer terms, e.g. TinyBERT's prediction term) take over (classifier last); SID keeps every
+    layer's loss on."""
 
     kind: str = "all"
     order: list[int] = field(default_factory=list)  # student layers, bottom-up
@@ -352,12 +453,19 @@ class Schedule:
             return set(self.order) if self.kind == "sid" else set()
         return {self.order[self.stage]} if self.kind == "pid" else set(self.order[: self.stage + 1])
 
-    def logit_term_on(self, name: str) -> bool:
+    @property
+    def current_layer(self) -> int | None:
+        return self.order[self.stage] if self.layer_phase else None
+
+    def logit_term_on(self, name: str, soft: bool | None = None) -> bool:
+        """Whether a term on the logits runs now; `soft` (default: name in SOFT_TERMS) says whether
+        it is a soft-label loss, which keep_soft keeps on during the layer phase."""
         if not self.layer_phase or not self.classifier_last:
             return True
-        return self.keep_soft and name in SOFT_TERMS
+        return self.keep_soft and (name in SOFT_TERMS if soft is None else soft)
 
     def advance(self, step: int, layer_loss: float | None) -> None:
+        """layer_loss: the current layer's [CLS] cosine loss on this step's batch (None: unknown)."""
         if not self.layer_phase:
             return
         self.steps_in_stage += 1
@@ -410,22 +518,46 @@ class Objective(nn.Module):
         active = self.schedule.active_layers()
         total = torch.zeros((), device=s.logits.device)
         values: dict[str, float] = {}
-        layer_loss = 0.0
         for term in self._all():
             if term.name in LOGIT_TERMS:
                 if not self.schedule.logit_term_on(term.name):
                     continue
                 value = term(s, t)
             else:
-                if active is not None and not (term.layers & active):
+                layers_on = bool(term.layers) and (active is None or bool(term.layers & active))
+                # a layer term's part on the logits (TinyBERT's L_pred, a soft-label loss) follows the
+                # schedule like a logit term
+                logits_on = term.logit_fn is not None and self.schedule.logit_term_on(term.name, soft=True)
+                if not layers_on and not logits_on:
                     continue
-                value = term(s, t, active)
-                layer_loss += float(value.detach())
+                value = term(s, t, active) if layers_on else torch.zeros((), device=s.logits.device)
+                if logits_on:
+                    assert term.logit_fn is not None
+                    value = value + term.logit_fn(s, t)
             # the recipe's mixture: a weighted sum of its terms
             total = total + term.weight * value
             values[term.name] = float(value.detach())
-        self._last_layer_loss = layer_loss if self.schedule.layer_phase else None
+        self._last_layer_loss = self.layer_progress(s, t)
         return total, values
+
+    def progress_term(self, layer: int) -> Term | None:
+        """The term whose [CLS] cosine loss measures student layer `layer`: the first layer term that
+        maps it and can compare the widths."""
+        for term in self._all():
+            if term.name not in LOGIT_TERMS and layer in term.layer_map and term.progress is not None:
+                return term
+        return None
+
+    def layer_progress(self, s: KDOutputs, t: KDOutputs | None) -> float | None:
+        """METHODS.md 2.4's move-on criterion: the current layer's [CLS] cosine loss (no gradient)."""
+        layer = self.schedule.current_layer
+        if layer is None or t is None or s.hidden_states is None or t.hidden_states is None:
+            return None
+        term = self.progress_term(layer)
+        if term is None or term.progress is None:
+            return None
+        with torch.no_grad():
+            return float(term.progress(s, t, layer, term.layer_map[layer]))
 
     def after_step(self, step: int) -> None:
         self.schedule.advance(step, getattr(self, "_last_layer_loss", None))
@@ -441,6 +573,20 @@ def build_objective(configs: list[Any], ctx: LossContext, schedule: Any | None =
                 f"distill.schedule.kind={schedule.kind} needs at least one layer term",
                 "add hidden_cosine, tinybert, attention_kl, pkd, hint, vid, crd or pkt to distill.losses",
             )
+        if schedule.threshold > 0:
+            blind = [
+                m
+                for m in order
+                if not any(t.progress is not None and m in t.layer_map for t in terms if t.name not in LOGIT_TERMS)
+            ]
+            if blind:
+                raise ConfigError(
+                    f"distill.schedule.threshold compares a layer's [CLS] cosine loss, which no term can "
+                    f"measure for student layers {blind} (student width {ctx.d_student}, teacher {ctx.d_teacher}, "
+                    "no projection)",
+                    "set distill.schedule.threshold: 0 (cap_steps only), or add a term with a projection "
+                    "(tinybert, hint, vid, crd)",
+                )
         sched = Schedule(
             kind=schedule.kind,
             order=order,
