@@ -53,7 +53,7 @@ def schedule_warning(objective: Any, cfg: DistillConfig, examples: int) -> str |
     layer_steps = len(sched.order) * cfg.schedule.cap_steps
     if layer_steps < total:
         return None
-    unless = " unless a layer's loss falls below the threshold" if cfg.schedule.threshold else ""
+    unless = " unless a layer's [CLS] cosine loss falls below the threshold" if cfg.schedule.threshold else ""
     return (
         f"warning: schedule {sched.kind}: {len(sched.order)} layers x cap_steps {cfg.schedule.cap_steps} = "
         f"{layer_steps} steps >= the {total} training steps, so the classifier terms may never run{unless}; "

@@ -527,3 +527,39 @@ def test_uniform_layer_map_rounding() -> None:
     assert uniform(4, 6) == {1: 2, 2: 3, 3: 4, 4: 6}
     assert uniform(3, 12) == {1: 4, 2: 8, 3: 12}
     assert uniform(2, 2) == {1: 1, 2: 2}
+
+
+@pytest.mark.parametrize("case", sorted(DETACH_CASES))
+def test_progress_measures_send_no_gradient_into_the_teacher(case: str) -> None:
+    """The [CLS] cosine a schedule's threshold reads runs under no_grad in the Objective; on its own it
+    must not reach the teacher either."""
+    name, kw = DETACH_CASES[case]
+    obj = build_objective([_cfg(name, **kw)], _ctx(2, 4, 8, 8))
+    term = obj.terms[0]
+    if term.progress is None:
+        assert name in LOGIT_TERMS
+        return
+    s, t = _outputs(13, 2, grad=True), _outputs(14, 4, grad=True)
+    for m, n in term.layer_map.items():
+        term.progress(s, t, m, n).backward()
+    assert any(h.grad is not None and h.grad.abs().sum() > 0 for h in s.hidden_states)  # type: ignore[union-attr]
+    assert all(h.grad is None or not h.grad.any() for h in t.hidden_states)  # type: ignore[union-attr]
+
+
+def test_ensemble_targets_are_detached() -> None:
+    from kdpipe.losses.logits import ensemble_probs, hinton_from_probs
+
+    members = [torch.randn(4, 3).requires_grad_(True) for _ in range(2)]
+    for mode in ("arithmetic", "geometric"):
+        assert not ensemble_probs(members, 2.0, mode).requires_grad  # type: ignore[arg-type]
+    p = torch.softmax(torch.randn(4, 3), -1).requires_grad_(True)
+    z = torch.randn(4, 3).requires_grad_(True)
+    hinton_from_probs(z, p, torch.tensor([0, 1, 2, 0]), 2.0, 0.5).backward()
+    assert p.grad is None and z.grad is not None
+
+
+@pytest.mark.parametrize("loss", [{"name": "pkd"}, {"name": "attention_kl"}])
+def test_raw_hidden_comparisons_across_widths_fail_at_build_time(loss: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="equal width"):
+        build_objective([_cfg(**loss)], _ctx(2, 2, 8, 16))
+    build_objective([_cfg("attention_kl", cls_weight=0.0)], _ctx(2, 2, 8, 16))  # maps only: fine

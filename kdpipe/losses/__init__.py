@@ -139,6 +139,16 @@ def _cls_loss(
     return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
 
 
+def _equal_widths(ctx: LossContext, what: str) -> None:
+    """Terms that compare raw hidden vectors need one width (a ValueError mid-training otherwise)."""
+    if ctx.d_student and ctx.d_teacher and ctx.d_student != ctx.d_teacher:
+        raise ConfigError(
+            f"{what} compares hidden vectors of equal width, but the student's is {ctx.d_student} and the "
+            f"teacher's {ctx.d_teacher}",
+            "use tinybert or hint, which learn a projection",
+        )
+
+
 def _plain_progress(ctx: LossContext) -> ProgressFn | None:
     """The [CLS] cosine without a projection: only when the two widths are equal."""
     if ctx.d_student != ctx.d_teacher:
@@ -220,6 +230,8 @@ def _attention_kl(c: Any, ctx: LossContext) -> Term:
     cosine loss on the same layers (mean over layers). Its progress (the PID/SID threshold) is that
     [CLS] cosine loss on the current layer alone."""
     gmap = resolve_map(c.map, ctx, "attention_kl.map")
+    if c.cls_weight:
+        _equal_widths(ctx, "attention_kl (its [CLS] cosine, cls_weight > 0)")
 
     def fn(s: KDOutputs, t: KDOutputs | None, lm: dict[int, int]) -> Tensor:
         t = _t(t)
@@ -247,6 +259,7 @@ def _pkd(c: Any, ctx: LossContext) -> Term:
         pairs = dict(feat.pkd_pairs(ctx.n_student, ctx.n_teacher, c.variant))
     except ValueError as e:
         raise ConfigError(f"pkd: {e}", "PKD needs a student with >= 2 layers and no more than the teacher's") from None
+    _equal_widths(ctx, "pkd")
     return Term(
         "pkd",
         c.weight,
@@ -295,7 +308,7 @@ def _last_features(s: KDOutputs, t: KDOutputs, lm: dict[int, int], kind: str) ->
     assert s.hidden_states is not None and t.hidden_states is not None
     return (
         _feature(s.hidden_states[m], s.attention_mask, kind),
-        _feature(t.hidden_states[n].detach(), t.attention_mask, kind),
+        _feature(t.hidden_states[n], t.attention_mask, kind),  # crd_in_batch / pkt detach the teacher's
     )
 
 
@@ -349,7 +362,8 @@ def _vid(c: Any, ctx: LossContext) -> Term:
         assert t is not None and s.hidden_states is not None and t.hidden_states is not None
         total = torch.zeros((), device=s.logits.device)
         for m, n in lm.items():
-            total = total + term.learned[str(m)](s.hidden_states[m], t.hidden_states[n].detach(), s.attention_mask)
+            # VIDHead detaches the teacher's states
+            total = total + term.learned[str(m)](s.hidden_states[m], t.hidden_states[n], s.attention_mask)
         return total / max(len(lm), 1)
 
     term = Term(
