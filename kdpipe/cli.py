@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from kdpipe import __version__
 
@@ -42,9 +43,9 @@ def _guard() -> Iterator[None]:
         if _state["debug"]:
             raise
         for line in e.message.splitlines():
-            err.print(f"[bold red]error:[/] {line}", soft_wrap=True, markup=True)
+            err.print(Text.assemble(("error:", "bold red"), f" {line}"), soft_wrap=True)
         if e.hint:
-            err.print(f"[bold]hint:[/] {e.hint}", soft_wrap=True)
+            err.print(Text.assemble(("hint:", "bold"), f" {e.hint}"), soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: the stage in progress was discarded (no manifest written)")
@@ -54,7 +55,7 @@ def _guard() -> Iterator[None]:
     except Exception as e:  # anything unexpected: one line, traceback only under --debug
         if _state["debug"]:
             raise
-        err.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {e}", soft_wrap=True, markup=False)
+        err.print(Text.assemble(("error:", "bold red"), f" unexpected {type(e).__name__}: {e}"), soft_wrap=True)
         err.print("[bold]hint:[/] re-run with `kdpipe --debug ...` for the traceback, and report it")
         raise typer.Exit(1) from None
 
@@ -73,19 +74,39 @@ def _main(
     _state["debug"] = debug or _state["debug"]
 
 
-def _stage(name: str, recipe: str, sets: list[str], out: Path | None, upstream: Path | None, force: bool) -> Path:
-    from kdpipe.config import load_recipe
+def _stage(
+    name: str,
+    recipe: str,
+    sets: list[str],
+    out: Path | None,
+    upstream: Path | None,
+    force: bool,
+    temperature: float | None = None,
+) -> Path:
+    from kdpipe.config import load_recipe, with_temperature
     from kdpipe.pipeline import execute, stage
 
     cfg, _ = load_recipe(recipe, sets)
+    if temperature is not None:
+        cfg = with_temperature(cfg, temperature)
     if name == "teacher":  # a bad data file fails in a second, before torch is imported or a model hashed
         from kdpipe.data import check_source
 
         check_source(cfg.teacher.data, finetune=cfg.teacher.finetune)
-    root = out if out is not None else Path(cfg.out)
+    root = _out_root(out, cfg.out)
     manifest, _ = execute(stage(name), cfg, root, upstream_dir=upstream, force=force, console=err)
     typer.echo(f"{name}: {manifest.dir}")
     return manifest.dir
+
+
+def _out_root(out: Path | None, recipe_out: str) -> Path:
+    from kdpipe.errors import ConfigError
+
+    root = out if out is not None else Path(recipe_out)
+    if root.exists() and not root.is_dir():
+        what = "--out" if out is not None else "out (the recipe's output directory)"
+        raise ConfigError(f"{what} {root}: is a file, not a directory", "give a directory (it is created if missing)")
+    return root
 
 
 def _opt(sets: list[str], key: str, value: object) -> list[str]:
@@ -116,7 +137,7 @@ def run(
 
         cfg, path = load_recipe(recipe, _opt(sets, "profile", profile))
         check_source(cfg.teacher.data, finetune=cfg.teacher.finetune)  # data errors first, before torch loads
-        root = out if out is not None else Path(cfg.out)
+        root = _out_root(out, cfg.out)
         err.print(f"recipe {path} -> {root}")
         last = run_all(cfg, root, force=force, console=err)
         typer.echo(f"report: {last.dir / 'report.md'}")
@@ -156,6 +177,22 @@ def teacher(
         _stage("teacher", recipe, s, out, None, force)
 
 
+def _layers(value: str) -> str:
+    """--layers: a named choice, or comma-separated teacher layer indices (0,2,4)."""
+    from kdpipe.errors import ConfigError
+
+    v = value.strip()
+    if v[:1].isalpha():  # every-other, last-k, first-k (a misspelling is named by the recipe check)
+        return v
+    parts = [p.strip() for p in v.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ConfigError(
+            f"--layers {value}: expected comma-separated layer indices >= 0, like 0,2,4",
+            "or one of every-other, last-k, first-k",
+        )
+    return "[" + ",".join(parts) + "]"
+
+
 @app.command()
 def student(
     teacher_dir: Path | None = typer.Option(
@@ -176,7 +213,7 @@ def student(
     with _guard():
         s = sets
         if layers is not None:
-            s = _opt(s, "student.layers", layers if not layers[:1].isdigit() else f"[{layers}]")
+            s = _opt(s, "student.layers", _layers(layers))
         s = _opt(s, "student.k", k)
         s = _opt(s, "student.init", init)
         s = _opt(s, "student.pretrained", pretrained)
@@ -188,7 +225,7 @@ def distill(
     student_dir: Path | None = typer.Option(None, "--student", help="Student stage directory (default <out>/student)."),
     epochs: float | None = typer.Option(None, help="Training epochs."),
     temperature: float | None = typer.Option(
-        None, "-T", "--temperature", help="Hinton temperature (first hinton term)."
+        None, "-T", "--temperature", help="Temperature of every loss term that has one (hinton, tinybert, ...)."
     ),
     device: str | None = typer.Option(None, help="'auto', 'cpu' or 'cuda'."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip the no-KD (hard labels only) baseline."),
@@ -202,9 +239,7 @@ def distill(
         s = _opt(sets, "distill.epochs", epochs)
         s = _opt(s, "distill.device", device)
         s = _opt(s, "distill.baseline", False if no_baseline else None)
-        if temperature is not None:
-            s = [f"distill.losses=[{{name: hinton, temperature: {temperature}}}]", *s]
-        _stage("distill", recipe, s, out, student_dir, force)
+        _stage("distill", recipe, s, out, student_dir, force, temperature=temperature)
 
 
 @app.command()
@@ -242,15 +277,24 @@ def profile(
 @app.command()
 def validate(files: list[Path] = typer.Argument(..., help="Recipe or profile YAML files to check.")) -> None:
     """Check recipes and profiles without running anything."""
-    with _guard():
-        from kdpipe.config import validate_file
-        from kdpipe.errors import ConfigError
+    from kdpipe.config import validate_file
+    from kdpipe.errors import ConfigError
 
-        for f in files:
-            if not f.is_file():
-                raise ConfigError(f"{f}: no such file", "give the path of a recipe or profile YAML file")
-            kind = validate_file(f)
-            typer.echo(f"ok: {f} ({kind})")
+    failed = 0
+    for f in files:
+        try:
+            with _guard():
+                if not f.is_file():
+                    raise ConfigError(f"{f}: no such file", "give the path of a recipe or profile YAML file")
+                kind = validate_file(f)
+                typer.echo(f"ok: {f} ({kind})")
+        except typer.Exit as e:
+            if e.exit_code != 1:
+                raise
+            failed += 1
+    if failed:
+        err.print(f"{failed} of {len(files)} file(s) failed validation")
+        raise typer.Exit(1)
 
 
 def _terminated(signum: int, frame: object) -> None:

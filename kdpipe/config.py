@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,12 @@ __all__ = ["CELoss", "HintonLoss", "LossConfig"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `batch_size: true` is not 1 and `train_size: 1e30` is not an int; no inf / nan anywhere
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+SEED_MAX = 2**32 - 1  # numpy's RandomState takes seeds in [0, 2**32 - 1]
+MAX_ROWS = 10**9
 
 
 # --------------------------------------------------------------------------- teacher stage
@@ -41,10 +47,10 @@ class DataConfig(_Strict):
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("sentiment", description="Column holding the class label.")
     train_size: int | None = Field(
-        6000, gt=0, description="Rows sampled for training (None: all rows left after test/val)."
+        6000, gt=0, le=MAX_ROWS, description="Rows sampled for training (None: all rows left after test/val)."
     )
-    val_size: int = Field(500, ge=0, description="Rows held out for model selection during training.")
-    test_size: int = Field(2000, gt=0, description="Rows held out for the final test metrics.")
+    val_size: int = Field(500, ge=0, le=MAX_ROWS, description="Rows held out for model selection during training.")
+    test_size: int = Field(2000, gt=0, le=MAX_ROWS, description="Rows held out for the final test metrics.")
     max_length: int = Field(64, ge=8, le=512, description="Tokens per example after truncation.")
 
     @field_validator("encoding")
@@ -71,10 +77,10 @@ class TeacherConfig(_Strict):
         "train split. False: use the model as it is (it must already have a head for the labels).",
     )
     freeze_encoder: bool = Field(False, description="Train only the classification head.")
-    epochs: float = Field(3.0, gt=0, description="Fine-tuning epochs (fractions allowed).")
-    batch_size: int = Field(32, gt=0, description="Fine-tuning batch size.")
-    lr: float = Field(5e-5, gt=0, description="AdamW learning rate for the encoder.")
-    head_lr: float = Field(1e-3, gt=0, description="AdamW learning rate for the new head.")
+    epochs: float = Field(3.0, gt=0, le=1000, description="Fine-tuning epochs (fractions allowed; at most 1000).")
+    batch_size: int = Field(32, gt=0, le=65536, description="Fine-tuning batch size.")
+    lr: float = Field(5e-5, gt=0, le=1.0, description="AdamW learning rate for the encoder (at most 1).")
+    head_lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate for the new head (at most 1).")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the directory.")
 
 
@@ -85,13 +91,13 @@ class StudentConfig(_Strict):
         description="Teacher layers the student keeps: 'every-other' (DistilBERT's init: 0, 2, 4, ...), "
         "'last-k' / 'first-k' (k layers), or an explicit list of 0-based teacher layer indices.",
     )
-    k: int | None = Field(None, gt=0, description="Layer count for 'last-k' / 'first-k'.")
+    k: int | None = Field(None, gt=0, le=1000, description="Layer count for 'last-k' / 'first-k'.")
     init: Literal["teacher", "random"] = Field(
         "teacher",
         description="'teacher': copy embeddings, kept layers and head from the teacher; "
         "'random': U[-a, a] init (the seeds' baseline) with a = init_range.",
     )
-    init_range: float = Field(0.08, gt=0, description="a in U[-a, a] for init='random'.")
+    init_range: float = Field(0.08, gt=0, le=10, description="a in U[-a, a] for init='random'.")
     pretrained: str | None = Field(
         None,
         description="A local HF model directory to use as the student instead of building one "
@@ -110,8 +116,8 @@ class ScheduleConfig(_Strict):
         description="'all': every term from the first step; 'pid': progressive, one matched layer at a time "
         "bottom-up; 'sid': stacked, like pid but lower layers' losses are kept (METHODS.md 2.4).",
     )
-    cap_steps: int = Field(100, gt=0, description="pid/sid: move to the next layer after this many steps ...")
-    threshold: float = Field(0.0, ge=0, description="... or as soon as the layer's loss falls below this.")
+    cap_steps: int = Field(100, gt=0, le=10**9, description="pid/sid: move to the next layer after this many steps ...")
+    threshold: float = Field(0.0, ge=0, description="... or as soon as the layer's [CLS] cosine loss falls below this.")
     classifier_last: bool = Field(
         True, description="pid/sid: logit terms start only once every layer is done (the classifier is trained last)."
     )
@@ -126,29 +132,31 @@ class AugmentConfig(_Strict):
         0.1, ge=0, le=1, description="Probability that a word is replaced by a teacher-embedding neighbour."
     )
     p_ngram: float = Field(0.25, ge=0, le=1, description="Probability that only a random n-gram is kept.")
-    ngram_max: int = Field(5, ge=1, description="Longest n-gram kept (n in 1..ngram_max).")
-    n_iter: int = Field(2, ge=1, description="Augmented copies per training example.")
-    neighbours: int = Field(5, ge=1, description="Candidate replacements per word (nearest by cosine).")
+    ngram_max: int = Field(5, ge=1, le=512, description="Longest n-gram kept (n in 1..ngram_max).")
+    n_iter: int = Field(2, ge=1, le=100, description="Augmented copies per training example.")
+    neighbours: int = Field(5, ge=1, le=1000, description="Candidate replacements per word (nearest by cosine).")
 
 
 class DataFreeConfig(_Strict):
-    samples_per_class: int = Field(200, gt=0, description="Targets sampled per class from N(mu_c, Sigma_c).")
+    samples_per_class: int = Field(200, gt=0, le=10**6, description="Targets sampled per class from N(mu_c, Sigma_c).")
     seq_len: int = Field(16, ge=2, le=512, description="Positions per reconstructed input.")
-    steps: int = Field(100, gt=0, description="Adam steps of the reconstruction x0 = argmin ||f(x) - b||^2.")
-    lr: float = Field(0.05, gt=0, description="Adam learning rate of the reconstruction.")
+    steps: int = Field(100, gt=0, le=10**6, description="Adam steps of the reconstruction x0 = argmin ||f(x) - b||^2.")
+    lr: float = Field(0.05, gt=0, le=100, description="Adam learning rate of the reconstruction.")
 
 
 class DistillConfig(_Strict):
     losses: list[LossConfig] = Field(
         default_factory=_default_losses, min_length=1, description="Weighted loss terms, summed."
     )
-    epochs: float = Field(2.0, gt=0, description="Training epochs over the train split.")
-    batch_size: int = Field(32, gt=0, description="Batch size.")
-    lr: float = Field(1e-4, gt=0, description="AdamW peak learning rate (linear warm-up and decay).")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    epochs: float = Field(2.0, gt=0, le=1000, description="Training epochs over the train split (at most 1000).")
+    batch_size: int = Field(32, gt=0, le=65536, description="Batch size.")
+    lr: float = Field(1e-4, gt=0, le=1.0, description="AdamW peak learning rate (linear warm-up and decay; at most 1).")
+    weight_decay: float = Field(0.01, ge=0, le=10, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of steps spent warming up.")
-    grad_clip: float = Field(1.0, gt=0, description="Clip the gradient norm to this value.")
-    eval_every: int = Field(0, ge=0, description="Evaluate on the validation split every N steps (0: only at the end).")
+    grad_clip: float = Field(1.0, gt=0, le=1e6, description="Clip the gradient norm to this value.")
+    eval_every: int = Field(
+        0, ge=0, le=10**9, description="Evaluate on the validation split every N steps (0: only at the end)."
+    )
     keep: Literal["last", "best"] = Field(
         "last", description="Save the last student, or the best on the validation split."
     )
@@ -160,10 +168,10 @@ class DistillConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="'auto': bf16 autocast on CUDA, fp32 on CPU."
     )
-    threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default).")
+    threads: int | None = Field(None, gt=0, le=1024, description="torch CPU threads (None: torch's default).")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Layer schedule (PID/SID).")
     train_limit: int | None = Field(
-        None, gt=0, description="Distil on the first N examples of the train split only (None: all)."
+        None, gt=0, le=MAX_ROWS, description="Distil on the first N examples of the train split only (None: all)."
     )
     extra_teachers: list[str] = Field(
         default_factory=list,
@@ -186,52 +194,77 @@ class DistillConfig(_Strict):
         "logit statistics instead of the train split.",
     )
     cka_samples: int = Field(
-        256, ge=0, description="Test examples for the teacher x student layer CKA analysis (0: skip it)."
+        256, ge=0, le=100_000, description="Test examples for the teacher x student layer CKA analysis (0: skip it)."
     )
 
 
 # --------------------------------------------------------------------------- export stage
 class ExportConfig(_Strict):
     opset: int = Field(18, ge=14, le=21, description="ONNX opset (optimum recommends >= 18 for BERT).")
-    atol: float = Field(1e-4, gt=0, description="Max abs diff of logits allowed between ONNX and PyTorch.")
-    parity_samples: int = Field(64, gt=0, description="Real test-split examples used for the parity check.")
+    atol: float = Field(1e-4, gt=0, le=1.0, description="Max abs diff of logits allowed between ONNX and PyTorch.")
+    parity_samples: int = Field(64, gt=0, le=100_000, description="Real test-split examples used for the parity check.")
     teacher: bool = Field(True, description="Also export the teacher (the profile compares them).")
 
 
 # --------------------------------------------------------------------------- target profiles
 class Shape(_Strict):
-    batch: int = Field(gt=0, description="Batch size.")
+    batch: int = Field(gt=0, le=4096, description="Batch size.")
     seq: int = Field(gt=0, le=512, description="Sequence length in tokens.")
 
 
 class TargetProfile(_Strict):
+    kind: Literal["profile"] | None = Field(None, description="'profile': tells `kdpipe validate` what this file is.")
     name: str = Field(description="Profile name, shown in the report.")
     description: str = Field("", description="What this profile stands for.")
     emulated: bool = Field(
         False, description="True when the target is emulated on this host (label results as emulation)."
     )
-    intra_op_threads: int = Field(2, gt=0, description="onnxruntime intra-op threads (and torch threads).")
-    inter_op_threads: int = Field(1, gt=0, description="onnxruntime inter-op threads.")
+    intra_op_threads: int = Field(2, gt=0, le=1024, description="onnxruntime intra-op threads (and torch threads).")
+    inter_op_threads: int = Field(1, gt=0, le=1024, description="onnxruntime inter-op threads.")
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="onnxruntime graph optimisation level."
     )
     execution_providers: list[str] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
-        description="onnxruntime execution providers, in order of preference.",
+        min_length=1,
+        description="onnxruntime execution providers, in order of preference (names as in "
+        "onnxruntime.get_all_providers()).",
+    )
+    allow_fallback: bool = Field(
+        False,
+        description="When a requested provider is not available on this machine: false (default) fails; "
+        "true times on the available ones and the report says which ran instead.",
     )
     shapes: list[Shape] = Field(
         default_factory=lambda: [Shape(batch=1, seq=128)], min_length=1, description="Input shapes timed."
     )
-    warmup: int = Field(5, ge=0, description="Untimed runs before timing.")
-    min_runs: int = Field(30, gt=0, description="Timed runs at least.")
-    min_seconds: float = Field(2.0, ge=0, description="Time each shape for at least this long.")
+    warmup: int = Field(5, ge=0, le=10_000, description="Untimed runs before timing.")
+    min_runs: int = Field(30, gt=0, le=1_000_000, description="Timed runs at least.")
+    min_seconds: float = Field(2.0, ge=0, le=3600, description="Time each shape for at least this long.")
+
+    @field_validator("execution_providers")
+    @classmethod
+    def _known_providers(cls, v: list[str]) -> list[str]:
+        import onnxruntime as ort
+
+        known = ort.get_all_providers()
+        for name in v:
+            if name not in known:
+                raise ValueError(f"unknown execution provider {name!r}; {did_you_mean(name, known)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a provider is listed twice")
+        return v
+
     torch_eager: bool = Field(True, description="Also time PyTorch eager as a reference.")
 
 
 # --------------------------------------------------------------------------- recipe
 class Recipe(_Strict):
+    kind: Literal["recipe"] | None = Field(None, description="'recipe': tells `kdpipe validate` what this file is.")
     out: str = Field("runs/default", description="Output directory; each stage writes <out>/<stage>/.")
-    seed: int = Field(0, description="Seed for splits, initialisation and training.")
+    seed: int = Field(
+        0, ge=0, le=SEED_MAX, description="Seed for splits, initialisation and training (0 to 2**32 - 1)."
+    )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher stage.")
     student: StudentConfig = Field(default_factory=StudentConfig, description="Student stage.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Distill stage.")
@@ -285,9 +318,49 @@ def resolve(kind: str, name_or_path: str | Path) -> Path:
     raise ConfigError(f"unknown {what} '{name_or_path}'", did_you_mean(str(name_or_path), available(kind)))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 floats: `lr: 2e-5` is a number (PyYAML's YAML 1.1 needs `2.0e-5`), since configs are
+    validated strictly and a float field does not take a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory", "give the path of a recipe or profile YAML file")
+    raw = path.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ConfigError(f"{path}: UTF-16 text, not UTF-8", "save the file as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); is it a binary file?",
+            "a recipe or profile is a YAML text file saved as UTF-8",
+        ) from None
+    if "\x00" in text:
+        raise ConfigError(
+            f"{path}: contains NUL bytes; is it a binary file?", "a recipe or profile is a YAML text file"
+        )
+    try:
+        data = _yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})", "fix the YAML syntax") from None
     if data is None:
@@ -302,14 +375,37 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected key=value", "e.g. --set distill.epochs=3")
+        parts = [p.strip() for p in key.split(".")]
+        if not sep or not all(parts):
+            raise ConfigError(f"--set {item}: expected key=value with a dotted key", "e.g. --set distill.epochs=3")
+        try:
+            value = _yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"--set {item}: the value is not valid YAML ({e.__class__.__name__})",
+                "quote strings and write lists as [a, b], e.g. --set student.layers=[0,2]",
+            ) from None
         node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(
+                    f"--set {item}: {where} was already set to a value, not a section", "drop one of them"
+                )
+            node = nxt
+        node[parts[-1]] = value
     return out
+
+
+def _override_source(overrides: list[str] | None, loc: tuple[Any, ...]) -> str | None:
+    """The `--set key=value` a validation error at `loc` comes from, if any (the last one wins)."""
+    path = [str(p) for p in loc]
+    for item in reversed(overrides or []):
+        parts = [p.strip() for p in item.partition("=")[0].split(".")]
+        if path[: len(parts)] == parts or parts[: len(path)] == path:
+            return f"--set {item}"
+    return None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -322,15 +418,16 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def format_validation_error(source: str, err: ValidationError) -> ConfigError:
-    """One `source: field.path: message` line per problem, all of them at once."""
+def format_validation_error(source: str, err: ValidationError, overrides: list[str] | None = None) -> ConfigError:
+    """One `source: field.path: message` line per problem, all of them at once; a problem that comes
+    from a `--set` names that `--set`, not the file."""
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
-        lines.append(f"{source}: {path}: {msg}")
+        lines.append(f"{_override_source(overrides, e['loc']) or source}: {path}: {msg}")
     hint = "fix the field(s) above; `kdpipe validate FILE` checks a file without running it"
     if any(e["type"] == "extra_forbidden" for e in err.errors()):
         hint = "remove or rename the unknown field(s); every field is listed in `kdpipe run --help` and README.md"
@@ -343,7 +440,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise format_validation_error(str(path), e) from None
+        raise format_validation_error(str(path), e, overrides) from None
     load_profile(recipe.profile)  # an unknown or invalid profile fails before any model loads
     return recipe, path
 
@@ -356,22 +453,87 @@ def load_profile(name_or_path: str | Path) -> TargetProfile:
         raise format_validation_error(str(path), e) from None
 
 
+def file_kind(path: Path, data: dict[str, Any]) -> str:
+    """'recipe' or 'profile': the file's own `kind:`, else its directory (profiles/ or stages/), else recipe."""
+    kind = data.get("kind")
+    if kind in ("recipe", "profile"):
+        return str(kind)
+    if kind is not None:
+        raise ConfigError(
+            f"{path}: kind: {kind!r} is neither 'recipe' nor 'profile'", "write kind: recipe or kind: profile"
+        )
+    parent = path.resolve().parent.name
+    if parent in ("profiles", "stages"):
+        return "profile" if parent == "profiles" else "recipe"
+    # elsewhere: a profile when its keys are profile fields and none is a recipe field
+    keys = set(data) - {"kind"}
+    profile_only = set(TargetProfile.model_fields) - set(Recipe.model_fields)
+    return "profile" if keys & profile_only and not keys & set(Recipe.model_fields) else "recipe"
+
+
 def validate_file(path: Path) -> str:
-    """Validate a recipe or a profile (told apart by its keys); returns what it was."""
+    """Validate a recipe or a profile (by its `kind:` or its directory) with every cross-check that
+    needs no model; returns what it was."""
     data = _read_yaml(path)
-    is_profile = "shapes" in data or "intra_op_threads" in data or "execution_providers" in data
-    model: type[BaseModel] = TargetProfile if is_profile else Recipe
+    kind = file_kind(path, data)
+    model: type[BaseModel] = TargetProfile if kind == "profile" else Recipe
     try:
         model.model_validate(data)
     except ValidationError as e:
-        raise format_validation_error(str(path), e) from None
-    if not is_profile:
+        err = format_validation_error(str(path), e)
+        if kind == "recipe" and any(k in data for k in ("shapes", "execution_providers", "intra_op_threads")):
+            err.hint = "this looks like a target profile: put it in profiles/ or add `kind: profile`"
+        raise err from None
+    if kind == "recipe":
         recipe = Recipe.model_validate(data)
         load_profile(recipe.profile)
-        from kdpipe.distill import check_recipe_losses
+        check_recipe(recipe)
+    return kind
 
-        check_recipe_losses(recipe)
-    return "profile" if is_profile else "recipe"
+
+def check_recipe(recipe: Recipe) -> None:
+    """Every cross-check of a recipe that needs no trained model, run by `kdpipe run` before the teacher
+    trains and by `kdpipe validate`: input files and directories exist, the device is there, the loss
+    terms fit the layer maps and widths (from the teacher's config.json when it is on this machine)."""
+    d = recipe.distill
+    if d.transfer is not None and not Path(d.transfer).is_file():
+        raise ConfigError(f"distill.transfer: {d.transfer}: no such file", "give a text file, one example per line")
+    for i, t in enumerate(d.extra_teachers):
+        if not Path(t).is_dir():
+            raise ConfigError(f"distill.extra_teachers[{i}]: {t}: no such directory", "give local HF model directories")
+    for name, student in (("student", recipe.student), ("assistant", recipe.assistant)):
+        if student is not None and student.pretrained is not None and not Path(student.pretrained).is_dir():
+            raise ConfigError(
+                f"{name}.pretrained: {student.pretrained}: no such directory", "give a local HF model directory"
+            )
+    if d.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "distill.device: cuda, but this machine has no CUDA device", "set distill.device: auto (or cpu)"
+            )
+    from kdpipe.distill import check_recipe_losses
+
+    check_recipe_losses(recipe)
+
+
+def with_temperature(recipe: Recipe, temperature: float) -> Recipe:
+    """`kdpipe distill -T`: the temperature of every loss term that has one (the other terms unchanged)."""
+    losses = [
+        t.model_copy(update={"temperature": temperature}) if hasattr(t, "temperature") else t
+        for t in recipe.distill.losses
+    ]
+    if not any(hasattr(t, "temperature") for t in losses):
+        names = ", ".join(t.name for t in losses)
+        raise ConfigError(f"-T/--temperature: no loss term of this recipe has a temperature ({names})", "drop -T")
+    try:
+        distill = DistillConfig.model_validate(
+            {**recipe.distill.model_dump(), "losses": [t.model_dump() for t in losses]}
+        )
+    except ValidationError as e:
+        raise format_validation_error("-T/--temperature", e) from None
+    return recipe.model_copy(update={"distill": distill})
 
 
 def config_hash(cfg: BaseModel | dict[str, Any]) -> str:

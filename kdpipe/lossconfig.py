@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+TEMP_MIN, TEMP_MAX = 1e-3, 1e3  # a temperature of 1e-300 turns the softmax into NaN
 LayerMap = Literal["kept", "uniform"] | list[int]
 MAP_HELP = (
     "Student layer m -> teacher layer g(m): 'kept' (the teacher layer each student layer was copied from), "
@@ -19,8 +20,8 @@ MAP_HELP = (
 
 
 class _Loss(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    weight: float = Field(1.0, ge=0, description="Weight of this term in the total loss.")
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    weight: float = Field(1.0, ge=0, le=1e6, description="Weight of this term in the total loss.")
 
 
 # ----------------------------------------------------------------------------- 1. logits
@@ -28,7 +29,7 @@ class HintonLoss(_Loss):
     """METHODS.md 1.1: (1 - alpha) CE(y, SM(z)) + alpha T^2 KL(SM(v/T) || SM(z/T))."""
 
     name: Literal["hinton"] = "hinton"
-    temperature: float = Field(4.0, gt=0, description="Softmax temperature T of the soft term.")
+    temperature: float = Field(4.0, ge=TEMP_MIN, le=TEMP_MAX, description="Softmax temperature T of the soft term.")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft term; 1 - alpha on hard CE.")
     ensemble: Literal["arithmetic", "geometric"] = Field(
         "arithmetic",
@@ -53,7 +54,7 @@ class ReverseKLLoss(_Loss):
     """METHODS.md 1.3 (MiniLLM's objective, token-level on sequence outputs): T^2 KL(SM(z/T) || SM(v/T))."""
 
     name: Literal["reverse_kl"] = "reverse_kl"
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature.")
+    temperature: float = Field(1.0, ge=TEMP_MIN, le=TEMP_MAX, description="Softmax temperature.")
 
 
 class JSDLoss(_Loss):
@@ -61,15 +62,17 @@ class JSDLoss(_Loss):
 
     name: Literal["jsd"] = "jsd"
     beta: float = Field(0.5, gt=0, lt=1, description="Mixing weight between forward-like and reverse-like.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature.")
+    temperature: float = Field(1.0, ge=TEMP_MIN, le=TEMP_MAX, description="Softmax temperature.")
 
 
 class OFALoss(_Loss):
     """METHODS.md 1.4: -(1 + p_t[c])^gamma log q[c] - sum_{k != c} p_t[k] log q[k]."""
 
     name: Literal["ofa"] = "ofa"
-    gamma: float = Field(1.5, ge=1, description="Modulates the target-class term; 1 = KD with labels folded in.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature of p_t and q.")
+    gamma: float = Field(
+        1.5, ge=1, le=100, description="Modulates the target-class term; 1 = KD with labels folded in."
+    )
+    temperature: float = Field(1.0, ge=TEMP_MIN, le=TEMP_MAX, description="Softmax temperature of p_t and q.")
 
 
 # ----------------------------------------------------------------------------- 2. features
@@ -93,11 +96,11 @@ class TinyBERTLoss(_Loss):
 
     name: Literal["tinybert"] = "tinybert"
     map: LayerMap = Field("uniform", description=MAP_HELP)
-    embedding: float = Field(1.0, ge=0, description="Weight of L_embd.")
-    hidden: float = Field(1.0, ge=0, description="Weight of L_hidn.")
-    attention: float = Field(1.0, ge=0, description="Weight of L_attn.")
-    prediction: float = Field(1.0, ge=0, description="Weight of L_pred (soft CE at `temperature`).")
-    temperature: float = Field(1.0, gt=0, description="t of L_pred; 1 worked best in the paper.")
+    embedding: float = Field(1.0, ge=0, le=1e6, description="Weight of L_embd.")
+    hidden: float = Field(1.0, ge=0, le=1e6, description="Weight of L_hidn.")
+    attention: float = Field(1.0, ge=0, le=1e6, description="Weight of L_attn.")
+    prediction: float = Field(1.0, ge=0, le=1e6, description="Weight of L_pred (soft CE at `temperature`).")
+    temperature: float = Field(1.0, ge=TEMP_MIN, le=TEMP_MAX, description="t of L_pred; 1 worked best in the paper.")
     project: Literal["auto", "always"] = Field(
         "auto", description="'auto': learned W only when widths differ; 'always': learn W even at equal widths."
     )
@@ -109,15 +112,17 @@ class AttentionKLLoss(_Loss):
 
     name: Literal["attention_kl"] = "attention_kl"
     map: LayerMap = Field("kept", description=MAP_HELP)
-    cls_weight: float = Field(1.0, ge=0, description="Weight of the [CLS] cosine term on the matched layers.")
+    cls_weight: float = Field(1.0, ge=0, le=1e6, description="Weight of the [CLS] cosine term on the matched layers.")
 
 
 class HintLoss(_Loss):
     """METHODS.md 2.5 (FitNets): MSE between a learned regressor of a student layer and a teacher layer."""
 
     name: Literal["hint"] = "hint"
-    student_layer: int | None = Field(None, ge=0, description="Student layer (default: the middle one).")
-    teacher_layer: int | None = Field(None, ge=0, description="Teacher layer (default: g(student_layer), 'kept').")
+    student_layer: int | None = Field(None, ge=0, le=1000, description="Student layer (default: the middle one).")
+    teacher_layer: int | None = Field(
+        None, ge=0, le=1000, description="Teacher layer (default: g(student_layer), 'kept')."
+    )
 
 
 class CRDLoss(_Loss):
@@ -125,8 +130,8 @@ class CRDLoss(_Loss):
     same-class inputs are not negatives."""
 
     name: Literal["crd"] = "crd"
-    temperature: float = Field(0.1, gt=0, description="InfoNCE temperature tau.")
-    dim: int = Field(128, gt=0, description="Width of the shared embedding space of the two projections.")
+    temperature: float = Field(0.1, ge=TEMP_MIN, le=TEMP_MAX, description="InfoNCE temperature tau.")
+    dim: int = Field(128, gt=0, le=65536, description="Width of the shared embedding space of the two projections.")
     feature: Literal["cls", "mean"] = Field("mean", description="Sentence feature: [CLS] or mean over real tokens.")
 
 
@@ -145,7 +150,7 @@ class VIDLoss(_Loss):
 
     name: Literal["vid"] = "vid"
     map: LayerMap = Field("kept", description=MAP_HELP)
-    init_var: float = Field(5.0, gt=0, description="Initial per-channel variance sigma_c^2.")
+    init_var: float = Field(5.0, gt=0, le=1e6, description="Initial per-channel variance sigma_c^2.")
 
 
 LossConfig = Annotated[

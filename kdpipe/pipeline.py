@@ -26,7 +26,7 @@ from kdpipe.artifacts import (
     verify_outputs,
     write_json_atomic,
 )
-from kdpipe.config import Recipe, config_hash
+from kdpipe.config import Recipe, check_recipe, config_hash
 from kdpipe.env import environment
 from kdpipe.errors import ArtifactError
 
@@ -238,6 +238,7 @@ def run_all(recipe: Recipe, out_root: Path, force: bool = False, console: Consol
 
 
 def _run_all(recipe: Recipe, out_root: Path, force: bool, console: Console | None) -> Manifest:
+    check_recipe(recipe)  # every cross-check that needs no model, before the teacher trains
     manifest, _ = execute(stage("teacher"), recipe, out_root, force=force, console=console)
     names = list(STAGE_NAMES[1:])
     if recipe.assistant is not None:

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from kdpipe.artifacts import Manifest, Metric
 from kdpipe.config import Recipe, Shape, TargetProfile, load_profile
+from kdpipe.errors import ConfigError
 from kdpipe.pipeline import StageOutput
 
 _LEVELS = {
@@ -64,15 +65,38 @@ def synthetic_batch(shape: Shape, vocab_size: int, seed: int = 0) -> dict[str, n
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
 
 
-def profile_onnx(path: Path, prof: TargetProfile, vocab_size: int) -> dict[str, Any]:
+def resolve_providers(prof: TargetProfile) -> tuple[list[str], list[str]]:
+    """(providers to use, requested ones this onnxruntime does not have). A missing one fails unless the
+    profile allows the fallback: onnxruntime would otherwise fall back to the CPU with a banner on stdout
+    and the timings would be reported as the requested device's."""
     import onnxruntime as ort
 
+    have = ort.get_available_providers()
+    missing = [p for p in prof.execution_providers if p not in have]
+    if missing and not prof.allow_fallback:
+        raise ConfigError(
+            f"profile {prof.name}: execution provider(s) {', '.join(missing)} not available here "
+            f"(this onnxruntime has: {', '.join(have)})",
+            "use a profile for this machine, or set allow_fallback: true in the profile to time on the "
+            "available providers (the report then says which ran)",
+        )
+    use = [p for p in prof.execution_providers if p in have] or ["CPUExecutionProvider"]
+    return use, missing
+
+
+def profile_onnx(
+    path: Path, prof: TargetProfile, vocab_size: int, providers: list[str] | None = None
+) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # no fallback banners on stdout; what ran is recorded below
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3
     opts.intra_op_num_threads = prof.intra_op_threads
     opts.inter_op_num_threads = prof.inter_op_threads
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[prof.graph_optimization_level])
     t0 = time.perf_counter()
-    session = ort.InferenceSession(str(path), opts, providers=prof.execution_providers)
+    session = ort.InferenceSession(str(path), opts, providers=providers or prof.execution_providers)
     init_s = time.perf_counter() - t0
     names = [i.name for i in session.get_inputs()]
     shapes = {}
@@ -134,12 +158,23 @@ def run_profile(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
     assert upstream is not None  # the stage table gives profile an export upstream
     prof = load_profile(recipe.profile)
     label = f"{prof.name} (emulated on this host)" if prof.emulated else prof.name
-    results: dict[str, Any] = {"profile": prof.model_dump(mode="json"), "onnxruntime": {}, "torch_eager": {}}
+    providers, missing = resolve_providers(prof)
+    if missing:
+        console.print(
+            f"[yellow]warning:[/] {', '.join(missing)} not available here; timing on {', '.join(providers)} "
+            "(allow_fallback)"
+        )
+    results: dict[str, Any] = {
+        "profile": prof.model_dump(mode="json"),
+        "providers": {"requested": prof.execution_providers, "missing": missing, "used": providers},
+        "onnxruntime": {},
+        "torch_eager": {},
+    }
     for name, info in upstream.extra["models"].items():
         src = model_source(upstream, info)
         vocab = json.loads((src / "config.json").read_text())["vocab_size"]
         console.print(f"profiling {name} on {label}: onnxruntime ...")
-        results["onnxruntime"][name] = profile_onnx(upstream.path(info["onnx"]), prof, vocab)
+        results["onnxruntime"][name] = profile_onnx(upstream.path(info["onnx"]), prof, vocab, providers)
         if prof.torch_eager:
             console.print(f"profiling {name} on {label}: torch eager ...")
             results["torch_eager"][name] = profile_torch(src, prof, vocab)

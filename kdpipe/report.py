@@ -232,6 +232,7 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
         f"{', '.join(next(iter(ort_res.values()))['providers'])}; {prof['warmup']} warm-up runs, then at least "
         f"{prof['min_runs']} runs and {prof['min_seconds']:g} s per shape. Medians are what to compare; "
         "absolute times vary with the machine.",
+        *_fallback_lines(results),
         "",
         "| engine | model | batch x seq | p50 ms | p90 ms | p99 ms | mean ms | CoV | throughput /s | runs |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -306,3 +307,16 @@ def plot_cka(matrix: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _fallback_lines(results: dict[str, Any]) -> list[str]:
+    """A profile with allow_fallback that did not get every provider it asked for says so."""
+    prov = results.get("providers") or {}
+    if not prov.get("missing"):
+        return []
+    return [
+        "",
+        f"> **Warning:** the profile asked for {', '.join(prov['requested'])}; "
+        f"{', '.join(prov['missing'])} is not available here, so these timings ran on "
+        f"{', '.join(prov['used'])} (`allow_fallback: true`).",
+    ]

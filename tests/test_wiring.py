@@ -318,7 +318,17 @@ def _cli(recipe: Path) -> Any:
     return CliRunner().invoke(app, ["run", str(recipe)])
 
 
-def test_diverged_distillation_writes_no_artifact(tiny_dir: Path, tiny_csv: Path, tmp_path: Path) -> None:
+def _nan_loss(real: Any) -> Any:
+    def fn(*a: Any, **k: Any) -> torch.Tensor:
+        return real(*a, **k) * float("nan")
+
+    return fn
+
+
+def test_diverged_distillation_writes_no_artifact(
+    tiny_dir: Path, tiny_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a NaN loss planted in the KD term (the recipe bounds refuse temperature: 1e-300 up front)
     runs = tmp_path / "runs"
     recipe = write_recipe(
         tmp_path / "r.yaml",
@@ -326,8 +336,11 @@ def test_diverged_distillation_writes_no_artifact(tiny_dir: Path, tiny_csv: Path
         tiny_csv,
         runs,
         teacher__epochs=1,
-        distill__losses=[{"name": "hinton", "temperature": 1e-300}],
+        distill__losses=[{"name": "hinton", "temperature": 2.0}],
     )
+    import kdpipe.losses.logits as lg
+
+    monkeypatch.setattr(lg, "hinton", _nan_loss(lg.hinton))
     result = _cli(recipe)
     out = " ".join(result.output.split())
     assert result.exit_code == 1, out
@@ -337,11 +350,14 @@ def test_diverged_distillation_writes_no_artifact(tiny_dir: Path, tiny_csv: Path
     assert not (runs / "distill").exists() and not list(runs.glob(".distill*"))
 
 
-def test_diverged_teacher_finetune_writes_no_artifact(tiny_dir: Path, tiny_csv: Path, tmp_path: Path) -> None:
+def test_diverged_teacher_finetune_writes_no_artifact(
+    tiny_dir: Path, tiny_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runs = tmp_path / "runs"
-    recipe = write_recipe(
-        tmp_path / "r.yaml", tiny_dir, tiny_csv, runs, teacher__lr=1e6, teacher__head_lr=1e6, teacher__epochs=5
-    )
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, tiny_csv, runs, teacher__epochs=1)
+    import kdpipe.losses.logits as lg
+
+    monkeypatch.setattr(lg, "cross_entropy", _nan_loss(lg.cross_entropy))
     result = _cli(recipe)
     out = " ".join(result.output.split())
     assert result.exit_code == 1, out

@@ -1,0 +1,272 @@
+"""Recipes, --set, CLI options and profiles: every bad value gets one clear error, none "unexpected"."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from test_cli import assert_one_line_error, finished, invoke  # noqa: F401
+
+import kdpipe.config as config
+import kdpipe.pipeline
+from kdpipe.config import Recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def no_unexpected(output: str) -> None:
+    assert "unexpected" not in output, output
+    assert "[bold" not in output, output
+
+
+def test_binary_recipe_file_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "r.yaml"
+    p.write_bytes(b"out: runs/x\n\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    code, out = invoke("validate", p)
+    assert_one_line_error(code, out, "r.yaml", "line 2", "not UTF-8")
+    no_unexpected(out)
+
+
+def test_utf16_recipe_file_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "r.yaml"
+    p.write_text("out: runs/x\nseed: 1\n", encoding="utf-16")
+    code, out = invoke("validate", p)
+    assert_one_line_error(code, out, "r.yaml", "UTF-16", "save the file as UTF-8")
+    no_unexpected(out)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("seed=-1", "seed"),
+        (f"seed={2**32}", "seed"),
+        ("distill.epochs=.inf", "finite"),
+        ("distill.lr=.nan", "finite"),
+        ("distill.lr=2e15", "less than or equal"),
+        ("teacher.data.train_size=1e30", "integer"),
+        ("distill.batch_size=true", "integer"),
+        ("teacher.batch_size=2.5", "integer"),
+        ("distill.losses=[{name: hinton, temperature: 1e-300}]", "temperature"),
+    ],
+)
+def test_absurd_values_are_refused_and_blamed_on_the_set(override: str, needle: str) -> None:
+    code, out = invoke("validate", ROOT / "stages" / "default.yaml")
+    assert code == 0, out
+    with pytest.raises(Exception) as e:
+        load_recipe("default", [override])
+    msg = getattr(e.value, "message", str(e.value))
+    assert f"--set {override}" in msg, msg  # the --set is named, not stages/default.yaml
+    assert "default.yaml" not in msg, msg
+    assert needle in msg, msg
+    code, out = invoke("student", "--set", override, "-o", "/nonexistent-never-created")
+    assert_one_line_error(code, out, f"--set {override}")
+    no_unexpected(out)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"seed": -1},
+        {"seed": 2**32},
+        {"distill": {"epochs": float("inf")}},
+        {"distill": {"batch_size": True}},
+        {"distill": {"lr": 2e15}},
+        {"teacher": {"data": {"train_size": 1e30}}},
+    ],
+)
+def test_validate_refuses_what_it_used_to_accept(tmp_path: Path, doc: dict) -> None:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    code, out = invoke("validate", p)
+    assert_one_line_error(code, out, "r.yaml")
+    no_unexpected(out)
+
+
+@pytest.mark.parametrize("bad", ["distill.epochs", "=3", "distill..epochs=3", "distill.epochs=[1, 2", "a.b=: :"])
+def test_malformed_set_is_a_clear_error(bad: str) -> None:
+    code, out = invoke("student", "--set", bad, "-o", "/nonexistent-never-created")
+    assert_one_line_error(code, out, "--set")
+    no_unexpected(out)
+
+
+def test_set_on_a_value_and_below_it_is_a_clear_error() -> None:
+    code, out = invoke("student", "--set", "distill=3", "--set", "distill.epochs=2", "-o", "/nonexistent")
+    assert_one_line_error(code, out, "--set")
+    no_unexpected(out)
+
+
+@pytest.mark.parametrize("layers", ["0,,2", "0,a", "1,-2", ","])
+def test_malformed_layers_is_a_clear_error(layers: str) -> None:
+    code, out = invoke("student", "--layers", layers, "-o", "/nonexistent-never-created")
+    assert_one_line_error(code, out, "--layers")
+    no_unexpected(out)
+
+
+@pytest.mark.parametrize("command", ["teacher", "student", "run"])
+def test_out_pointing_at_a_file_is_refused(tmp_path: Path, tiny_recipe: Path, command: str) -> None:
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    args = [command, tiny_recipe] if command == "run" else [command, "-r", tiny_recipe]
+    code, out = invoke(*args, "-o", f)
+    assert_one_line_error(code, out, "--out", "is a file")
+    no_unexpected(out)
+    assert f.read_text() == "x"
+
+
+def test_validate_checks_every_file(tmp_path: Path) -> None:
+    bad1, bad2 = tmp_path / "bad1.yaml", tmp_path / "bad2.yaml"
+    bad1.write_text("seed: -1\n")
+    bad2.write_text("nonsense_field: 1\n")
+    good = ROOT / "stages" / "hinton.yaml"
+    code, out = invoke("validate", bad1, good, bad2, tmp_path / "missing.yaml")
+    assert code == 1, out
+    assert "bad1.yaml: seed" in out and "bad2.yaml: nonsense_field" in out, out
+    assert f"ok: {good}" in out and "missing.yaml: no such file" in out, out
+    assert "3 of 4 file(s) failed validation" in out, out
+
+
+def test_unexpected_error_line_has_no_literal_markup(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdpipe.config
+
+    def boom(*a: object, **k: object) -> None:
+        raise RuntimeError("a [planted] bug")
+
+    monkeypatch.setattr(kdpipe.config, "load_recipe", boom)
+    code, out = invoke("student", "-o", "/nonexistent")
+    assert code == 1
+    assert out.splitlines()[0] == "error: unexpected RuntimeError: a [planted] bug", out
+
+
+def test_error_text_with_brackets_is_printed_as_is(tmp_path: Path) -> None:
+    # a label list like ['a', 'b'] or a field [bold] in a message must not be eaten as rich markup
+    p = tmp_path / "r.yaml"
+    p.write_text("student: {layers: [bold]}\n")
+    code, out = invoke("validate", p)
+    assert code == 1 and "[bold]" not in out.replace("'[bold]'", "")  # the value is quoted, never styled
+    no_unexpected(out)
+
+
+# --------------------------------------------------------------------------- profiles
+def write_profile(path: Path, **over: object) -> Path:
+    doc = {"name": "p", "description": "d", "shapes": [{"batch": 1, "seq": 8}], **over}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("providers", "needle"),
+    [(["MadeUpExecutionProvider"], "unknown execution provider"), ([], "at least 1"), (["CPU"], "unknown")],
+)
+def test_bad_execution_providers_are_refused(tmp_path: Path, providers: list[str], needle: str) -> None:
+    (tmp_path / "profiles").mkdir()
+    p = write_profile(tmp_path / "profiles" / "x.yaml", execution_providers=providers)
+    code, out = invoke("validate", p)
+    assert_one_line_error(code, out, needle)
+    no_unexpected(out)
+
+
+def test_profile_without_shapes_validates_by_location_or_kind(tmp_path: Path) -> None:
+    (tmp_path / "profiles").mkdir()
+    by_dir = tmp_path / "profiles" / "lean.yaml"
+    by_dir.write_text(yaml.safe_dump({"name": "lean", "warmup": 2}))
+    by_kind = tmp_path / "elsewhere.yaml"
+    by_kind.write_text(yaml.safe_dump({"kind": "profile", "name": "lean", "min_runs": 3}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"kind": "recipe", "seed": 3}))
+    code, out = invoke("validate", by_dir, by_kind, recipe)
+    assert code == 0, out
+    assert f"ok: {by_dir} (profile)" in out and f"ok: {by_kind} (profile)" in out and f"ok: {recipe} (recipe)" in out
+
+
+def test_unavailable_provider_fails_unless_fallback_is_allowed(
+    finished: tuple[Path, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    recipe, runs = finished
+    run = tmp_path / "run"
+    shutil.copytree(runs, run)
+    cuda = write_profile(tmp_path / "cuda.yaml", execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    code, out = invoke("profile", "-r", recipe, "-o", run, "--profile", cuda, "--force")
+    assert_one_line_error(code, out, "CUDAExecutionProvider", "not available", "allow_fallback")
+    fallback = write_profile(
+        tmp_path / "fb.yaml",
+        execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        allow_fallback=True,
+        warmup=0,
+        min_runs=2,
+        min_seconds=0.0,
+        torch_eager=False,
+    )
+    code, out = invoke("profile", "-r", recipe, "-o", run, "--profile", fallback, "--force")
+    assert code == 0, out
+    assert "EP Error" not in out and "Falling back" not in out, out  # onnxruntime's banner is silenced
+    latency = yaml.safe_load((run / "profile" / "latency.json").read_text())
+    assert latency["providers"]["missing"] == ["CUDAExecutionProvider"]
+    assert latency["onnxruntime"]["student"]["providers"] == ["CPUExecutionProvider"]
+    report = (run / "profile" / "report.md").read_text()
+    assert "CUDAExecutionProvider is not available here" in report and "allow_fallback" in report
+
+
+# --------------------------------------------------------------------------- -T and cross-checks
+def test_temperature_option_keeps_every_term(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Recipe] = []
+
+    def fake_execute(stage: object, cfg: Recipe, *a: object, **k: object) -> None:
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(kdpipe.pipeline, "execute", fake_execute)
+    invoke("distill", "-r", ROOT / "stages" / "tinybert.yaml", "-T", "3", "-o", "/nonexistent")
+    assert seen, "distill did not reach the stage"
+    original, _ = load_recipe(ROOT / "stages" / "tinybert.yaml")
+    assert [t.name for t in seen[0].distill.losses] == [t.name for t in original.distill.losses]
+    assert len(original.distill.losses) >= 2
+    for term in seen[0].distill.losses:
+        if hasattr(term, "temperature"):
+            assert term.temperature == 3.0
+
+
+def test_temperature_needs_a_term_that_has_one() -> None:
+    recipe, _ = load_recipe(ROOT / "stages" / "no-kd.yaml")
+    with pytest.raises(Exception, match="no loss term of this recipe has a temperature"):
+        config.with_temperature(recipe, 2.0)
+    with pytest.raises(Exception, match="temperature"):
+        config.with_temperature(load_recipe("default")[0], 1e-300)
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"distill__transfer": "/no/such/transfer.txt"}, "distill.transfer"),
+        ({"distill__extra_teachers": ["/no/such/teacher"]}, "distill.extra_teachers"),
+        ({"student__pretrained": "/no/such/student"}, "student.pretrained"),
+        ({"student__layers": [0, 0, 7]}, "layer"),
+    ],
+)
+def test_cross_checks_run_before_the_teacher_trains(
+    tmp_path: Path, tiny_dir: Path, tiny_csv: Path, over: dict, needle: str
+) -> None:
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, tiny_csv, tmp_path / "runs", **over)
+    code, out = invoke("validate", recipe)
+    assert_one_line_error(code, out, needle)
+    code, out = invoke("run", recipe)
+    assert_one_line_error(code, out, needle)
+    no_unexpected(out)
+    assert not (tmp_path / "runs" / "teacher").exists(), "the teacher trained before the recipe was checked"
+
+
+def test_cuda_device_without_cuda_is_caught_at_load(tmp_path: Path, tiny_dir: Path, tiny_csv: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check is for machines without it")
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, tiny_csv, tmp_path / "runs", distill__device="cuda")
+    code, out = invoke("run", recipe)
+    assert_one_line_error(code, out, "distill.device", "no CUDA")
+    assert not (tmp_path / "runs" / "teacher").exists()
