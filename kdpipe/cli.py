@@ -288,6 +288,8 @@ def validate(files: list[Path] = typer.Argument(..., help="Recipe or profile YAM
                     raise ConfigError(f"{f}: no such file", "give the path of a recipe or profile YAML file")
                 kind = validate_file(f)
                 typer.echo(f"ok: {f} ({kind})")
+                if kind == "profile":
+                    _provider_note(f)
         except typer.Exit as e:
             if e.exit_code != 1:
                 raise
@@ -295,6 +297,19 @@ def validate(files: list[Path] = typer.Argument(..., help="Recipe or profile YAM
     if failed:
         err.print(f"{failed} of {len(files)} file(s) failed validation")
         raise typer.Exit(1)
+
+
+def _provider_note(path: Path) -> None:
+    """A valid profile whose providers this machine lacks: say so (kdpipe profile fails here without allow_fallback)."""
+    import onnxruntime as ort
+
+    from kdpipe.config import load_profile
+
+    prof = load_profile(path)
+    missing = [p for p in prof.execution_providers if p not in ort.get_available_providers()]
+    if missing:
+        then = "times on the others (allow_fallback)" if prof.allow_fallback else "fails here (no allow_fallback)"
+        err.print(f"note: {path}: {', '.join(missing)} not available on this machine; kdpipe profile {then}")
 
 
 def _terminated(signum: int, frame: object) -> None:

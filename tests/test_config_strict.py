@@ -270,3 +270,14 @@ def test_cuda_device_without_cuda_is_caught_at_load(tmp_path: Path, tiny_dir: Pa
     code, out = invoke("run", recipe)
     assert_one_line_error(code, out, "distill.device", "no CUDA")
     assert not (tmp_path / "runs" / "teacher").exists()
+
+
+def test_validate_notes_a_provider_this_machine_lacks(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the note is for machines without it")
+    p = write_profile(tmp_path / "gpu.yaml", kind="profile", execution_providers=["CUDAExecutionProvider"])
+    code, out = invoke("validate", p)
+    assert code == 0, out
+    assert "CUDAExecutionProvider not available on this machine" in " ".join(out.split()), out
