@@ -1,10 +1,10 @@
-# Two commands do all the set-up (see README):  `make run`  and  `make test`.
+# Two commands do all the set-up (see README):  `make run`  and  `make check`.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kdpipe-installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,14 +17,18 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/kdpipe run
 
-## install, then run the test suite (this is what .ci/run calls)
+## install, then the test suite alone
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+## install, then ruff, mypy, hadolint and the tests (this is what .ci/run calls)
 lint: $(STAMP)
 	$(BIN)/ruff check kdpipe tests benchmarks
+	$(BIN)/ruff format --check kdpipe tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 
+check: lint test
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,7 @@
-"""Representation analysis (not losses): METHODS.md 3.3, linear CKA between teacher and student layers."""
+"""Representation analysis (not losses): docs/methods.md §3.3, linear CKA between teacher and student layers.
+
+Features are pooled per example first, e.g. with `kdpipe.losses.masks.mean_pool`.
+"""
 
 from __future__ import annotations
 
@@ -44,22 +47,10 @@ def linear_cka(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> float:
 def cka_matrix(teacher_feats: Sequence[Tensor], student_feats: Sequence[Tensor]) -> np.ndarray:
     """Layer-by-layer linear CKA heat map: (n_teacher, n_student), entry [i, j] = CKA(teacher i, student j).
 
-    Each feature is (n examples, width) over the same examples, e.g. `mean_pool` of a hidden state."""
+    Each feature is (n examples, width) over the same examples, e.g. `kdpipe.losses.masks.mean_pool`
+    of a hidden state."""
     out = np.empty((len(teacher_feats), len(student_feats)), dtype=np.float64)
     for i, tf in enumerate(teacher_feats):
         for j, sf in enumerate(student_feats):
             out[i, j] = linear_cka(tf, sf)
     return out
-
-
-def mean_pool(h: Tensor, mask: Tensor | None) -> Tensor:
-    """(B, T, H) -> (B, H): the average over each row's real tokens (mask (B, T), 1 = real), float32.
-
-    Padding is selected out (not multiplied by 0), so its values never matter; a row without real
-    tokens gives zeros. Differentiable (not detached), so it can also pool features for a loss."""
-    h = h.float()
-    if mask is None:
-        return h.mean(1)
-    real = mask.bool()[..., None]  # (B, T, 1)
-    summed = torch.where(real, h, torch.zeros_like(h)).sum(1)
-    return summed / real.sum(1).clamp_min(1)

@@ -22,7 +22,7 @@ from typing import Any
 from kdpipe import __version__
 from kdpipe.errors import ArtifactError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `extra` became the stage's typed `record` (kdpipe.records)
 MANIFEST = "manifest.json"
 
 
@@ -72,7 +72,7 @@ class Manifest:
     environment: dict[str, Any]
     metrics: dict[str, Metric] = field(default_factory=dict)
     lineage: dict[str, str] = field(default_factory=dict)  # stage -> dir, relative to this one
-    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific facts (labels, export spec, ...)
+    record: dict[str, Any] = field(default_factory=dict)  # the stage's typed hand-over (kdpipe.records)
     schema_version: int = SCHEMA_VERSION
     kdpipe_version: str = __version__
     created_at: str = ""

@@ -1,4 +1,4 @@
-"""Transfer-set augmentation for text (METHODS.md 1.2, Tang et al. 2019).
+"""Transfer-set augmentation for text (docs/methods.md §1.2, Tang et al. 2019).
 
 Per word: with probability p_mask it becomes the mask token; otherwise with probability p_replace it
 is replaced by one of its nearest neighbours in the teacher's input-embedding space (standing in for

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from kdpipe import __version__
+from kdpipe.errors import ConfigError, KdpipeError
 
 app = typer.Typer(
     name="kdpipe",
@@ -35,8 +36,6 @@ FORCE_HELP = "Re-run even if an identical run is already on disk."
 @contextmanager
 def _guard() -> Iterator[None]:
     """One `error:` + `hint:` line pair and exit 1 for user errors; 130 on Ctrl-C."""
-    from kdpipe.errors import KdpipeError
-
     try:
         yield
     except KdpipeError as e:
@@ -84,24 +83,22 @@ def _stage(
     temperature: float | None = None,
 ) -> Path:
     from kdpipe.config import load_recipe, with_temperature
-    from kdpipe.pipeline import execute, stage
+    from kdpipe.data import check_source
 
     cfg, _ = load_recipe(recipe, sets)
     if temperature is not None:
         cfg = with_temperature(cfg, temperature)
     if name == "teacher":  # a bad data file fails in a second, before torch is imported or a model hashed
-        from kdpipe.data import check_source
-
         check_source(cfg.teacher.data, finetune=cfg.teacher.finetune)
     root = _out_root(out, cfg.out)
-    manifest, _ = execute(stage(name), cfg, root, upstream_dir=upstream, force=force, console=err)
+    from kdpipe.pipeline import run_stage  # imports torch: after the checks that need none
+
+    manifest = run_stage(name, cfg, root, upstream, force, err)
     typer.echo(f"{name}: {manifest.dir}")
     return manifest.dir
 
 
 def _out_root(out: Path | None, recipe_out: str) -> Path:
-    from kdpipe.errors import ConfigError
-
     root = out if out is not None else Path(recipe_out)
     if root.exists() and not root.is_dir():
         what = "--out" if out is not None else "out (the recipe's output directory)"
@@ -133,11 +130,12 @@ def run(
     with _guard():
         from kdpipe.config import load_recipe
         from kdpipe.data import check_source
-        from kdpipe.pipeline import run_all
 
         cfg, path = load_recipe(recipe, _opt(sets, "profile", profile))
         check_source(cfg.teacher.data, finetune=cfg.teacher.finetune)  # data errors first, before torch loads
         root = _out_root(out, cfg.out)
+        from kdpipe.pipeline import run_all  # imports torch: after the checks that need none
+
         err.print(f"recipe {path} -> {root}")
         last = run_all(cfg, root, force=force, console=err)
         typer.echo(f"report: {last.dir / 'report.md'}")
@@ -179,8 +177,6 @@ def teacher(
 
 def _layers(value: str) -> str:
     """--layers: a named choice, or comma-separated teacher layer indices (0,2,4)."""
-    from kdpipe.errors import ConfigError
-
     v = value.strip()
     if v[:1].isalpha():  # every-other, last-k, first-k (a misspelling is named by the recipe check)
         return v
@@ -277,8 +273,7 @@ def profile(
 @app.command()
 def validate(files: list[Path] = typer.Argument(..., help="Recipe or profile YAML files to check.")) -> None:
     """Check recipes and profiles without running anything."""
-    from kdpipe.config import validate_file
-    from kdpipe.errors import ConfigError
+    from kdpipe.validate import validate_file
 
     failed = 0
     for f in files:

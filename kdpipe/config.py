@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kdpipe.errors import ConfigError, did_you_mean
-from kdpipe.lossconfig import CELoss, HintonLoss, LossConfig
+from kdpipe.textcodec import encoding_problem
+from kdpipe.losses.terms import CELoss, HintonLoss, LossConfig
 
 __all__ = ["CELoss", "HintonLoss", "LossConfig"]
 
@@ -56,8 +57,6 @@ class DataConfig(_Strict):
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, v: str) -> str:
-        from kdpipe.data import encoding_problem
-
         problem = encoding_problem(v)
         if problem:
             raise ValueError(problem)
@@ -114,7 +113,7 @@ class ScheduleConfig(_Strict):
     kind: Literal["all", "pid", "sid"] = Field(
         "all",
         description="'all': every term from the first step; 'pid': progressive, one matched layer at a time "
-        "bottom-up; 'sid': stacked, like pid but lower layers' losses are kept (METHODS.md 2.4).",
+        "bottom-up; 'sid': stacked, like pid but lower layers' losses are kept (docs/methods.md §2.4).",
     )
     cap_steps: int = Field(100, gt=0, le=10**9, description="pid/sid: move to the next layer after this many steps ...")
     threshold: float = Field(0.0, ge=0, description="... or as soon as the layer's [CLS] cosine loss falls below this.")
@@ -186,11 +185,11 @@ class DistillConfig(_Strict):
     augment: AugmentConfig | None = Field(
         None,
         description="Add augmented copies of the transfer set (masking, embedding-neighbour replacement, n-gram "
-        "sampling; METHODS.md 1.2), labelled by the teacher; written to the stage as augmented.jsonl.",
+        "sampling; docs/methods.md §1.2), labelled by the teacher; written to the stage as augmented.jsonl.",
     )
     data_free: DataFreeConfig | None = Field(
         None,
-        description="Distil without data (METHODS.md 5): on inputs reconstructed from the teacher's per-class "
+        description="Distil without data (docs/methods.md §5): on inputs reconstructed from the teacher's per-class "
         "logit statistics instead of the train split.",
     )
     cka_samples: int = Field(
@@ -270,7 +269,7 @@ class Recipe(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Distill stage.")
     assistant: StudentConfig | None = Field(
         None,
-        description="Teaching assistant (METHODS.md 5): when given, `kdpipe run` distils teacher -> an assistant of "
+        description="Teaching assistant (docs/methods.md §5): when given, `kdpipe run` distils teacher -> an assistant of "
         "this size -> the student, the assistant standing in as the student's teacher.",
     )
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export stage.")
@@ -341,7 +340,7 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory", "give the path of a recipe or profile YAML file")
     raw = path.read_bytes()
@@ -436,7 +435,7 @@ def format_validation_error(source: str, err: ValidationError, overrides: list[s
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
     path = resolve("stages", name_or_path)
-    data = _merge(_read_yaml(path), parse_overrides(overrides))
+    data = _merge(read_yaml(path), parse_overrides(overrides))
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -448,74 +447,9 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
 def load_profile(name_or_path: str | Path) -> TargetProfile:
     path = resolve("profiles", name_or_path)
     try:
-        return TargetProfile.model_validate(_read_yaml(path))
+        return TargetProfile.model_validate(read_yaml(path))
     except ValidationError as e:
         raise format_validation_error(str(path), e) from None
-
-
-def file_kind(path: Path, data: dict[str, Any]) -> str:
-    """'recipe' or 'profile': the file's own `kind:`, else its directory (profiles/ or stages/), else recipe."""
-    kind = data.get("kind")
-    if kind in ("recipe", "profile"):
-        return str(kind)
-    if kind is not None:
-        raise ConfigError(
-            f"{path}: kind: {kind!r} is neither 'recipe' nor 'profile'", "write kind: recipe or kind: profile"
-        )
-    parent = path.resolve().parent.name
-    if parent in ("profiles", "stages"):
-        return "profile" if parent == "profiles" else "recipe"
-    # elsewhere: a profile when its keys are profile fields and none is a recipe field
-    keys = set(data) - {"kind"}
-    profile_only = set(TargetProfile.model_fields) - set(Recipe.model_fields)
-    return "profile" if keys & profile_only and not keys & set(Recipe.model_fields) else "recipe"
-
-
-def validate_file(path: Path) -> str:
-    """Validate a recipe or a profile (by its `kind:` or its directory) with every cross-check that
-    needs no model; returns what it was."""
-    data = _read_yaml(path)
-    kind = file_kind(path, data)
-    model: type[BaseModel] = TargetProfile if kind == "profile" else Recipe
-    try:
-        model.model_validate(data)
-    except ValidationError as e:
-        err = format_validation_error(str(path), e)
-        if kind == "recipe" and any(k in data for k in ("shapes", "execution_providers", "intra_op_threads")):
-            err.hint = "this looks like a target profile: put it in profiles/ or add `kind: profile`"
-        raise err from None
-    if kind == "recipe":
-        recipe = Recipe.model_validate(data)
-        load_profile(recipe.profile)
-        check_recipe(recipe)
-    return kind
-
-
-def check_recipe(recipe: Recipe) -> None:
-    """Every cross-check of a recipe that needs no trained model, run by `kdpipe run` before the teacher
-    trains and by `kdpipe validate`: input files and directories exist, the device is there, the loss
-    terms fit the layer maps and widths (from the teacher's config.json when it is on this machine)."""
-    d = recipe.distill
-    if d.transfer is not None and not Path(d.transfer).is_file():
-        raise ConfigError(f"distill.transfer: {d.transfer}: no such file", "give a text file, one example per line")
-    for i, t in enumerate(d.extra_teachers):
-        if not Path(t).is_dir():
-            raise ConfigError(f"distill.extra_teachers[{i}]: {t}: no such directory", "give local HF model directories")
-    for name, student in (("student", recipe.student), ("assistant", recipe.assistant)):
-        if student is not None and student.pretrained is not None and not Path(student.pretrained).is_dir():
-            raise ConfigError(
-                f"{name}.pretrained: {student.pretrained}: no such directory", "give a local HF model directory"
-            )
-    if d.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "distill.device: cuda, but this machine has no CUDA device", "set distill.device: auto (or cpu)"
-            )
-    from kdpipe.distill import check_recipe_losses
-
-    check_recipe_losses(recipe)
 
 
 def with_temperature(recipe: Recipe, temperature: float) -> Recipe:

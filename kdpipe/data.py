@@ -18,6 +18,7 @@ import numpy as np
 
 from kdpipe.config import DataConfig
 from kdpipe.errors import DataError
+from kdpipe.textcodec import encoding_problem
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -130,18 +131,6 @@ def check_encoding(name: str) -> str:
     if problem:
         raise DataError(f"teacher.data.encoding: {problem}", "use 'auto' or a Python codec name such as utf-8, cp1252")
     return name
-
-
-def encoding_problem(name: str) -> str | None:
-    if name == "auto":
-        return None
-    try:
-        info = codecs.lookup(name)
-    except LookupError:
-        return f"unknown encoding '{name}' (e.g. utf-8, cp1252, latin-1, cp1251, utf-16, or 'auto')"
-    if not getattr(info, "_is_text_encoding", True):
-        return f"'{name}' is not a text encoding (e.g. utf-8, cp1252, latin-1, cp1251, utf-16, or 'auto')"
-    return None
 
 
 # --------------------------------------------------------------------------- tables

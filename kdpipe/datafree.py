@@ -1,4 +1,4 @@
-"""Data-free distillation from statistics (METHODS.md 5, Lopes et al. 2017).
+"""Data-free distillation from statistics (docs/methods.md §5, Lopes et al. 2017).
 
 The teacher stage stores per-class mean and covariance of its logits (`logit_stats.json`). Here we
 sample targets b ~ N(mu_c, Sigma_c), reconstruct inputs x0 = argmin_x ||f(x) - b||^2 by optimising

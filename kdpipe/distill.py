@@ -4,19 +4,38 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 
-from kdpipe.artifacts import Manifest, Metric
-from kdpipe.config import CELoss, DistillConfig, Recipe
-from kdpipe.data import Encoded, Split, encode, read_split, read_transfer, subset
+from kdpipe.analysis import cka_matrix
+from kdpipe.artifacts import FileRecord, Manifest, Metric, input_records
+from kdpipe.augment import augment
+from kdpipe.config import DistillConfig, Recipe
+from kdpipe.data import SPLITS, Encoded, Split, batches, encode, read_split, read_transfer, subset
+from kdpipe.datafree import EmbeddedSet, load_stats, synthesize
 from kdpipe.errors import ConfigError, ModelError
-from kdpipe.losses import LossContext, build_objective
-from kdpipe.models import load_classifier, load_tokenizer, vocab_mismatch
-from kdpipe.pipeline import StageOutput
+from kdpipe.layermaps import layer_map, uniform_layers
+from kdpipe.losses.objective import LossContext, Objective, build_objective
+from kdpipe.losses.masks import mean_pool
+from kdpipe.losses.terms import CELoss, LossConfig
+from kdpipe.models import forward_kd, load_classifier, load_tokenizer, require_same_tokenizer, resolve_model_dir
+from kdpipe.plots import plot_cka, plot_training
+from kdpipe.records import (
+    DistillRecord,
+    RunContext,
+    StageOutput,
+    StageSpec,
+    StudentRecord,
+    TeacherRecord,
+    record,
+    seeded,
+    upstream_inputs,
+)
+from kdpipe.student import select_layers
+from kdpipe.train import Device, Evaluation, TrainPlan, TrainResult, evaluate, pick_device, train
 
 
 def loss_context(
@@ -32,7 +51,7 @@ def loss_context(
     )
 
 
-def check_objective(cfg: DistillConfig, ctx: LossContext) -> Any:
+def check_objective(cfg: DistillConfig, ctx: LossContext) -> Objective:
     """Build the objective once on the configs alone: a layer map that does not fit fails here,
     before any model loads."""
     objective = build_objective(list(cfg.losses), ctx, cfg.schedule)
@@ -44,7 +63,27 @@ def check_objective(cfg: DistillConfig, ctx: LossContext) -> Any:
     return objective
 
 
-def schedule_warning(objective: Any, cfg: DistillConfig, examples: int) -> str | None:
+def check_losses(recipe: Recipe) -> None:
+    """`kdpipe validate` / `kdpipe run` before the teacher trains: build the distill objective from the teacher's
+    config.json and the student spec alone, so that a layer map that does not fit fails before any model
+    loads. Skipped when the teacher is not on this machine yet."""
+    try:
+        t_dir = resolve_model_dir(recipe.teacher.model)
+    except ModelError:
+        return
+    t_conf = json.loads((t_dir / "config.json").read_text())
+    if recipe.student.pretrained is not None:
+        s_conf = json.loads(
+            (resolve_model_dir(recipe.student.pretrained, "student.pretrained") / "config.json").read_text()
+        )
+        kept = uniform_layers(int(s_conf["num_hidden_layers"]), int(t_conf["num_hidden_layers"]))
+    else:
+        kept = select_layers(recipe.student, int(t_conf["num_hidden_layers"]))
+        s_conf = {**t_conf, "num_hidden_layers": len(kept)}
+    check_objective(recipe.distill, loss_context(t_conf, s_conf, layer_map(kept)))
+
+
+def schedule_warning(objective: Objective, cfg: DistillConfig, examples: int) -> str | None:
     """PID/SID with the classifier last: say so when the layer phase can outlast the whole budget."""
     sched = objective.schedule
     if sched.kind == "all" or not cfg.schedule.classifier_last:
@@ -61,189 +100,197 @@ def schedule_warning(objective: Any, cfg: DistillConfig, examples: int) -> str |
     )
 
 
-def _train_student(
-    name: str,
-    losses: list[Any],
-    cfg: DistillConfig,
-    student_dir: Path,
-    teachers: list[Any],
-    train_data: Encoded,
-    val_data: Encoded,
-    ctx: LossContext,
-    seed: int,
-    device: Any,
-    console: Console,
-) -> tuple[Any, Any]:
-    from kdpipe.train import train
+@dataclass
+class Pair:
+    """What the distill stage reads: the teacher (and ensemble members), the student's directory, the
+    encoded splits, and the loss context of the two architectures."""
 
-    model = load_classifier(student_dir)
-    objective = build_objective(losses, ctx, cfg.schedule)
-    result = train(
-        model,
-        objective,
-        train_data,
-        teacher=teachers[0] if objective.needs_teacher else None,
-        extra_teachers=teachers[1:] if objective.needs_teacher else [],
-        val_data=val_data if len(val_data) else None,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        param_groups=[{"params": list(model.parameters()), "lr": cfg.lr}],
-        weight_decay=cfg.weight_decay,
-        warmup_ratio=cfg.warmup_ratio,
-        grad_clip=cfg.grad_clip,
-        eval_every=cfg.eval_every,
-        keep_best=cfg.keep == "best",
-        seed=seed,
-        device=device,
-        description=name,
-        console=console,
-        lr_setting="distill.lr",
-    )
-    return model, result
+    teachers: list[Any]
+    teacher_tokenizer: Any
+    student_dir: Path
+    student_tokenizer: Any
+    teacher_record: TeacherRecord
+    teacher_manifest: Manifest
+    splits: dict[str, Encoded]
+    loss_ctx: LossContext
 
 
-def _check_pair(teacher: Any, student: Any, t_tok: Any, s_tok: Any, cfg: DistillConfig, where: Path) -> None:
-    why = vocab_mismatch(t_tok, s_tok)
-    if why:
+def _load_pair(cfg: DistillConfig, upstream: Manifest) -> Pair:
+    t_manifest = upstream.upstream("teacher")
+    t_dir, s_dir = t_manifest.path("model/config.json").parent, upstream.path("model/config.json").parent
+    s_rec, t_rec = record(upstream, StudentRecord), record(t_manifest, TeacherRecord)
+    t_conf = json.loads((t_dir / "config.json").read_text())
+    ctx = loss_context(t_conf, json.loads((s_dir / "config.json").read_text()), s_rec.layer_map)
+    check_objective(cfg, ctx)
+    teacher = load_classifier(t_dir)
+    t_tok, s_tok = load_tokenizer(t_dir), load_tokenizer(s_dir)
+    _check_member(teacher, load_classifier(s_dir), t_tok, s_tok, cfg, s_dir)
+    teachers = [teacher]
+    for i, member_path in enumerate(cfg.extra_teachers):
+        e_dir = resolve_model_dir(member_path, f"distill.extra_teachers[{i}]")
+        member = load_classifier(e_dir)
+        _check_member(teacher, member, t_tok, load_tokenizer(e_dir), cfg, e_dir)
+        teachers.append(member)
+    splits = {n: encode(s_tok, read_split(t_manifest.path(f"data/{n}.jsonl")), t_rec.max_length) for n in SPLITS}
+    return Pair(teachers, t_tok, s_dir, s_tok, t_rec, t_manifest, splits, ctx)
+
+
+def _check_member(teacher: Any, other: Any, t_tok: Any, o_tok: Any, cfg: DistillConfig, where: Path) -> None:
+    """The student (or an ensemble member) against the teacher: same tokenizer, labels and, for
+    hidden_cosine, width."""
+    require_same_tokenizer(t_tok, o_tok, where)
+    if teacher.config.num_labels != other.config.num_labels:
         raise ModelError(
-            f"{where}: the tokenizer does not match the teacher's ({why})",
-            "the losses feed the same token ids to both models: use models that share the tokenizer",
-        )
-    if teacher.config.num_labels != student.config.num_labels:
-        raise ModelError(
-            f"{where}: has {student.config.num_labels} classes, the teacher {teacher.config.num_labels}",
+            f"{where}: has {other.config.num_labels} classes, the teacher {teacher.config.num_labels}",
             "use models trained for the same labels",
         )
-    if any(c.name == "hidden_cosine" for c in cfg.losses) and teacher.config.hidden_size != student.config.hidden_size:
+    if any(c.name == "hidden_cosine" for c in cfg.losses) and teacher.config.hidden_size != other.config.hidden_size:
         raise ConfigError(
-            f"distill.losses: hidden_cosine needs equal widths (student {student.config.hidden_size}, "
+            f"distill.losses: hidden_cosine needs equal widths (student {other.config.hidden_size}, "
             f"teacher {teacher.config.hidden_size})",
             "use tinybert or hint, which learn a projection",
         )
 
 
-def _cka(teacher: Any, student: Any, data: Encoded, n: int, device: Any, work: Path) -> dict[str, Any]:
-    """METHODS.md 3.3: linear CKA of every teacher layer x every student layer (mean-pooled hidden
-    states over real tokens, on `n` test examples)."""
-    import torch
-
-    from kdpipe.analysis import cka_matrix, mean_pool
-    from kdpipe.data import batches
-    from kdpipe.models import forward_kd
-    from kdpipe.report import plot_cka
-
-    feats: dict[str, list[list[torch.Tensor]]] = {"teacher": [], "student": []}
-    with torch.no_grad():
-        for batch in batches(subset(data, n), 64, shuffle=False):
-            batch = {k: v.to(device.torch_device) for k, v in batch.items() if k != "labels"}
-            for key, model in (("teacher", teacher), ("student", student)):
-                out = forward_kd(model.eval(), batch, hidden=True)
-                assert out.hidden_states is not None
-                feats[key].append([mean_pool(h.float(), batch["attention_mask"]).cpu() for h in out.hidden_states])
-    per_layer = {k: [torch.cat([b[i] for b in v]) for i in range(len(v[0]))] for k, v in feats.items()}
-    matrix = cka_matrix(per_layer["teacher"], per_layer["student"])
-    result = {
-        "rows": "teacher hidden states (0 = embeddings)",
-        "cols": "student hidden states (0 = embeddings)",
-        "examples": int(per_layer["teacher"][0].shape[0]),
-        "matrix": np.round(matrix, 5).tolist(),
-    }
-    (work / "cka.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_cka(matrix, work / "cka.png")
-    return result
+def _transfer_set(
+    cfg: DistillConfig, pair: Pair, device: Device, work: Path, ctx: RunContext
+) -> tuple[Encoded | EmbeddedSet, dict[str, Any] | None]:
+    """What the student is distilled on: the train split (first `train_limit`), a transfer file, either
+    with augmented copies (written to augmented.jsonl), or inputs reconstructed data-free."""
+    if cfg.data_free:
+        stats = load_stats(pair.teacher_manifest.dir / "logit_stats.json")
+        synthetic, report = synthesize(pair.teachers[0], stats, cfg.data_free, ctx.seed, device.torch_device, ctx.console)
+        np.save(work / "data_free_inputs.npy", synthetic.embeds.numpy(), allow_pickle=False)
+        return synthetic, report
+    if not (cfg.transfer or cfg.augment):
+        return subset(pair.splits["train"], cfg.train_limit), None
+    t_manifest = pair.teacher_manifest
+    base = read_transfer(Path(cfg.transfer)) if cfg.transfer else read_split(t_manifest.path("data/train.jsonl"))
+    n = cfg.train_limit or len(base)
+    base = Split(texts=base.texts[:n], labels=None if base.labels is None else base.labels[:n])
+    if cfg.augment:
+        emb = pair.teachers[0].get_input_embeddings().weight.detach().float().numpy()
+        copies = augment(base, pair.teacher_tokenizer, emb, cfg.augment, ctx.seed)
+        with open(work / "augmented.jsonl", "w", encoding="utf-8") as f:
+            for text in copies.texts:
+                f.write(json.dumps({"text": text, "label": -1}, ensure_ascii=False) + "\n")
+        base = Split(
+            texts=base.texts + copies.texts,
+            labels=(base.labels or [-1] * len(base.texts)) + [-1] * len(copies.texts),
+        )
+    return encode(pair.student_tokenizer, base, pair.teacher_record.max_length), None
 
 
-def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: Console) -> StageOutput:
-    import torch
-
-    from kdpipe.train import evaluate, pick_device
-
-    assert upstream is not None  # the stage table gives distill a student upstream
-    cfg = recipe.distill
-    t_manifest = upstream.upstream("teacher")
-    t_dir, s_dir = t_manifest.dir / "model", upstream.dir / "model"
-    t_conf = json.loads((t_dir / "config.json").read_text())
-    ctx = loss_context(
-        t_conf,
-        json.loads((s_dir / "config.json").read_text()),
-        {int(k): v for k, v in upstream.extra["layer_map"].items()},
+def _train_student(
+    description: str,
+    losses: list[LossConfig],
+    cfg: DistillConfig,
+    pair: Pair,
+    data: Encoded | EmbeddedSet,
+    device: Device,
+    ctx: RunContext,
+) -> tuple[Any, TrainResult, Evaluation]:
+    """A fresh copy of the student trained on `losses`; its test evaluation must be finite."""
+    model = load_classifier(pair.student_dir)
+    objective = build_objective(losses, pair.loss_ctx, cfg.schedule)
+    plan = TrainPlan(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        grad_clip=cfg.grad_clip,
+        eval_every=cfg.eval_every,
+        keep_best=cfg.keep == "best",
+        seed=ctx.seed,
+        description=description,
+        lr_setting="distill.lr",
     )
-    objective = check_objective(cfg, ctx)
+    val = pair.splits["val"]
+    # the teacher runs for the terms that read it, and to label unlabeled examples (a transfer file, augmented
+    # copies, data-free inputs) even when no term does
+    teachers = pair.teachers if objective.needs_teacher or _unlabeled(data) else []
+    result = train(model, objective, data, plan, device, teachers=teachers, val_data=val if len(val) else None, console=ctx.console)
+    test = evaluate(model, pair.splits["test"], device)
+    _require_finite(test.logits, description)
+    return model, result, test
+
+
+def _unlabeled(data: Encoded | EmbeddedSet) -> bool:
+    return data.labels is None or any(y < 0 for y in data.labels)
+
+
+def run_distill(cfg: DistillConfig, upstream: Manifest | None, work: Path, ctx: RunContext) -> StageOutput:
+    import torch
+
+    assert upstream is not None  # STAGE names a student upstream; the runner reads and verifies it
+    pair = _load_pair(cfg, upstream)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    teacher = load_classifier(t_dir)
-    student0 = load_classifier(s_dir)
-    t_tok, s_tok = load_tokenizer(t_dir), load_tokenizer(s_dir)
-    _check_pair(teacher, student0, t_tok, s_tok, cfg, s_dir)
-    teachers = [teacher]
-    for member_path in cfg.extra_teachers:
-        from kdpipe.models import resolve_model_dir
-
-        e_dir = resolve_model_dir(member_path, "distill.extra_teachers")
-        member = load_classifier(e_dir)
-        _check_pair(teacher, member, t_tok, load_tokenizer(e_dir), cfg, e_dir)
-        teachers.append(member)
-    del student0
-    max_length = int(t_manifest.extra["max_length"])
-    data = {
-        n: encode(s_tok, read_split(t_manifest.path(f"data/{n}.jsonl")), max_length) for n in ("train", "val", "test")
-    }
     device = pick_device(cfg.device, cfg.precision)
-    labeled = subset(data["train"], cfg.train_limit)
-    transfer = labeled
-    if cfg.transfer or cfg.augment:
-        base = read_transfer(Path(cfg.transfer)) if cfg.transfer else read_split(t_manifest.path("data/train.jsonl"))
-        n = cfg.train_limit or len(base)
-        base = Split(texts=base.texts[:n], labels=None if base.labels is None else base.labels[:n])
-        if cfg.augment:
-            from kdpipe.augment import augment
-
-            emb = teacher.get_input_embeddings().weight.detach().float().numpy()
-            extra_split = augment(base, t_tok, emb, cfg.augment, recipe.seed)
-            with open(work / "augmented.jsonl", "w", encoding="utf-8") as f:
-                for text in extra_split.texts:
-                    f.write(json.dumps({"text": text, "label": -1}, ensure_ascii=False) + "\n")
-            base = Split(
-                texts=base.texts + extra_split.texts,
-                labels=(base.labels or [-1] * len(base.texts)) + [-1] * len(extra_split.texts),
-            )
-        transfer = encode(s_tok, base, max_length)
-    df_report = None
-    if cfg.data_free:
-        from kdpipe.datafree import load_stats, synthesize
-
-        stats = load_stats(t_manifest.dir / "logit_stats.json")
-        synthetic, df_report = synthesize(teacher, stats, cfg.data_free, recipe.seed, device.torch_device, console)
-        np.save(work / "data_free_inputs.npy", synthetic.embeds.numpy(), allow_pickle=False)
-        transfer = synthetic  # type: ignore[assignment]  # batches() takes either kind
-    teacher_logits = np.load(t_manifest.path("test_logits.npy"), allow_pickle=False)
-    teacher_preds = teacher_logits.argmax(-1)
-    terms = ", ".join(f"{c.weight:g} x {c.name}" for c in cfg.losses)
-    console.print(
-        f"distilling on {device.torch_device} ({device.precision}), {torch.get_num_threads()} threads: "
-        f"loss = {terms}; schedule {cfg.schedule.kind}; {len(transfer)} "
-        f"{'unlabeled ' if cfg.transfer else 'data-free ' if cfg.data_free else ''}examples"
-        + (f" (incl. {cfg.augment.n_iter} augmented copies of each)" if cfg.augment else "")
-        + f" x {cfg.epochs:g} epochs"
-        + (f"; ensemble of {len(teachers)} teachers" if len(teachers) > 1 else "")
-    )
-
+    transfer, df_report = _transfer_set(cfg, pair, device, work, ctx)
+    _announce(cfg, pair, device, len(transfer), ctx)
+    objective = build_objective(list(cfg.losses), pair.loss_ctx, cfg.schedule)
     warnings = []
     if warning := schedule_warning(objective, cfg, len(transfer)):
-        console.print(f"[yellow]{warning}[/]")
+        ctx.console.print(f"[yellow]{warning}[/]")
         warnings.append(warning.removeprefix("warning: "))
-    model, result = _train_student(
-        "distill (KD)", list(cfg.losses), cfg, s_dir, teachers, transfer, data["val"], ctx, recipe.seed, device, console
-    )
-    test = evaluate(model, data["test"], device)
-    _require_finite(test.logits, "the KD student")
+    model, result, test = _train_student("distill (KD)", list(cfg.losses), cfg, pair, transfer, device, ctx)
     model.to("cpu").save_pretrained(work / "model", safe_serialization=True)
-    s_tok.save_pretrained(work / "model")
+    pair.student_tokenizer.save_pretrained(work / "model")
     np.save(work / "test_logits.npy", test.logits, allow_pickle=False)
+    teacher_preds = np.load(pair.teacher_manifest.path("test_logits.npy"), allow_pickle=False).argmax(-1)
+    t_acc = float(pair.teacher_manifest.metric("test_accuracy"))
+    metrics = _kd_metrics(test, result, teacher_preds, t_acc, cfg.batch_size, len(transfer))
+    ctx.console.print(f"KD student test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f} (teacher {t_acc:.4f})")
+    cka_diagonal = None
+    if cfg.cka_samples:
+        test_part = subset(pair.splits["test"], cfg.cka_samples)
+        matrix = _layer_cka(pair.teachers[0], model.to(device.torch_device), test_part, device)
+        (work / "cka.json").write_text(json.dumps(_cka_json(matrix, len(test_part)), indent=2) + "\n")
+        plot_cka(matrix, work / "cka.png")
+        cka_diagonal = [float(round(matrix[t][s], 5)) for s, t in sorted(pair.loss_ctx.layer_map.items())]
+    baseline_history = None
+    if cfg.baseline:
+        baseline_history = _baseline(cfg, pair, device, teacher_preds, metrics, ctx)
+    rec = DistillRecord(
+        device=device.torch_device,
+        precision=device.precision,
+        history=_thin(result.history),
+        baseline_history=baseline_history,
+        losses=[c.model_dump() for c in cfg.losses],
+        schedule_kind=cfg.schedule.kind,
+        schedule_events=result.schedule_events,
+        train_examples=len(transfer),
+        data_free=df_report,
+        warnings=warnings,
+        # attention terms read softmax probabilities: the student's attention dropout was off for them
+        attention_dropout_off=result.attention_dropout_off,
+        cka_diagonal=cka_diagonal,
+    )
+    plot_training(rec.history, rec.baseline_history, work / "training.png")
+    return StageOutput(record=rec, metrics=metrics)
 
-    t_acc = float(t_manifest.metric("test_accuracy"))
-    epochs_done = result.steps * cfg.batch_size / max(1, len(transfer))
-    metrics = {
+
+def _announce(cfg: DistillConfig, pair: Pair, device: Device, examples: int, ctx: RunContext) -> None:
+    import torch
+
+    terms = ", ".join(f"{c.weight:g} x {c.name}" for c in cfg.losses)
+    kind = "unlabeled " if cfg.transfer else "data-free " if cfg.data_free else ""
+    ctx.console.print(
+        f"distilling on {device.torch_device} ({device.precision}), {torch.get_num_threads()} threads: "
+        f"loss = {terms}; schedule {cfg.schedule.kind}; {examples} {kind}examples"
+        + (f" (incl. {cfg.augment.n_iter} augmented copies of each)" if cfg.augment else "")
+        + f" x {cfg.epochs:g} epochs"
+        + (f"; ensemble of {len(pair.teachers)} teachers" if len(pair.teachers) > 1 else "")
+    )
+
+
+def _kd_metrics(
+    test: Evaluation, result: TrainResult, teacher_preds: np.ndarray, t_acc: float, batch_size: int, examples: int
+) -> dict[str, Metric]:
+    epochs_done = result.steps * batch_size / max(1, examples)
+    return {
         "test_accuracy": Metric(round(test.accuracy, 5), "fraction"),
         "test_macro_f1": Metric(round(test.macro_f1, 5), "fraction"),
         "teacher_agreement": Metric(round(float((test.logits.argmax(-1) == teacher_preds).mean()), 5), "fraction"),
@@ -254,54 +301,57 @@ def run_distill(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
         "steps": Metric(result.steps, "steps"),
         "final_loss": Metric(round(result.final_loss, 4), "loss"),
     }
-    console.print(f"KD student test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f} (teacher {t_acc:.4f})")
-    extra: dict[str, Any] = {
-        "device": device.torch_device,
-        "precision": device.precision,
-        "history": _thin(result.history),
-        "losses": [c.model_dump() for c in cfg.losses],
-        "schedule_events": result.schedule_events,
-        "train_examples": len(transfer),
-        "data_free": df_report,
-        "warnings": warnings,
-        # attention terms read softmax probabilities: the student's attention dropout was off for them
-        "attention_dropout_off": result.attention_dropout_off,
-    }
-    if cfg.cka_samples:
-        cka = _cka(teacher, model.to(device.torch_device), data["test"], cfg.cka_samples, device, work)
-        extra["cka_diagonal"] = [cka["matrix"][t][s] for s, t in sorted(ctx.layer_map.items())]
-    if cfg.baseline:
-        base, b_result = _train_student(
-            "baseline (no KD)",
-            [CELoss()],
-            cfg,
-            s_dir,
-            [],
-            labeled,  # gold labels only: no transfer file, no augmented copies
-            data["val"],
-            ctx,
-            recipe.seed,
-            device,
-            console,
-        )
-        b_test = evaluate(base, data["test"], device)
-        _require_finite(b_test.logits, "the no-KD baseline")
-        console.print(f"no-KD student test accuracy {b_test.accuracy:.4f}, macro-F1 {b_test.macro_f1:.4f}")
-        metrics.update(
-            {
-                "baseline_test_accuracy": Metric(round(b_test.accuracy, 5), "fraction"),
-                "baseline_test_macro_f1": Metric(round(b_test.macro_f1, 5), "fraction"),
-                "baseline_teacher_agreement": Metric(
-                    round(float((b_test.logits.argmax(-1) == teacher_preds).mean()), 5), "fraction"
-                ),
-                "baseline_train_seconds": Metric(round(b_result.seconds, 1), "s"),
-            }
-        )
-        extra["baseline_history"] = _thin(b_result.history)
-    from kdpipe.report import plot_training
 
-    plot_training(extra, work / "training.png")
-    return StageOutput(metrics=metrics, extra=extra)
+
+def _baseline(
+    cfg: DistillConfig,
+    pair: Pair,
+    device: Device,
+    teacher_preds: np.ndarray,
+    metrics: dict[str, Metric],
+    ctx: RunContext,
+) -> list[dict[str, float]]:
+    """The same student trained on gold labels only (no transfer file, no augmented copies), same budget;
+    its metrics are added to `metrics`, its loss curve returned."""
+    labeled = subset(pair.splits["train"], cfg.train_limit)
+    _, result, test = _train_student("baseline (no KD)", [CELoss()], cfg, pair, labeled, device, ctx)
+    ctx.console.print(f"no-KD student test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f}")
+    agreement = float((test.logits.argmax(-1) == teacher_preds).mean())
+    metrics.update(
+        {
+            "baseline_test_accuracy": Metric(round(test.accuracy, 5), "fraction"),
+            "baseline_test_macro_f1": Metric(round(test.macro_f1, 5), "fraction"),
+            "baseline_teacher_agreement": Metric(round(agreement, 5), "fraction"),
+            "baseline_train_seconds": Metric(round(result.seconds, 1), "s"),
+        }
+    )
+    return _thin(result.history)
+
+
+def _layer_cka(teacher: Any, student: Any, data: Encoded, device: Device) -> np.ndarray:
+    """docs/methods.md §3.3: linear CKA of every teacher layer x every student layer, on mean-pooled hidden
+    states over real tokens; (teacher hidden states, student hidden states), 0 = embeddings."""
+    import torch
+
+    feats: dict[str, list[list[torch.Tensor]]] = {"teacher": [], "student": []}
+    with torch.no_grad():
+        for batch in batches(data, 64, shuffle=False):
+            batch = {k: v.to(device.torch_device) for k, v in batch.items() if k != "labels"}
+            for key, model in (("teacher", teacher), ("student", student)):
+                out = forward_kd(model.eval(), batch, hidden=True)
+                assert out.hidden_states is not None
+                feats[key].append([mean_pool(h.float(), batch["attention_mask"]).cpu() for h in out.hidden_states])
+    per_layer = {k: [torch.cat([b[i] for b in v]) for i in range(len(v[0]))] for k, v in feats.items()}
+    return cka_matrix(per_layer["teacher"], per_layer["student"])
+
+
+def _cka_json(matrix: np.ndarray, examples: int) -> dict[str, Any]:
+    return {
+        "rows": "teacher hidden states (0 = embeddings)",
+        "cols": "student hidden states (0 = embeddings)",
+        "examples": examples,
+        "matrix": np.round(matrix, 5).tolist(),
+    }
 
 
 def _require_finite(logits: np.ndarray, who: str) -> None:
@@ -309,7 +359,7 @@ def _require_finite(logits: np.ndarray, who: str) -> None:
     bad = int((~np.isfinite(logits)).any(-1).sum())
     if bad:
         raise ModelError(
-            f"{who} gives NaN/inf logits on {bad} of {len(logits)} test examples: training diverged",
+            f"{who}: the trained student gives NaN/inf logits on {bad} of {len(logits)} test examples: training diverged",
             "lower distill.lr or raise the loss temperatures; nothing was written",
         )
 
@@ -328,24 +378,23 @@ def _thin(history: list[dict[str, float]], points: int = 200) -> list[dict[str, 
     return out
 
 
-def check_recipe_losses(recipe: Recipe) -> None:
-    """`kdpipe validate`: build the distill objective from the teacher's config.json and the student
-    spec alone, so that a layer map that does not fit fails before any model loads. Skipped when the
-    teacher is not on this machine yet."""
-    from kdpipe.models import resolve_model_dir
-    from kdpipe.student import layer_map, select_layers, uniform_layers
+def inputs(cfg: DistillConfig, upstream: Manifest | None) -> list[FileRecord]:
+    """The student artifact, the transfer file and every extra teacher's files, by content."""
+    records = upstream_inputs(upstream)
+    if cfg.transfer is not None:
+        read_transfer(Path(cfg.transfer))  # a missing or empty file: one clear error, before hashing
+        records += input_records(Path(cfg.transfer), "transfer")
+    for i, member in enumerate(cfg.extra_teachers):
+        records += input_records(resolve_model_dir(member, f"distill.extra_teachers[{i}]"), f"extra_teacher_{i}")
+    return records
 
-    try:
-        t_dir = resolve_model_dir(recipe.teacher.model)
-    except ModelError:
-        return
-    t_conf = json.loads((t_dir / "config.json").read_text())
-    if recipe.student.pretrained is not None:
-        s_conf = json.loads(
-            (resolve_model_dir(recipe.student.pretrained, "student.pretrained") / "config.json").read_text()
-        )
-        kept = uniform_layers(int(s_conf["num_hidden_layers"]), int(t_conf["num_hidden_layers"]))
-    else:
-        kept = select_layers(recipe.student, int(t_conf["num_hidden_layers"]))
-        s_conf = {**t_conf, "num_hidden_layers": len(kept)}
-    check_objective(recipe.distill, loss_context(t_conf, s_conf, layer_map(kept)))
+
+STAGE = StageSpec(
+    name="distill",
+    upstream="student",
+    section=lambda recipe, ctx: recipe.distill,
+    run=run_distill,
+    summary="distil the teacher into the student",
+    identity=seeded,
+    inputs=inputs,
+)

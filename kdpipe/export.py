@@ -7,14 +7,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-
 from kdpipe.artifacts import Manifest, Metric
-from kdpipe.config import ExportConfig, Recipe
-from kdpipe.data import collate, encode, read_split
+from kdpipe.config import ExportConfig
+from kdpipe.data import Split, collate, encode, read_split
 from kdpipe.errors import ExportToleranceError
 from kdpipe.models import load_classifier, load_tokenizer
-from kdpipe.pipeline import StageOutput
+from kdpipe.records import (
+    ExportedModel,
+    ExportRecord,
+    ModelSource,
+    Parity,
+    RunContext,
+    StageOutput,
+    StageSpec,
+    TeacherRecord,
+    record,
+    unseeded,
+)
 
 # batch sizes of the parity check: none equals the exporter's dummy batch (2), and real texts give
 # sequence lengths other than its dummy length (16), so axes baked in as static cannot pass.
@@ -64,15 +73,13 @@ def export_onnx(model_dir: Path, out: Path, opset: int) -> dict[str, Any]:
     }
 
 
-def parity(model_dir: Path, onnx_path: Path, texts: list[str], max_length: int, atol: float) -> dict[str, Any]:
+def parity(model_dir: Path, onnx_path: Path, texts: list[str], max_length: int, atol: float) -> Parity:
     """Max abs diff of logits and class agreement between PyTorch and ONNX on real texts."""
     import onnxruntime as ort
     import torch
 
     model = load_classifier(model_dir).eval()
     tok = load_tokenizer(model_dir)
-    from kdpipe.data import Split
-
     enc = encode(tok, Split(texts=texts, labels=[0] * len(texts)), max_length)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     worst, same, n, shapes, nonfinite = 0.0, 0, 0, [], 0
@@ -94,59 +101,68 @@ def parity(model_dir: Path, onnx_path: Path, texts: list[str], max_length: int, 
         same += int((ref.argmax(-1) == got.argmax(-1)).sum())
         n += len(ids)
         shapes.append(list(batch["input_ids"].shape))
-    return {
-        "max_abs_diff": worst,
-        "atol": atol,
-        "class_agreement": same / n,
-        "examples": n,
-        "shapes": shapes,
-        "nonfinite_outputs": nonfinite,
+    return Parity(
+        max_abs_diff=worst,
+        atol=atol,
+        class_agreement=same / n if n else 0.0,
+        examples=n,
+        shapes=shapes,
+        nonfinite_outputs=nonfinite,
         # written so that NaN fails: `nan <= atol` is False, and non-finite outputs fail outright
-        "ok": bool(nonfinite == 0 and n > 0 and worst <= atol and same == n),
-    }
+        ok=bool(nonfinite == 0 and n > 0 and worst <= atol and same == n),
+    )
 
 
-def run_export(recipe: Recipe, upstream: Manifest | None, work: Path, console: Console) -> StageOutput:
-    assert upstream is not None  # the stage table gives export a distill upstream
-    cfg: ExportConfig = recipe.export
+def run_export(cfg: ExportConfig, upstream: Manifest | None, work: Path, ctx: RunContext) -> StageOutput:
+    assert upstream is not None  # STAGE names a distill upstream; the runner reads and verifies it
     t_manifest = upstream.upstream("teacher")
     texts = read_split(t_manifest.path("data/test.jsonl")).texts[: cfg.parity_samples]
-    max_length = int(t_manifest.extra["max_length"])
-    models = {"student": upstream.dir / "model"}
+    max_length = record(t_manifest, TeacherRecord).max_length
+    # where each PyTorch model lives, as a stage of this run's lineage (never an absolute path)
+    sources = {"student": (upstream, ModelSource(stage="distill", dir="model"))}
     if cfg.teacher:
-        models["teacher"] = t_manifest.dir / "model"
+        sources["teacher"] = (t_manifest, ModelSource(stage="teacher", dir="model"))
     metrics: dict[str, Metric] = {}
-    extra: dict[str, Any] = {"models": {}}
+    models: dict[str, ExportedModel] = {}
     failures = []
-    for name, src in models.items():
+    for name, (manifest, source) in sources.items():
+        src = manifest.path(f"{source.dir}/config.json").parent
         spec = export_onnx(src, work / name, cfg.opset)
         check = parity(src, work / name / "model.onnx", texts, max_length, cfg.atol)
         size = (work / name / "model.onnx").stat().st_size
-        console.print(
-            f"{name}: ONNX {size / 2**20:.1f} MiB, parity on {check['examples']} real test examples "
-            f"at shapes {check['shapes']}: max |diff| {check['max_abs_diff']:.2e} (atol {cfg.atol:g}), "
-            f"class agreement {check['class_agreement']:.2%}"
+        ctx.console.print(
+            f"{name}: ONNX {size / 2**20:.1f} MiB, parity on {check.examples} real test examples "
+            f"at shapes {check.shapes}: max |diff| {check.max_abs_diff:.2e} (atol {cfg.atol:g}), "
+            f"class agreement {check.class_agreement:.2%}"
         )
-        # where the PyTorch model lives, as a stage of this run's lineage (never an absolute path)
-        source = {"stage": "distill" if name == "student" else "teacher", "dir": "model"}
-        extra["models"][name] = {"onnx": f"{name}/model.onnx", "spec": spec, "parity": check, "source": source}
-        metrics[f"{name}_max_abs_diff"] = Metric(check["max_abs_diff"], "logit units")
-        metrics[f"{name}_class_agreement"] = Metric(check["class_agreement"], "fraction")
+        models[name] = ExportedModel(onnx=f"{name}/model.onnx", spec=spec, parity=check, source=source)
+        metrics[f"{name}_max_abs_diff"] = Metric(check.max_abs_diff, "logit units")
+        metrics[f"{name}_class_agreement"] = Metric(check.class_agreement, "fraction")
         metrics[f"{name}_onnx_bytes"] = Metric(size, "bytes")
-        if not check["ok"]:
-            failures.append(
-                f"{name}: max |diff| {check['max_abs_diff']:.3e} vs atol {cfg.atol:g}, "
-                f"class agreement {check['class_agreement']:.2%} on {check['examples']} examples"
-                + (
-                    f", {check['nonfinite_outputs']} outputs with NaN/inf logits (a broken model)"
-                    if check["nonfinite_outputs"]
-                    else ""
-                )
-            )
+        if not check.ok:
+            failures.append(_failure(name, check))
     if failures:
         raise ExportToleranceError(
             "ONNX parity check failed: " + "; ".join(failures),
             "nothing was written; raise export.atol only if the difference is expected "
             "(e.g. a different opset), otherwise report the model",
         )
-    return StageOutput(metrics=metrics, extra=extra)
+    return StageOutput(record=ExportRecord(models=models), metrics=metrics)
+
+
+def _failure(name: str, check: Parity) -> str:
+    broken = f", {check.nonfinite_outputs} outputs with NaN/inf logits (a broken model)" if check.nonfinite_outputs else ""
+    return (
+        f"{name}: max |diff| {check.max_abs_diff:.3e} vs atol {check.atol:g}, "
+        f"class agreement {check.class_agreement:.2%} on {check.examples} examples{broken}"
+    )
+
+
+STAGE = StageSpec(
+    name="export",
+    upstream="distill",
+    section=lambda recipe, ctx: recipe.export,
+    run=run_export,
+    summary="export to ONNX and check parity",
+    identity=unseeded,
+)

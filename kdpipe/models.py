@@ -75,31 +75,65 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
         ) from None
 
 
+def load_config(path: Path, trust_remote_code: bool = False) -> Any:
+    """A model directory's config.json as a transformers config, or one clear ModelError."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"{path}: unreadable config.json ({str(e).splitlines()[0]})",
+            "point to a directory written by save_pretrained",
+        ) from None
+
+
 def load_classifier(path: Path, label_names: list[str] | None = None, trust_remote_code: bool = False) -> Any:
     """A sequence classifier from a local directory; a new head when `label_names` are given and the
     checkpoint has none (or a different one)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    return load_classifier_with_head(path, label_names, trust_remote_code)[0]
+
+
+def load_classifier_with_head(
+    path: Path, label_names: list[str] | None = None, trust_remote_code: bool = False
+) -> tuple[Any, set[str]]:
+    """`load_classifier`, and the names of the parameters the checkpoint did not have (the new head), which
+    the teacher fine-tune gives their own learning rate."""
+    from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
+    config = load_config(path, trust_remote_code)
+    if label_names is not None:
+        config.num_labels = len(label_names)
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {n: i for i, n in enumerate(label_names)}
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        if label_names is not None:
-            config.num_labels = len(label_names)
-            config.id2label = dict(enumerate(label_names))
-            config.label2id = {n: i for i, n in enumerate(label_names)}
-        return AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             path,
             config=config,
             local_files_only=True,
             trust_remote_code=trust_remote_code,
             ignore_mismatched_sizes=label_names is not None,
             attn_implementation="eager",
+            output_loading_info=True,
         )
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(
             f"{path}: cannot load a sequence-classification model ({str(e).splitlines()[0]})",
             "use an encoder checkpoint that AutoModelForSequenceClassification supports",
         ) from None
+    missing = set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])}
+    return model, {n for n, _ in model.named_parameters() if n in missing}
+
+
+def require_same_tokenizer(teacher_tok: Any, student_tok: Any, where: Path, hint: str = "") -> None:
+    """The losses feed the same token ids to both models: refuse a pair whose vocabularies differ."""
+    why = vocab_mismatch(teacher_tok, student_tok)
+    if why:
+        raise ModelError(
+            f"{where}: the tokenizer does not match the teacher's ({why})",
+            hint or "the losses feed the same token ids to both models: use models that share the tokenizer",
+        )
 
 
 def vocab_mismatch(teacher_tok: Any, student_tok: Any) -> str | None:

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
-
 from kdpipe.artifacts import Manifest, Metric
-from kdpipe.config import Recipe, Shape, TargetProfile, load_profile
+from kdpipe.config import Shape, TargetProfile
 from kdpipe.errors import ConfigError
-from kdpipe.pipeline import StageOutput
+from kdpipe.models import load_classifier
+from kdpipe.plots import plot_latency
+from kdpipe.records import ExportedModel, ExportRecord, ProfileRecord, RunContext, StageOutput, StageSpec, record
+from kdpipe.report import write_report
 
 _LEVELS = {
     "disable": "ORT_DISABLE_ALL",
@@ -23,10 +24,6 @@ _LEVELS = {
     "extended": "ORT_ENABLE_EXTENDED",
     "all": "ORT_ENABLE_ALL",
 }
-
-
-def stage_config(recipe: Recipe) -> dict[str, Any]:
-    return {"profile": load_profile(recipe.profile).model_dump(mode="json")}
 
 
 def latency_stats(times_s: list[float], batch: int) -> dict[str, float]:
@@ -120,8 +117,6 @@ def profile_onnx(
 def profile_torch(model_dir: Path, prof: TargetProfile, vocab_size: int) -> dict[str, Any]:
     import torch
 
-    from kdpipe.models import load_classifier
-
     torch.set_num_threads(prof.intra_op_threads)
     model = load_classifier(model_dir).eval()
     shapes = {}
@@ -137,30 +132,18 @@ def profile_torch(model_dir: Path, prof: TargetProfile, vocab_size: int) -> dict
     return {"shapes": shapes, "threads": torch.get_num_threads()}
 
 
-def model_source(export: Manifest, info: dict[str, Any]) -> Path:
+def model_source(export: Manifest, info: ExportedModel) -> Path:
     """The PyTorch model an ONNX file was exported from, found through the run's lineage (relative
     paths), so a moved or copied run profiles its own models."""
-    src = info.get("source")
-    if not isinstance(src, dict):
-        from kdpipe.errors import ArtifactError
-
-        raise ArtifactError(
-            f"{export.dir}: the export manifest was written by an older kdpipe (absolute model paths)",
-            "re-run `kdpipe export --force`",
-        )
-    stage = export.upstream(src["stage"])
-    return stage.path(f"{src['dir']}/config.json").parent
+    return export.upstream(info.source.stage).path(f"{info.source.dir}/config.json").parent
 
 
-def run_profile(recipe: Recipe, upstream: Manifest | None, work: Path, console: Console) -> StageOutput:
-    from kdpipe.report import plot_latency, write_report
-
-    assert upstream is not None  # the stage table gives profile an export upstream
-    prof = load_profile(recipe.profile)
+def run_profile(prof: TargetProfile, upstream: Manifest | None, work: Path, ctx: RunContext) -> StageOutput:
+    assert upstream is not None  # STAGE names an export upstream; the runner reads and verifies it
     label = f"{prof.name} (emulated on this host)" if prof.emulated else prof.name
     providers, missing = resolve_providers(prof)
     if missing:
-        console.print(
+        ctx.console.print(
             f"[yellow]warning:[/] {', '.join(missing)} not available here; timing on {', '.join(providers)} "
             "(allow_fallback)"
         )
@@ -170,16 +153,23 @@ def run_profile(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
         "onnxruntime": {},
         "torch_eager": {},
     }
-    for name, info in upstream.extra["models"].items():
+    for name, info in record(upstream, ExportRecord).models.items():
         src = model_source(upstream, info)
         vocab = json.loads((src / "config.json").read_text())["vocab_size"]
-        console.print(f"profiling {name} on {label}: onnxruntime ...")
-        results["onnxruntime"][name] = profile_onnx(upstream.path(info["onnx"]), prof, vocab, providers)
+        ctx.console.print(f"profiling {name} on {label}: onnxruntime ...")
+        results["onnxruntime"][name] = profile_onnx(upstream.path(info.onnx), prof, vocab, providers)
         if prof.torch_eager:
-            console.print(f"profiling {name} on {label}: torch eager ...")
+            ctx.console.print(f"profiling {name} on {label}: torch eager ...")
             results["torch_eager"][name] = profile_torch(src, prof, vocab)
     (work / "latency.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     plot_latency(results, work / "latency.png")
+    report = write_report(upstream, results, work)
+    ctx.console.print(report.summary)
+    return StageOutput(record=ProfileRecord(report="report.md", profile=prof.name), metrics=_metrics(results))
+
+
+def _metrics(results: dict[str, Any]) -> dict[str, Metric]:
+    """Student (and teacher) onnxruntime p50 per shape, and the speed-up."""
     metrics: dict[str, Metric] = {}
     ort_res = results["onnxruntime"]
     for shape in ort_res["student"]["shapes"]:
@@ -189,6 +179,18 @@ def run_profile(recipe: Recipe, upstream: Manifest | None, work: Path, console: 
             t = ort_res["teacher"]["shapes"][shape]["p50_ms"]
             metrics[f"teacher_p50_ms_{shape}"] = Metric(round(t, 3), "ms")
             metrics[f"speedup_{shape}"] = Metric(round(t / s, 3), "x (teacher p50 / student p50)")
-    report = write_report(upstream, results, work)
-    console.print(report.summary)
-    return StageOutput(metrics=metrics, extra={"report": "report.md", "profile": prof.name})
+    return metrics
+
+
+def _identity(prof: TargetProfile, ctx: RunContext) -> dict[str, Any]:
+    return {"profile": prof.model_dump(mode="json")}
+
+
+STAGE = StageSpec(
+    name="profile",
+    upstream="export",
+    section=lambda recipe, ctx: ctx.profile,
+    run=run_profile,
+    summary="onnxruntime latency and the report",
+    identity=_identity,
+)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from typing import Any
 
+from kdpipe.artifacts import FileRecord, Manifest, Metric, input_records
 from kdpipe.config import StudentConfig
 from kdpipe.errors import ConfigError
+from kdpipe.layermaps import layer_map, uniform_layers
+from kdpipe.models import count_params, load_classifier, load_tokenizer, require_same_tokenizer, resolve_model_dir
+from kdpipe.records import RunContext, StageOutput, StageSpec, StudentRecord, TeacherRecord, record, seeded, upstream_inputs
 
 # "<prefix>.layer.<i>.<rest>" / "<prefix>.layers.<i>.<rest>": the stacked blocks of an encoder
 _LAYER_KEY = re.compile(r"^(?P<prefix>.*\.(?:layer|layers))\.(?P<idx>\d+)\.(?P<rest>.+)$")
@@ -35,16 +40,6 @@ def select_layers(cfg: StudentConfig, n_teacher: int) -> list[int]:
         if len(set(layers)) != len(layers) or layers != sorted(layers):
             raise ConfigError(f"student.layers {layers}: must be increasing without repeats", "e.g. [0, 2, 4]")
     return layers
-
-
-def uniform_layers(m: int, n: int) -> list[int]:
-    """0-based teacher layers for an m-layer student under the uniform map g(k) = k n / m (TinyBERT)."""
-    return [max(1, round((i + 1) * n / m)) - 1 for i in range(m)]
-
-
-def layer_map(kept: list[int]) -> dict[int, int]:
-    """Student hidden-state index -> teacher hidden-state index (0 is the embeddings in both)."""
-    return {0: 0, **{i + 1: t + 1 for i, t in enumerate(kept)}}
 
 
 def build_student(teacher: Any, cfg: StudentConfig, kept: list[int], seed: int) -> Any:
@@ -75,45 +70,40 @@ def build_student(teacher: Any, cfg: StudentConfig, kept: list[int], seed: int) 
     return student
 
 
-def run_student(recipe: Any, upstream: Any, work: Any, console: Any) -> Any:
+def run_student(cfg: StudentConfig, upstream: Manifest | None, work: Path, ctx: RunContext) -> StageOutput:
     """The student stage: a smaller model from the teacher's layers (or a pretrained one)."""
-    from kdpipe.artifacts import Metric
-    from kdpipe.errors import ModelError
-    from kdpipe.models import count_params, load_classifier, load_tokenizer, resolve_model_dir, vocab_mismatch
-    from kdpipe.pipeline import StageOutput
-
-    cfg: StudentConfig = recipe.student
-    t_dir = upstream.dir / "model"
+    assert upstream is not None  # STAGE names a teacher upstream; the runner reads and verifies it
+    t_dir = upstream.path("model/config.json").parent
     teacher = load_classifier(t_dir)
     t_tok = load_tokenizer(t_dir)
     n_teacher = int(teacher.config.num_hidden_layers)
     if cfg.pretrained is not None:
         s_dir = resolve_model_dir(cfg.pretrained, field="student.pretrained")
         tokenizer = load_tokenizer(s_dir)
-        why = vocab_mismatch(t_tok, tokenizer)
-        if why:
-            raise ModelError(
-                f"{s_dir}: the student's tokenizer does not match the teacher's ({why})",
-                "the losses feed the same token ids to both models: use a student with the "
-                "teacher's tokenizer, or build one from the teacher (drop student.pretrained)",
-            )
-        student = load_classifier(s_dir, upstream.extra["label_names"])
-        m = int(student.config.num_hidden_layers)
-        kept = uniform_layers(m, n_teacher)
+        require_same_tokenizer(
+            t_tok,
+            tokenizer,
+            s_dir,
+            "the losses feed the same token ids to both models: use a student with the teacher's tokenizer, "
+            "or build one from the teacher (drop student.pretrained)",
+        )
+        student = load_classifier(s_dir, record(upstream, TeacherRecord).label_names)
+        kept = uniform_layers(int(student.config.num_hidden_layers), n_teacher)
         init = "pretrained"
     else:
         kept = select_layers(cfg, n_teacher)
-        student = build_student(teacher, cfg, kept, recipe.seed)
+        student = build_student(teacher, cfg, kept, ctx.seed)
         tokenizer = t_tok
         init = cfg.init
     student.save_pretrained(work / "model", safe_serialization=True)
     tokenizer.save_pretrained(work / "model")
     sp, tp = count_params(student), count_params(teacher)
-    console.print(
+    ctx.console.print(
         f"student: {len(kept)} of {n_teacher} layers (teacher layers {kept}), init={init}, "
         f"{sp / 1e6:.1f}M vs {tp / 1e6:.1f}M params ({tp / sp:.2f}x smaller)"
     )
     return StageOutput(
+        record=StudentRecord(kept_layers=kept, layer_map=layer_map(kept), init=init),
         metrics={
             "params": Metric(sp, "parameters"),
             "teacher_params": Metric(tp, "parameters"),
@@ -121,5 +111,23 @@ def run_student(recipe: Any, upstream: Any, work: Any, console: Any) -> Any:
             "teacher_layers": Metric(n_teacher, "layers"),
             "compression": Metric(round(tp / sp, 3), "x"),
         },
-        extra={"kept_layers": kept, "layer_map": {str(k): v for k, v in layer_map(kept).items()}, "init": init},
     )
+
+
+def inputs(cfg: StudentConfig, upstream: Manifest | None) -> list[FileRecord]:
+    """The teacher artifact, and the files of `student.pretrained` by content."""
+    records = upstream_inputs(upstream)
+    if cfg.pretrained is not None:
+        records += input_records(resolve_model_dir(cfg.pretrained, "student.pretrained"), "pretrained")
+    return records
+
+
+STAGE = StageSpec(
+    name="student",
+    upstream="teacher",
+    section=lambda recipe, ctx: recipe.student,
+    run=run_student,
+    summary="build the student from the teacher",
+    identity=seeded,
+    inputs=inputs,
+)

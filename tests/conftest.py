@@ -148,3 +148,45 @@ def write_recipe(path: Path, teacher_dir: Path, csv: Path, out: Path, **over: ob
 @pytest.fixture
 def tiny_recipe(tmp_path: Path, tiny_dir: Path, tiny_csv: Path) -> Path:
     return write_recipe(tmp_path / "recipe.yaml", tiny_dir, tiny_csv, tmp_path / "runs")
+
+
+def invoke(*args: object) -> tuple[int, str]:
+    """`kdpipe ARGS...` in this process; (exit code, output)."""
+    from typer.testing import CliRunner
+
+    from kdpipe.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, tiny_csv: Path) -> tuple[Path, Path]:
+    """The suite's one complete run of every stage through `kdpipe run`; tests copy it before changing it."""
+    base = tmp_path_factory.mktemp("e2e")
+    recipe = write_recipe(base / "recipe.yaml", tiny_dir, tiny_csv, base / "runs")
+    code, out = invoke("run", recipe)
+    assert code == 0, out
+    return recipe, base / "runs"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run only where torch sees a CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def assert_one_line_error(code: int, output: str, *needles: str) -> None:
+    assert code == 1, output
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    hints = [line for line in output.splitlines() if line.startswith("hint:")]
+    assert errors and hints, output
+    for needle in needles:
+        assert needle in output, output

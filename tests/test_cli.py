@@ -8,50 +8,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_model_dir, write_recipe
-from typer.testing import CliRunner
-
-from kdpipe.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def assert_one_line_error(code: int, output: str, *needles: str) -> None:
-    assert code == 1, output
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    hints = [line for line in output.splitlines() if line.startswith("hint:")]
-    assert errors and hints, output
-    for needle in needles:
-        assert needle in output, output
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path, tiny_csv: Path) -> tuple[Path, Path]:
-    """One complete run of every stage through `kdpipe run`; tests copy it before changing it."""
-    base = tmp_path_factory.mktemp("e2e")
-    recipe = write_recipe(base / "recipe.yaml", tiny_dir, tiny_csv, base / "runs")
-    code, out = invoke("run", recipe)
-    assert code == 0, out
-    return recipe, base / "runs"
+from conftest import assert_one_line_error, invoke, make_model_dir, write_recipe
 
 
 def test_run_writes_every_stage_and_report(finished: tuple[Path, Path]) -> None:
     recipe, runs = finished
     for stage in ("teacher", "student", "distill", "export", "profile"):
         m = json.loads((runs / stage / "manifest.json").read_text())
-        assert m["stage"] == stage and m["schema_version"] == 1
+        assert m["stage"] == stage and m["schema_version"] == 2
         assert m["outputs"] == sorted(m["outputs"], key=lambda r: r["path"])
         assert all(len(r["sha256"]) == 64 for r in m["outputs"])
         assert not list(runs.glob(f".{stage}.tmp-*"))
     teacher = json.loads((runs / "teacher" / "manifest.json").read_text())
     assert teacher["metrics"]["test_accuracy"]["value"] > 0.6  # the tiny task is learnable
-    assert teacher["extra"]["split_sizes"] == {"train": 160, "val": 20, "test": 60}
+    assert teacher["record"]["split_sizes"] == {"train": 160, "val": 20, "test": 60}
     distill = json.loads((runs / "distill" / "manifest.json").read_text())
     assert {"test_accuracy", "baseline_test_accuracy", "teacher_agreement"} <= set(distill["metrics"])
     latency = json.loads((runs / "profile" / "latency.json").read_text())
@@ -94,7 +64,7 @@ def test_stage_commands_chain(tiny_dir: Path, tiny_csv: Path, tmp_path: Path) ->
     code, text = invoke("student", "-r", recipe, "--teacher", out / "teacher", "--layers", "1", "--init", "random")
     assert code == 0, text
     student = json.loads((out / "student" / "manifest.json").read_text())
-    assert student["extra"]["kept_layers"] == [1] and student["extra"]["init"] == "random"
+    assert student["record"]["kept_layers"] == [1] and student["record"]["init"] == "random"
     assert student["lineage"] == {"teacher": "../teacher"}
     for cmd, up in (("distill", "--student"), ("export", "--distill"), ("profile", "--export")):
         code, text = invoke(
@@ -229,18 +199,17 @@ def test_ctrl_c_during_distill_leaves_no_finished_stage(
     copy = tmp_path / "runs"
     shutil.copytree(runs, copy)
     shutil.rmtree(copy / "distill")
-    import kdpipe.train
+    import kdpipe.distill
 
     calls = {"n": 0}
-    real = kdpipe.train.evaluate
 
     def interrupt(*args, **kwargs):  # Ctrl-C arrives after training, while the stage writes its payload
         calls["n"] += 1
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kdpipe.train, "evaluate", interrupt)
+    monkeypatch.setattr(kdpipe.distill, "evaluate", interrupt)
     code, out = invoke("distill", "-r", recipe, "-o", copy)
-    monkeypatch.setattr(kdpipe.train, "evaluate", real)
+    monkeypatch.undo()
     assert code == 130 and "interrupted" in out and calls["n"] == 1
     assert not (copy / "distill").exists()
     assert not [p for p in copy.iterdir() if p.name.startswith(".distill")]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import assert_one_line_error, finished, invoke  # noqa: F401
+from conftest import assert_one_line_error, invoke
 
 import kdpipe.config as config
 import kdpipe.pipeline
-from kdpipe.config import Recipe, load_recipe
+from kdpipe.config import DistillConfig, Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -211,19 +211,19 @@ def test_unavailable_provider_fails_unless_fallback_is_allowed(
 
 # --------------------------------------------------------------------------- -T and cross-checks
 def test_temperature_option_keeps_every_term(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[Recipe] = []
+    seen: list[DistillConfig] = []
 
-    def fake_execute(stage: object, cfg: Recipe, *a: object, **k: object) -> None:
-        seen.append(cfg)
+    def fake_execute(stage: object, cfg: DistillConfig, *a: object, **k: object) -> None:
+        seen.append(cfg)  # the distill stage sees its own section of the recipe
         raise SystemExit(0)
 
     monkeypatch.setattr(kdpipe.pipeline, "execute", fake_execute)
     invoke("distill", "-r", ROOT / "stages" / "tinybert.yaml", "-T", "3", "-o", "/nonexistent")
     assert seen, "distill did not reach the stage"
     original, _ = load_recipe(ROOT / "stages" / "tinybert.yaml")
-    assert [t.name for t in seen[0].distill.losses] == [t.name for t in original.distill.losses]
+    assert [t.name for t in seen[0].losses] == [t.name for t in original.distill.losses]
     assert len(original.distill.losses) >= 2
-    for term in seen[0].distill.losses:
+    for term in seen[0].losses:
         if hasattr(term, "temperature"):
             assert term.temperature == 3.0
 

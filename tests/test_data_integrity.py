@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_csv, write_recipe
-from test_cli import assert_one_line_error, invoke
+from conftest import assert_one_line_error, invoke
 
 from kdpipe.config import DataConfig
 from kdpipe.data import default_data_path, read_table, read_transfer
@@ -176,7 +176,7 @@ def test_teacher_manifest_counts_rows_and_holds_no_install_path(tmp_path: Path, 
     code, out = invoke("teacher", "-r", recipe, "--epochs", "0.2")
     assert code == 0, out
     text = (tmp_path / "runs" / "teacher" / "manifest.json").read_text()
-    extra = json.loads(text)["extra"]
+    extra = json.loads(text)["record"]
     assert extra["data_rows"] == {"read": 243, "dropped_empty_text": 1, "dropped_missing_label": 2}
     assert extra["data_source"] == str(data) and extra["model_source"] == str(tiny_dir)
     assert "site-packages" not in text and str(Path(sys.prefix)) not in text
@@ -198,12 +198,19 @@ def test_embedded_defaults_are_named_not_located() -> None:
 def test_subset_sentence_only_for_the_embedded_default() -> None:
     from kdpipe.report import data_lines
 
-    extra = {
-        "data_source": "mine.csv",
-        "split_sizes": {"train": 10, "val": 2, "test": 5},
-        "max_length": 16,
-        "data_rows": {"read": 20, "dropped_empty_text": 3, "dropped_missing_label": 0},
-    }
+    from kdpipe.records import TeacherRecord
+
+    extra = TeacherRecord(
+        label_names=["a", "b"],
+        max_length=16,
+        split_sizes={"train": 10, "val": 2, "test": 5},
+        data_source="mine.csv",
+        data_sha256="0" * 64,
+        data_rows={"read": 20, "dropped_empty_text": 3, "dropped_missing_label": 0},
+        model_source="m",
+        finetuned=True,
+        trained_params="all",
+    )
     tcfg = {"seed": 0, "data": {"source": "mine.csv", "train_size": 10}}
     mine = "\n".join(data_lines(extra, tcfg))
     assert "subset of the rows" not in mine
@@ -228,7 +235,7 @@ def test_a_one_class_teacher_is_flagged(tmp_path: Path, tiny_recipe: Path, monke
     code, out = invoke("teacher", "-r", tiny_recipe, "--epochs", "0.2")
     assert code == 0, out
     assert "warning" in out and "predicts one class" in out, out
-    extra = json.loads((tiny_recipe.parent / "runs" / "teacher" / "manifest.json").read_text())["extra"]
+    extra = json.loads((tiny_recipe.parent / "runs" / "teacher" / "manifest.json").read_text())["record"]
     assert len(extra["warnings"]) == 1 and "predicts one class ('negative')" in extra["warnings"][0]
 
 

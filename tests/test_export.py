@@ -3,18 +3,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from test_cli import assert_one_line_error, finished, invoke  # noqa: F401  (fixture re-used)
+from conftest import assert_one_line_error, invoke
 
 from kdpipe.export import PARITY_BATCHES
 
 
-def test_export_has_dynamic_axes_and_parity_on_other_shapes(finished: tuple[Path, Path]) -> None:  # noqa: F811
+def test_export_has_dynamic_axes_and_parity_on_other_shapes(finished: tuple[Path, Path]) -> None:
     import json
 
     _, runs = finished
     m = json.loads((runs / "export" / "manifest.json").read_text())
     for name in ("student", "teacher"):
-        info = m["extra"]["models"][name]
+        info = m["record"]["models"][name]
         assert info["spec"]["inputs"]["input_ids"] == ["batch_size", "sequence_length"]
         par = info["parity"]
         assert par["ok"] and par["max_abs_diff"] <= par["atol"] and par["class_agreement"] == 1.0
@@ -23,7 +23,7 @@ def test_export_has_dynamic_axes_and_parity_on_other_shapes(finished: tuple[Path
         assert all(b != 2 for b, _ in par["shapes"])  # none at the exporter's dummy batch size
 
 
-def test_parity_miss_fails_closed_with_figures(finished: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_parity_miss_fails_closed_with_figures(finished: tuple[Path, Path], tmp_path: Path) -> None:
     recipe, runs = finished
     copy = tmp_path / "runs"
     shutil.copytree(runs, copy)

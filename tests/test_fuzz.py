@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from kdpipe.config import Recipe, TargetProfile, file_kind, load_profile, validate_file
+from kdpipe.config import Recipe, TargetProfile, load_profile
 from kdpipe.errors import KdpipeError
 from kdpipe.profile import resolve_providers
+from kdpipe.validate import file_kind, validate_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "stages").glob("*.yaml")) + sorted((ROOT / "profiles").glob("*.yaml"))

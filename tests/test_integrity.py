@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import make_model_dir, write_recipe
-from test_cli import assert_one_line_error, finished, invoke  # noqa: F401  (fixture re-used)
+from conftest import assert_one_line_error, invoke
 
-from kdpipe.artifacts import LOCK, atomic_dir, list_outputs, locked, read_manifest, write_json_atomic
+from kdpipe.artifacts import LOCK, atomic_dir, list_outputs, locked, read_manifest, run_id, write_json_atomic
 from kdpipe.config import load_recipe
 from kdpipe.errors import ArtifactError
-from kdpipe.pipeline import run_id, stage
+from kdpipe.config import config_hash
+from kdpipe.pipeline import STAGES, context
 
 
 @pytest.fixture
@@ -81,15 +82,13 @@ def test_temporary_dir_of_a_live_process_is_never_cleared(tmp_path: Path, live_p
 # ----------------------------------------------------------------------------- inputs by content
 def _rid(name: str, recipe_path: Path, upstream_dir: Path) -> str:
     recipe, _ = load_recipe(recipe_path)
-    spec = stage(name)
+    spec, ctx = STAGES[name], context(recipe)
     upstream = read_manifest(upstream_dir, spec.upstream)
-    inputs = spec.inputs(recipe, upstream)
-    from kdpipe.config import config_hash
-
-    return run_id(spec.name, config_hash(spec.config(recipe)), inputs, [upstream.run_id])
+    cfg = spec.section(recipe, ctx)
+    return run_id(spec.name, config_hash(spec.identity(cfg, ctx)), spec.inputs(cfg, upstream), [upstream.run_id])
 
 
-def test_transfer_file_is_hashed_by_content(finished: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_transfer_file_is_hashed_by_content(finished: tuple[Path, Path], tmp_path: Path) -> None:
     recipe, runs = finished
     transfer = tmp_path / "transfer.txt"
     transfer.write_text("good day\nbad day\n")
@@ -103,7 +102,7 @@ def test_transfer_file_is_hashed_by_content(finished: tuple[Path, Path], tmp_pat
 
 
 def test_pretrained_student_and_extra_teachers_are_hashed_by_content(
-    finished: tuple[Path, Path],  # noqa: F811
+    finished: tuple[Path, Path],
     tmp_path: Path,
 ) -> None:
     recipe, runs = finished
@@ -196,7 +195,7 @@ def _poison(model_dir: Path) -> None:
     save_file(state, str(path), metadata={"format": "pt"})
 
 
-def test_nan_student_fails_the_parity_gate(finished: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_nan_student_fails_the_parity_gate(finished: tuple[Path, Path], tmp_path: Path) -> None:
     recipe, runs = finished
     copy = tmp_path / "runs"
     shutil.copytree(runs, copy)
@@ -220,8 +219,8 @@ def test_parity_treats_nan_as_failure(tiny_dir: Path, tmp_path: Path) -> None:
     _poison(model)
     export_onnx(model, tmp_path / "onnx", 18)
     check = parity(model, tmp_path / "onnx" / "model.onnx", ["good day", "bad day"] * 5, 16, 1e-4)
-    assert check["ok"] is False and check["nonfinite_outputs"] > 0
-    assert not check["max_abs_diff"] <= 1e-4  # NaN or inf: never "within tolerance"
+    assert check.ok is False and check.nonfinite_outputs > 0
+    assert not check.max_abs_diff <= 1e-4  # NaN or inf: never "within tolerance"
 
 
 # ----------------------------------------------------------------------------- teaching assistant + data-free
@@ -246,15 +245,15 @@ def test_data_free_through_a_teaching_assistant(tiny_dir: Path, tiny_csv: Path, 
     runs = tmp_path / "runs"
     assistant = read_manifest(runs / "assistant", "teacher")
     assert "logit_stats.json" in {r.path for r in assistant.outputs}
-    assert read_manifest(runs / "distill", "distill").extra["data_free"]["inputs"] == 12
+    assert read_manifest(runs / "distill", "distill").record["data_free"]["inputs"] == 12
 
 
-def test_stage_warnings_reach_the_report(finished: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_stage_warnings_reach_the_report(finished: tuple[Path, Path], tmp_path: Path) -> None:
     recipe, runs = finished
     copy = tmp_path / "runs"
     shutil.copytree(runs, copy)
     m = json.loads((copy / "teacher" / "manifest.json").read_text())
-    m["extra"]["warnings"] = ["the teacher predicts one class on the test split"]
+    m["record"]["warnings"] = ["the teacher predicts one class on the test split"]
     write_json_atomic(copy / "teacher" / "manifest.json", json.dumps(m))
     code, out = invoke("profile", "-r", recipe, "-o", copy, "--force")
     assert code == 0, out

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from kdpipe.lossconfig import CELoss, HiddenCosineLoss, HintonLoss, LogitMSELoss
-from kdpipe.losses import LossContext, build_objective
 from kdpipe.losses.features import hidden_cosine
 from kdpipe.losses.logits import hinton, logit_mse, soft_kl
+from kdpipe.losses.objective import LossContext, build_objective
+from kdpipe.losses.terms import CELoss, HiddenCosineLoss, HintonLoss, LogitMSELoss
 from kdpipe.models import KDOutputs
 
 
@@ -94,17 +94,34 @@ def test_hidden_cosine_ignores_padding_and_matches_hand_value() -> None:
     assert hidden_cosine(changed, ht, mask, {0: 0}).item() == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_hidden_cosine_padding_may_hold_nan_or_inf(bad: float) -> None:
+    """Padding is selected out, not multiplied by 0: a non-finite padded state cannot change the value."""
+    hs = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]], [[1.0, 1.0], [2.0, 0.0], [3.0, -1.0]]])
+    ht = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [-9.0, 3.0]], [[1.0, 0.0], [2.0, 1.0], [0.0, 1.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    base = hidden_cosine((hs,), (ht,), mask, {0: 0}).item()
+    hs_bad, ht_bad = hs.clone(), ht.clone()
+    hs_bad[0, 2, 0] = bad
+    ht_bad[0, 2] = bad
+    assert math.isfinite(base)
+    assert hidden_cosine((hs_bad,), (ht,), mask, {0: 0}).item() == pytest.approx(base, rel=1e-6)
+    assert hidden_cosine((hs_bad,), (ht_bad,), mask, {0: 0}).item() == pytest.approx(base, rel=1e-6)
+
+
 def test_objective_weights_and_needs() -> None:
     ctx = LossContext(layer_map={0: 0, 1: 1, 2: 2}, n_student=2, n_teacher=2, d_student=4, d_teacher=4)
     obj = build_objective([HintonLoss(weight=0.5), CELoss(weight=0.2), LogitMSELoss(), HiddenCosineLoss()], ctx)
-    assert obj.needs_teacher and obj.needs_hidden and obj.weights == [0.5, 0.2, 1.0, 1.0]
+    assert obj.needs_teacher and obj.needs_hidden and [t.weight for t in obj.terms] == [0.5, 0.2, 1.0, 1.0]
     baseline = build_objective([CELoss()], ctx)
     assert not baseline.needs_teacher and not baseline.needs_hidden
     h = tuple(_logits(i, (2, 3, 4)) for i in range(3))
     s = KDOutputs(_logits(7, (2, 3)), h, None, torch.ones(2, 3), torch.tensor([0, 2]))
     t = KDOutputs(_logits(8, (2, 3)), h, None, torch.ones(2, 3), torch.tensor([0, 2]))
-    total, values = obj(s, t)
+    out = obj(s, t)
+    values = out.values
     assert set(values) == {"hinton", "ce", "logit_mse", "hidden_cosine"}
     assert values["hidden_cosine"] == pytest.approx(0.0, abs=1e-6)  # identical hidden states
-    expected = sum(w * values[n] for w, n in zip(obj.weights, obj.names, strict=True))
-    assert total.item() == pytest.approx(expected, rel=1e-6)
+    expected = sum(term.weight * values[term.name] for term in obj.terms)
+    assert out.total.item() == pytest.approx(expected, rel=1e-6)
+    assert out.layer_loss is None  # no layer schedule

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdpipe.analysis import cka_matrix, linear_cka, mean_pool
+from kdpipe.analysis import cka_matrix, linear_cka
 from kdpipe.losses.features import (
     Projection,
     attention_kl,
@@ -24,7 +24,6 @@ from kdpipe.losses.features import (
 )
 from kdpipe.losses.logits import (
     ensemble_probs,
-    forward_kl_tokens,
     generalized_jsd,
     hinton,
     hinton_from_probs,
@@ -33,6 +32,7 @@ from kdpipe.losses.logits import (
     reverse_kl,
     soft_kl,
 )
+from kdpipe.losses.masks import masked_mean, masked_sum, mean_pool
 from kdpipe.losses.relational import VIDHead, crd_in_batch, pkt
 
 
@@ -107,13 +107,18 @@ def test_logit_mse_with_labels_hand_computed() -> None:
     ce_y = (-math.log(_softmax(z[0])[0]) - math.log(_softmax(z[1])[0])) / 2  # labels [0, 0]
     got = logit_mse_with_labels(torch.tensor(z), torch.tensor(v), torch.tensor([0, 0]), a)
     assert got.item() == pytest.approx(a * ce_y + (1 - a) * mse, rel=1e-6)
-    # unlabeled: t = argmax v = [0 (tie -> first), 1]
+    # unlabeled: the training loop gives t = argmax v = [0 (tie -> first), 1] as the labels
     ce_t = (-math.log(_softmax(z[0])[0]) - math.log(_softmax(z[1])[1])) / 2
-    got = logit_mse_with_labels(torch.tensor(z), torch.tensor(v), None, a)
+    t_arg = torch.tensor(v).argmax(-1)
+    assert t_arg.tolist() == [0, 1]
+    got = logit_mse_with_labels(torch.tensor(z), torch.tensor(v), t_arg, a)
     assert got.item() == pytest.approx(a * ce_t + (1 - a) * mse, rel=1e-6)
+    # the labels are never guessed here
+    with pytest.raises(ValueError, match="needs labels"):
+        logit_mse_with_labels(torch.tensor(z), torch.tensor(v), None, a)
 
 
-# --- 1.3 reverse / forward KL and generalised JSD ---------------------------------------------------
+# --- 1.3 reverse KL and generalised JSD -----------------------------------------------------------
 
 
 def test_reverse_kl_hand_computed_2d() -> None:
@@ -121,21 +126,12 @@ def test_reverse_kl_hand_computed_2d() -> None:
     q, p = _softmax(z, T), _softmax(v, T)
     got = reverse_kl(torch.tensor([z]), torch.tensor([v]), T)
     assert got.item() == pytest.approx(T * T * _kl(q, p), rel=1e-6)
-    assert forward_kl_tokens(torch.tensor([z]), torch.tensor([v]), T).item() == pytest.approx(
-        T * T * _kl(p, q), rel=1e-6
-    )
 
 
-def test_forward_kl_tokens_2d_is_t2_soft_kl() -> None:
-    z, v = _randn(3, 5, 4), _randn(4, 5, 4)
-    assert forward_kl_tokens(z, v, 2.0).item() == pytest.approx(4.0 * soft_kl(v, z, 2.0).item(), rel=1e-6)
-
-
-@pytest.mark.parametrize("fn", ["reverse", "forward", "jsd"])
+@pytest.mark.parametrize("fn", ["reverse", "jsd"])
 def test_kl_terms_zero_iff_equal(fn: str) -> None:
     loss = {
         "reverse": lambda z, v, m: reverse_kl(z, v, 2.0, m),
-        "forward": lambda z, v, m: forward_kl_tokens(z, v, 2.0, m),
         "jsd": lambda z, v, m: generalized_jsd(z, v, 0.3, 2.0, m),
     }[fn]
     v = _randn(5, 2, 3, 6)
@@ -146,30 +142,28 @@ def test_kl_terms_zero_iff_equal(fn: str) -> None:
     assert loss(_randn(6, 2, 6), v[:, 0], None).item() > 1e-3
 
 
-def _token_kls(z: torch.Tensor, v: torch.Tensor, T: float, reverse: bool) -> list[list[float]]:
+def _token_kls(z: torch.Tensor, v: torch.Tensor, T: float) -> list[list[float]]:
     """Per-token KL by plain python, (B, T, V) -> B x T list."""
     out = []
     for zr, vr in zip(z.tolist(), v.tolist(), strict=True):
         row = []
         for zt, vt in zip(zr, vr, strict=True):
             q, p = _softmax(zt, T), _softmax(vt, T)
-            row.append(T * T * (_kl(q, p) if reverse else _kl(p, q)))
+            row.append(T * T * _kl(q, p))
         out.append(row)
     return out
 
 
-@pytest.mark.parametrize("reverse", [True, False])
-def test_sequence_kl_averages_per_real_token_not_per_row(reverse: bool) -> None:
+def test_sequence_kl_averages_per_real_token_not_per_row() -> None:
     """Row 0 has 1 real token, row 1 has 3: the loss is the mean of the 4 real tokens' KLs."""
     z, v, T = _randn(7, 2, 3, 5), _randn(8, 2, 3, 5), 1.5
     mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
-    kls = _token_kls(z, v, T, reverse)
+    kls = _token_kls(z, v, T)
     real = [kls[0][0], kls[1][0], kls[1][1], kls[1][2]]
     per_token = sum(real) / 4
     per_row = (kls[0][0] + sum(kls[1]) / 3) / 2
     assert abs(per_token - per_row) > 1e-3  # the two conventions really differ on this batch
-    fn = reverse_kl if reverse else forward_kl_tokens
-    assert fn(z, v, T, mask).item() == pytest.approx(per_token, rel=1e-5)
+    assert reverse_kl(z, v, T, mask).item() == pytest.approx(per_token, rel=1e-5)
 
 
 def _padding_changed(x: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
@@ -179,11 +173,10 @@ def _padding_changed(x: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Te
     return torch.where(pad.view(*pad.shape, *([1] * (x.dim() - 2))), noise, x)
 
 
-@pytest.mark.parametrize("fn", ["reverse", "forward", "jsd"])
+@pytest.mark.parametrize("fn", ["reverse", "jsd"])
 def test_token_kl_padding_never_contributes(fn: str) -> None:
     loss = {
         "reverse": lambda z, v, m: reverse_kl(z, v, 2.0, m),
-        "forward": lambda z, v, m: forward_kl_tokens(z, v, 2.0, m),
         "jsd": lambda z, v, m: generalized_jsd(z, v, 0.5, 2.0, m),
     }[fn]
     z, v = _randn(9, 2, 4, 6), _randn(10, 2, 4, 6)
@@ -227,7 +220,7 @@ def test_generalized_jsd_limits_as_documented() -> None:
     assert generalized_jsd(z, v, 0.0, 1.0).item() == pytest.approx(0.0, abs=1e-7)
     assert generalized_jsd(z, v, 1.0, 1.0).item() == pytest.approx(0.0, abs=1e-7)
     eps = 1e-3
-    fwd, rev = forward_kl_tokens(z, v, 1.0).item(), reverse_kl(z, v, 1.0).item()
+    fwd, rev = soft_kl(v, z, 1.0).item(), reverse_kl(z, v, 1.0).item()  # KL(p || q), KL(q || p)
     assert generalized_jsd(z, v, eps, 1.0).item() / eps == pytest.approx(fwd, rel=0.02)
     assert generalized_jsd(z, v, 1 - eps, 1.0).item() / eps == pytest.approx(rev, rel=0.02)
     with pytest.raises(ValueError, match="beta"):
@@ -546,3 +539,29 @@ def test_cka_matrix_shape_and_mean_pool() -> None:
     m = cka_matrix(teacher, student)
     assert m.shape == (3, 2)
     assert m[0, 0] == pytest.approx(1.0, abs=1e-12) and m[1, 0] < 1.0
+
+
+# --- masks -----------------------------------------------------------------------------------------
+
+
+def test_masked_mean_selects_real_entries_so_non_finite_padding_never_matters() -> None:
+    x = torch.tensor([[1.0, 2.0, math.nan], [4.0, math.inf, -math.inf]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    got = masked_mean(x, mask)
+    assert got.item() == pytest.approx(7 / 3)
+    got.backward()
+    assert x.grad is not None  # padding gets exactly no gradient, even where it is NaN / inf
+    assert x.grad.flatten().tolist() == pytest.approx([1 / 3, 1 / 3, 0.0, 1 / 3, 0.0, 0.0])
+    assert masked_mean(x, mask, dim=1).tolist() == pytest.approx([1.5, 4.0])
+    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0  # nothing real: 0, not NaN
+    assert masked_mean(x[:, :1], None).item() == pytest.approx(2.5)
+    # a (B, 1, T) mask broadcast over heads: each head has the same real entries
+    heads = torch.stack([x.detach(), 2 * x.detach()], dim=1)  # (B, 2, T)
+    assert masked_mean(heads, mask[:, None, :]).item() == pytest.approx(7 / 3 * 1.5)
+    assert masked_sum(heads, mask[:, None, :], dim=-1).tolist() == [[3.0, 6.0], [4.0, 8.0]]
+
+
+def test_mean_pool_ignores_non_finite_padding() -> None:
+    h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [math.nan, math.inf]]])
+    assert mean_pool(h, torch.tensor([[1, 1, 0]])).tolist() == [[2.0, 3.0]]
+    assert mean_pool(h[:, :2], None).tolist() == [[2.0, 3.0]]

@@ -17,10 +17,10 @@ from pydantic import TypeAdapter
 
 from kdpipe.data import Encoded
 from kdpipe.errors import ConfigError, KdpipeError, ModelError
-from kdpipe.lossconfig import LOGIT_TERMS, LossConfig
-from kdpipe.losses import LOSSES, LossContext, build_objective, resolve_map
+from kdpipe.losses.objective import LossContext, build_objective, resolve_map
+from kdpipe.losses.terms import LOSS_TYPES, LossConfig
 from kdpipe.models import KDOutputs
-from kdpipe.train import pick_device, train
+from kdpipe.train import TrainPlan, pick_device, train
 
 CPU = pick_device("cpu")
 ADAPTER: TypeAdapter[Any] = TypeAdapter(LossConfig)
@@ -70,17 +70,8 @@ def _ctx(n_student: int = 2, n_teacher: int = 2, d_s: int = 32, d_t: int = 32) -
 def _train(student: Any, teacher: Any, losses: list[Any], lr: float = 0.0, epochs: float = 1, **kw: Any) -> Any:
     data = kw.pop("data", _data())
     obj = build_objective(losses, kw.pop("ctx", _ctx()), kw.pop("schedule", None))
-    result = train(
-        student,
-        obj,
-        data,
-        teacher=teacher,
-        epochs=epochs,
-        batch_size=len(data),
-        param_groups=[{"params": list(student.parameters()), "lr": lr}],
-        device=CPU,
-        **kw,
-    )
+    plan = TrainPlan(epochs=epochs, batch_size=len(data), lr=lr, **kw)
+    result = train(student, obj, data, plan, CPU, teachers=[teacher])
     return result, obj
 
 
@@ -169,12 +160,14 @@ def test_pid_threshold_compares_the_current_layers_cls_cosine_only() -> None:
     s = _outputs(2, 2)
     s.hidden_states = (s.hidden_states[0], t.hidden_states[1].clone(), s.hidden_states[2])  # type: ignore[index]
     obj = build_objective([_cfg("attention_kl", cls_weight=1.0)], ctx, _Sched("pid", threshold=0.05))
-    _, values = obj(s, t)
-    assert values["attention_kl"] > 0.1  # the sum of the active terms is far above the threshold
-    obj.after_step(1)
+    out = obj(s, t)
+    assert out.values["attention_kl"] > 0.1  # the sum of the active terms is far above the threshold
+    assert out.layer_loss == pytest.approx(0, abs=1e-6)  # the move-on measure is explicit, per step
+    obj.after_step(1, out.layer_loss)
     assert obj.schedule.events == [{"step": 1, "layer": 1, "reason": "threshold", "loss": pytest.approx(0, abs=1e-6)}]
-    obj(s, t)
-    obj.after_step(2)
+    out = obj(s, t)
+    assert out.layer_loss is not None and out.layer_loss > 0.05
+    obj.after_step(2, out.layer_loss)
     assert len(obj.schedule.events) == 1  # layer 2's [CLS] cosine loss is high: it stays
 
 
@@ -186,8 +179,7 @@ def test_sid_threshold_ignores_the_lower_layers_kept_on() -> None:
     s.hidden_states = (s.hidden_states[0], s.hidden_states[1], t.hidden_states[2].clone())  # type: ignore[index]
     obj = build_objective([_cfg("attention_kl")], ctx, _Sched("sid", cap_steps=2, threshold=0.05))
     for step in range(1, 4):
-        obj(s, t)
-        obj.after_step(step)
+        obj.after_step(step, obj(s, t).layer_loss)
     assert [(e["layer"], e["reason"]) for e in obj.schedule.events] == [(1, "cap"), (2, "threshold")]
 
 
@@ -236,17 +228,16 @@ def test_tinybert_term_as_a_whole_matches_hand_computation() -> None:
     ctx = _ctx(2, 4, 8, 8)
     obj = build_objective([_cfg("tinybert", map="uniform", temperature=2.0, weight=1.5, **w)], ctx)
     s, t = _outputs(3, 2), _outputs(4, 4)
-    total, values = obj(s, t)
+    out = obj(s, t)
     expected = _tinybert_by_hand(s, t, {1: 2, 2: 4}, w, 2.0)
-    assert values["tinybert"] == pytest.approx(expected, rel=1e-5)
-    assert total.item() == pytest.approx(1.5 * expected, rel=1e-5)
+    assert out.values["tinybert"] == pytest.approx(expected, rel=1e-5)
+    assert out.total.item() == pytest.approx(1.5 * expected, rel=1e-5)
 
 
 def test_tinybert_prediction_sends_no_gradient_to_the_teacher_logits() -> None:
     obj = build_objective([_cfg("tinybert", embedding=0.0, hidden=0.0, attention=0.0)], _ctx(2, 4, 8, 8))
     s, t = _outputs(5, 2, grad=True), _outputs(6, 4, grad=True)
-    total, _ = obj(s, t)
-    total.backward()
+    obj(s, t).total.backward()
     assert s.logits.grad is not None and s.logits.grad.abs().sum() > 0
     assert t.logits.grad is None or not t.logits.grad.any()
 
@@ -270,11 +261,11 @@ def test_pid_runs_tinybert_prediction_with_the_logit_terms(keep_soft: bool) -> N
         feat.hidden_mse(hs, ht, {2: 4}, m_).item() + feat.attention_mse(as_, at, {1: 3}, m_).item(),
     ]
     for step, expected in enumerate(layer, start=1):
-        _, values = obj(s, t)
-        assert values["tinybert"] == pytest.approx(expected + (pred if keep_soft else 0.0), rel=1e-5)
-        obj.after_step(step)
-    _, values = obj(s, t)  # pid after the layer phase: the classifier terms only
-    assert values == {"tinybert": pytest.approx(pred, rel=1e-5)}
+        out = obj(s, t)
+        assert out.values["tinybert"] == pytest.approx(expected + (pred if keep_soft else 0.0), rel=1e-5)
+        obj.after_step(step, out.layer_loss)
+    out = obj(s, t)  # pid after the layer phase: the classifier terms only
+    assert out.values == {"tinybert": pytest.approx(pred, rel=1e-5)}
 
 
 # ----------------------------------------------------------------------------- 4. divergence
@@ -386,17 +377,7 @@ def test_gradient_clipping_covers_the_loss_terms_own_parameters(monkeypatch: pyt
     obj = build_objective([_cfg("hint"), _cfg("vid")], _ctx())
     obj_params.extend(obj.parameters())
     data = _data()
-    train(
-        student,
-        obj,
-        data,
-        teacher=teacher,
-        epochs=1,
-        batch_size=len(data),
-        param_groups=[{"params": list(student.parameters()), "lr": 1e-3}],
-        grad_clip=1e-3,
-        device=CPU,
-    )
+    train(student, obj, data, TrainPlan(epochs=1, batch_size=len(data), lr=1e-3, grad_clip=1e-3), CPU, teachers=[teacher])
     ids = {id(p) for p in clipped[0]}
     assert obj_params and all(id(p) in ids for p in obj_params)
     assert all(id(p) in ids for p in student.parameters())
@@ -429,7 +410,7 @@ DETACH_CASES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def test_detach_cases_cover_every_registered_term() -> None:
-    assert {name for name, _ in DETACH_CASES.values()} == set(LOSSES)
+    assert {name for name, _ in DETACH_CASES.values()} == set(LOSS_TYPES)
 
 
 @pytest.mark.parametrize("case", sorted(DETACH_CASES))
@@ -440,17 +421,19 @@ def test_no_term_sends_gradient_into_the_teacher(case: str, schedule: str | None
     name, kw = DETACH_CASES[case]
     labels = None if case == "ce-unlabeled" else [0, 1, 2, 0]
     s, t = _outputs(10, 2, grad=True, labels=labels), _outputs(11, 4, grad=True, labels=labels)
+    if labels is None:  # unlabeled data: the training loop labels it with the teacher's argmax
+        s.labels = t.labels = t.logits.argmax(-1)
     if "ensemble" in case:
         g = torch.Generator().manual_seed(12)
         t.ensemble_logits = (torch.randn(4, 3, generator=g).requires_grad_(True),)
-    layered = schedule is not None and name not in LOGIT_TERMS
+    layered = schedule is not None and not LOSS_TYPES[name].on_logits
     sched = _Sched("sid", cap_steps=1, threshold=0.01, keep_soft=True) if layered else None
     obj = build_objective([_cfg(name, **kw)], _ctx(2, 4, 8, 8), sched)
     for step in range(4):  # under SID: every stage, then the classifier
-        total, values = obj(s, t)
-        assert values, f"{case}: no term ran at step {step}"
-        total.backward()
-        obj.after_step(step + 1)
+        out = obj(s, t)
+        assert out.values, f"{case}: no term ran at step {step}"
+        out.total.backward()
+        obj.after_step(step + 1, out.layer_loss)
         if sched is None:
             break
     student_grads = [x.grad for x in (s.logits, *s.hidden_states, *s.attentions) if x.grad is not None]  # type: ignore[misc]
@@ -478,14 +461,14 @@ def test_attention_kl_term_with_cls_weight_hand_computed() -> None:
     obj = build_objective([_cfg("attention_kl", cls_weight=0.5, weight=2.0, map=[1])], one)
     s = KDOutputs(z, (h_s, h_s), (a_s,), None, None)
     t = KDOutputs(z, (h_t, h_t), (a_t,), None, None)
-    total, values = obj(s, t)
-    assert values["attention_kl"] == pytest.approx(kl + 0.5 * cos_loss, rel=1e-5)
-    assert total.item() == pytest.approx(2.0 * (kl + 0.5 * cos_loss), rel=1e-5)
+    out = obj(s, t)
+    assert out.values["attention_kl"] == pytest.approx(kl + 0.5 * cos_loss, rel=1e-5)
+    assert out.total.item() == pytest.approx(2.0 * (kl + 0.5 * cos_loss), rel=1e-5)
     # two layers, the second one perfect: both parts are means over the layers, so both halve
     obj2 = build_objective([_cfg("attention_kl", cls_weight=0.5, map="kept")], ctx)
     s2 = KDOutputs(z, (h_s, h_s, h_t), (a_s, a_t), None, None)
     t2 = KDOutputs(z, (h_t, h_t, h_t), (a_t, a_t), None, None)
-    assert obj2(s2, t2)[1]["attention_kl"] == pytest.approx((kl + 0.5 * cos_loss) / 2, rel=1e-5)
+    assert obj2(s2, t2).values["attention_kl"] == pytest.approx((kl + 0.5 * cos_loss) / 2, rel=1e-5)
 
 
 def test_vid_term_averages_its_layers_hand_computed() -> None:
@@ -505,8 +488,8 @@ def test_vid_term_averages_its_layers_hand_computed() -> None:
         return sum(0.5 * math.log(5.0) + (a - b) ** 2 / 10.0 for a, b in zip(t, mu, strict=True)) / 2
 
     expected = (nll([3.0, 1.0], biases["1"]) + nll([0.0, 2.0], biases["2"])) / 2  # mean over layers
-    _, values = obj(KDOutputs(z, h_s, None, mask, None), KDOutputs(z, h_t, None, mask, None))
-    assert values["vid"] == pytest.approx(expected, rel=1e-5)
+    out = obj(KDOutputs(z, h_s, None, mask, None), KDOutputs(z, h_t, None, mask, None))
+    assert out.values["vid"] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["arithmetic", "geometric"])
@@ -530,7 +513,7 @@ def test_hinton_term_with_an_ensemble_of_teachers_hand_computed(mode: str) -> No
     s = KDOutputs(torch.tensor([z]), None, None, None, torch.tensor([y]))
     t = KDOutputs(torch.tensor([members[0]]), None, None, None, torch.tensor([y]))
     t.ensemble_logits = (torch.tensor([members[1]]), torch.tensor([members[2]]))
-    assert obj(s, t)[1]["hinton"] == pytest.approx(expected, rel=1e-5)
+    assert obj(s, t).values["hinton"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_uniform_layer_map_rounding() -> None:
@@ -552,8 +535,9 @@ def test_progress_measures_send_no_gradient_into_the_teacher(case: str) -> None:
     name, kw = DETACH_CASES[case]
     obj = build_objective([_cfg(name, **kw)], _ctx(2, 4, 8, 8))
     term = obj.terms[0]
+    assert term.on_logits == LOSS_TYPES[name].on_logits and term.soft == LOSS_TYPES[name].soft
     if term.progress is None:
-        assert name in LOGIT_TERMS
+        assert term.on_logits
         return
     s, t = _outputs(13, 2, grad=True), _outputs(14, 4, grad=True)
     for m, n in term.layer_map.items():

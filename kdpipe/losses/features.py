@@ -1,4 +1,4 @@
-"""Feature (intermediate) distillation, METHODS.md section 2.
+"""Feature (intermediate) distillation, docs/methods.md §2.
 
 Hidden states come as a tuple, embeddings first, then one (B, T, H) per layer (so hidden-state
 index = layer number); attentions as a tuple of (B, heads, T, T), one per layer, 0-based. mask is
@@ -15,25 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdpipe.losses.masks import masked_mean, masked_sum
+
 
 def hidden_cosine(
     hs: tuple[Tensor, ...] | None, ht: tuple[Tensor, ...] | None, mask: Tensor | None, layer_map: dict[int, int]
 ) -> Tensor:
-    """METHODS.md 2.2 (DistilBERT): mean over mapped layers of 1 - cos(h_s, h_t) per real token.
+    """docs/methods.md §2.2 (DistilBERT): mean over mapped layers of 1 - cos(h_s, h_t) per real token.
 
     hs / ht: hidden states, embeddings first, each (B, T, H) (same width: the student keeps the
     teacher's); layer_map: student hidden-state index -> teacher hidden-state index;
-    mask: (B, T), padding never contributes."""
+    mask: (B, T), padding never contributes (selected out: even NaN / inf there cannot leak in)."""
     if hs is None or ht is None:
         raise ValueError("hidden_cosine needs hidden states from both models")
     total = hs[0].new_zeros((), dtype=hs[0].dtype).float()
     for s_idx, t_idx in layer_map.items():
         cos = F.cosine_similarity(hs[s_idx].float(), ht[t_idx].detach().float(), dim=-1)  # (B, T)
-        if mask is None:
-            total = total + (1 - cos).mean()
-        else:
-            m = mask.to(cos.dtype)
-            total = total + ((1 - cos) * m).sum() / m.sum().clamp_min(1)
+        total = total + masked_mean(1 - cos, mask)
     return total / max(len(layer_map), 1)
 
 
@@ -57,7 +55,7 @@ def _cls_pair(hs: Sequence[Tensor], ht: Sequence[Tensor], s_idx: int, t_idx: int
 def cls_mse_normalised(
     hs: Sequence[Tensor] | None, ht: Sequence[Tensor] | None, pairs: Sequence[tuple[int, int]]
 ) -> Tensor:
-    """METHODS.md 2.1 (Patient KD) L_PT: for each (student index, teacher index) in `pairs`,
+    """docs/methods.md §2.1 (Patient KD) L_PT: for each (student index, teacher index) in `pairs`,
     || h_s/||h_s|| - h_t/||h_t|| ||^2 on the [CLS] vectors, summed over the hidden dim, mean over the
     batch, SUMMED over pairs (as the formula; so the value grows with the number of pairs).
 
@@ -71,7 +69,7 @@ def cls_mse_normalised(
 
 
 def pkd_pairs(n_student: int, n_teacher: int, variant: Literal["skip", "last"]) -> list[tuple[int, int]]:
-    """METHODS.md 2.1: (student, teacher) hidden-state index pairs for student layers 1..M-1 (every
+    """docs/methods.md §2.1: (student, teacher) hidden-state index pairs for student layers 1..M-1 (every
     layer except the last, whose output is distilled through the logits). Index = layer number,
     since hidden-state index 0 is the embeddings.
 
@@ -105,6 +103,11 @@ class Projection(nn.Module):
         return self.linear(x)
 
 
+def maybe_projection(d_in: int, d_out: int, always: bool = False) -> nn.Module:
+    """A learned `Projection` d_in -> d_out when the widths differ (or `always`), otherwise the identity."""
+    return Projection(d_in, d_out) if always or d_in != d_out else nn.Identity()
+
+
 def _masked_token_mse(s: Tensor, t: Tensor, mask: Tensor | None) -> Tensor:
     """Mean squared error over the hidden dim and the real tokens: (B, T, H) x2 -> ()."""
     if s.shape != t.shape:
@@ -113,11 +116,7 @@ def _masked_token_mse(s: Tensor, t: Tensor, mask: Tensor | None) -> Tensor:
             "(give a projection when the widths differ)"
         )
     per_tok = ((s - t) ** 2).mean(-1)  # (B, T)
-    if mask is None:
-        return per_tok.mean()
-    real = mask.bool()
-    # where, not multiply: arbitrary (even non-finite) values at padding cannot leak in
-    return torch.where(real, per_tok, torch.zeros_like(per_tok)).sum() / real.sum().clamp_min(1)
+    return masked_mean(per_tok, mask)
 
 
 def hidden_mse(
@@ -127,7 +126,7 @@ def hidden_mse(
     mask: Tensor | None,
     proj: nn.Module | None = None,
 ) -> Tensor:
-    """METHODS.md 2.3 (TinyBERT) L_embd (index 0) / L_hidn: MSE(H_s W, H_t) per mapped pair,
+    """docs/methods.md §2.3 (TinyBERT) L_embd (index 0) / L_hidn: MSE(H_s W, H_t) per mapped pair,
     averaged over real tokens and the hidden dim, mean over pairs.
 
     layer_map: student hidden-state index -> teacher hidden-state index; proj (e.g. `Projection`)
@@ -164,7 +163,7 @@ def _real_rows_cols(mask: Tensor | None, a: Tensor) -> tuple[Tensor, Tensor]:
 def attention_mse(
     as_: Sequence[Tensor] | None, at: Sequence[Tensor] | None, layer_map: dict[int, int], mask: Tensor | None
 ) -> Tensor:
-    """METHODS.md 2.3 (TinyBERT) L_attn = (1/h) sum_heads MSE(A_s, A_t), mean over mapped pairs.
+    """docs/methods.md §2.3 (TinyBERT) L_attn = (1/h) sum_heads MSE(A_s, A_t), mean over mapped pairs.
 
     as_ / at: attentions, one (B, heads, T, T) per layer. layer_map is over ATTENTION indices,
     0-based: student layer m (hidden-state index m) has attention as_[m - 1], so a hidden-state map
@@ -176,10 +175,8 @@ def attention_mse(
         a_s, a_t = as_[s_idx].float(), at[t_idx].detach().float()
         _check_heads(a_s, a_t, "attention_mse")
         rows, cols = _real_rows_cols(mask, a_s)
-        valid = (rows & cols).expand_as(a_s)
-        sq = torch.where(valid, (a_s - a_t) ** 2, torch.zeros_like(a_s))
         # every head has the same valid entries, so (1/h) sum_h mean_valid = one mean over all of them
-        total = total + sq.sum() / valid.sum().clamp_min(1)
+        total = total + masked_mean((a_s - a_t) ** 2, rows & cols)
     return total / max(len(layer_map), 1)
 
 
@@ -190,7 +187,7 @@ def attention_kl(
     mask: Tensor | None,
     eps: float = 1e-10,
 ) -> Tensor:
-    """METHODS.md 2.4 (Aguilar et al.): per matched layer and head, the mean over real query rows i
+    """docs/methods.md §2.4 (Aguilar et al.): per matched layer and head, the mean over real query rows i
     of KL(A_t[i] || A_s[i]); mean over heads and pairs.
 
     layer_map over ATTENTION indices, 0-based (see `attention_mse`). The KL sums over real key
@@ -204,15 +201,14 @@ def attention_kl(
         _check_heads(a_s, a_t, "attention_kl")
         rows, cols = _real_rows_cols(mask, a_s)
         terms = a_t * (a_t.clamp_min(eps).log() - a_s.clamp_min(eps).log())
-        kl_rows = torch.where(cols.expand_as(terms), terms, torch.zeros_like(terms)).sum(-1)  # (B, h, T)
-        real_rows = rows[..., 0].expand_as(kl_rows)
+        kl_rows = masked_sum(terms, cols, dim=-1)  # (B, h, T)
         # each head has the same real rows: mean over (batch rows, heads) = mean over heads of row means
-        total = total + torch.where(real_rows, kl_rows, torch.zeros_like(kl_rows)).sum() / real_rows.sum().clamp_min(1)
+        total = total + masked_mean(kl_rows, rows[..., 0])
     return total / max(len(layer_map), 1)
 
 
 def cls_cosine(hs: Sequence[Tensor] | None, ht: Sequence[Tensor] | None, pairs: Sequence[tuple[int, int]]) -> Tensor:
-    """METHODS.md 2.4: 1 - cos(h_s[:, 0], h_t[:, 0]) on the [CLS] vectors, mean over the batch and
+    """docs/methods.md §2.4: 1 - cos(h_s[:, 0], h_t[:, 0]) on the [CLS] vectors, mean over the batch and
     over (student index, teacher index) pairs (hidden-state indices, embeddings first)."""
     hs, ht = _need(hs, "hidden states", "cls_cosine"), _need(ht, "hidden states", "cls_cosine")
     total = torch.zeros((), device=hs[0].device)
@@ -230,7 +226,7 @@ def hint(
     regressor: nn.Module,
     mask: Tensor | None,
 ) -> Tensor:
-    """METHODS.md 2.5 (FitNets hint): MSE(regressor(h_s[s_idx]), h_t[t_idx]) averaged over the hidden
+    """docs/methods.md §2.5 (FitNets hint): MSE(regressor(h_s[s_idx]), h_t[t_idx]) averaged over the hidden
     dim and the real tokens. regressor maps the student width to the teacher's (e.g. `Projection`)."""
     hs, ht = _need(hs, "hidden states", "hint"), _need(ht, "hidden states", "hint")
     return _masked_token_mse(regressor(hs[s_idx].float()), ht[t_idx].detach().float(), mask)

@@ -1,4 +1,4 @@
-"""Output (logit) distillation, METHODS.md section 1.
+"""Output (logit) distillation, docs/methods.md §1.
 
 Shapes: logits (B, C) for classification, or (B, T, V) for token-level (sequence) outputs;
 labels (B,); mask (B, T) with 1 on real tokens. Everything is computed in float32 and teacher
@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdpipe.losses.masks import masked_mean
+
 
 def cross_entropy(z: Tensor, y: Tensor | None) -> Tensor:
-    """Hard-label CE at T = 1."""
+    """Hard-label CE at T = 1: z (B, C), y (B,) -> (); raises ValueError without labels."""
     if y is None:
         raise ValueError("the 'ce' loss needs labels")
     return F.cross_entropy(z.float(), y)
@@ -30,7 +32,7 @@ def soft_kl(v: Tensor, z: Tensor, temperature: float) -> Tensor:
 
 
 def hinton(z: Tensor, v: Tensor, y: Tensor | None, temperature: float, alpha: float) -> Tensor:
-    """METHODS.md 1.1: (1 - a) CE(y, SM(z)) + a T^2 KL(SM(v/T) || SM(z/T)).
+    """docs/methods.md §1.1: (1 - a) CE(y, SM(z)) + a T^2 KL(SM(v/T) || SM(z/T)).
 
     The T^2 factor keeps the soft term's gradient scale independent of T. Without labels only the
     soft term remains (weight 1)."""
@@ -41,14 +43,14 @@ def hinton(z: Tensor, v: Tensor, y: Tensor | None, temperature: float, alpha: fl
 
 
 def logit_mse(z: Tensor, v: Tensor) -> Tensor:
-    """METHODS.md 1.2: ||v - z||^2 / C, mean over rows."""
+    """docs/methods.md §1.2: ||v - z||^2 / C, mean over rows: (B, C) x2 -> ()."""
     return torch.mean((z.float() - v.detach().float()) ** 2)
 
 
 def ensemble_probs(
     teacher_logits: list[Tensor], temperature: float, mode: Literal["arithmetic", "geometric"]
 ) -> Tensor:
-    """METHODS.md 1.1 ensemble teacher: soft targets from several teachers, (..., C) each -> (..., C).
+    """docs/methods.md §1.1 ensemble teacher: soft targets from several teachers, (..., C) each -> (..., C).
 
     arithmetic: mean_i SM(v_i / T); geometric: the normalised geometric mean
     prod_i SM(v_i / T)^(1/n) / Z = SM(mean_i log SM(v_i / T)) (computed in log space, so it stays
@@ -67,7 +69,7 @@ def ensemble_probs(
 
 
 def hinton_from_probs(z: Tensor, p: Tensor, y: Tensor | None, temperature: float, alpha: float) -> Tensor:
-    """METHODS.md 1.1 with the soft targets given as probabilities p (B, C), e.g. from ensemble_probs:
+    """docs/methods.md §1.1 with the soft targets given as probabilities p (B, C), e.g. from ensemble_probs:
     (1 - a) CE(y, SM(z)) + a T^2 KL(p || SM(z/T)); without labels only the soft term (weight 1),
     the same convention as `hinton`. KL summed over classes, mean over rows."""
     p = p.detach().float()
@@ -80,27 +82,28 @@ def hinton_from_probs(z: Tensor, p: Tensor, y: Tensor | None, temperature: float
 
 
 def logit_mse_with_labels(z: Tensor, v: Tensor, y: Tensor | None, alpha: float) -> Tensor:
-    """METHODS.md 1.2 (Tang et al.): a CE(t, SM(z)) + (1 - a) ||v - z||^2 / C (mean over rows).
+    """docs/methods.md §1.2 (Tang et al.): a CE(y, SM(z)) + (1 - a) ||v - z||^2 / C (mean over rows).
 
-    t = y, or argmax v on unlabeled data (y is None). The squared error is normalised by the class
-    count like `logit_mse`, i.e. a mean over every logit."""
+    z, v: (B, C); y: (B,), the gold labels or, on unlabeled data, the teacher's argmax (the training
+    loop fills those in; this function does not guess them). The squared error is normalised by the
+    class count like `logit_mse`, i.e. a mean over every logit."""
+    if y is None:
+        raise ValueError("logit_mse with alpha > 0 needs labels (the training loop gives the teacher's argmax)")
     v = v.detach().float()
-    t = y if y is not None else v.argmax(-1)
-    return alpha * F.cross_entropy(z.float(), t) + (1 - alpha) * torch.mean((v - z.float()) ** 2)
+    return alpha * F.cross_entropy(z.float(), y) + (1 - alpha) * torch.mean((v - z.float()) ** 2)
 
 
 def _position_mean(per_pos: Tensor, mask: Tensor | None) -> Tensor:
     """Mean of a per-position value: (B,) -> mean over rows; (B, T) -> mean over REAL tokens.
 
     Token-level losses are averaged per real token (sum over real tokens / their count), not per
-    row: a row with 3 real tokens weighs 3 times a row with 1. Padding is selected out with
-    torch.where rather than multiplied by 0, so even inf/NaN at padded positions cannot leak in."""
+    row: a row with 3 real tokens weighs 3 times a row with 1. Padding is selected out
+    (`masks.masked_mean`), so even inf/NaN at padded positions cannot leak in."""
     if per_pos.dim() == 1 or mask is None:
         return per_pos.mean()
     if mask.shape != per_pos.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match the token grid {tuple(per_pos.shape)}")
-    real = mask.bool()
-    return torch.where(real, per_pos, torch.zeros_like(per_pos)).sum() / real.sum().clamp_min(1)
+    return masked_mean(per_pos, mask)
 
 
 def _log_probs(z: Tensor, v: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -119,21 +122,13 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
 
 
 def reverse_kl(z: Tensor, v: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
-    """METHODS.md 1.3 (MiniLLM's token-level objective, without its policy-gradient machinery):
+    """docs/methods.md §1.3 (MiniLLM's token-level objective, without its policy-gradient machinery):
     T^2 KL(q || p), q = SM(z/T) student, p = SM(v/T) teacher (mode-seeking).
 
     z, v: (B, C) -> mean over rows (mask, a token mask, does not apply and is ignored), or
     (B, T, V) -> per-token KL averaged over real tokens of `mask` (all tokens when mask is None)."""
     log_q, log_p = _log_probs(z, v, temperature)
     return temperature**2 * _position_mean(_kl(log_q, log_p), mask)
-
-
-def forward_kl_tokens(z: Tensor, v: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
-    """T^2 KL(p || q) (mode-covering) with exactly the shapes, masking and averaging of `reverse_kl`.
-
-    For (B, C) it equals `soft_kl(v, z, T) * T^2`; for (B, T, V) it is the mean over real tokens."""
-    log_q, log_p = _log_probs(z, v, temperature)
-    return temperature**2 * _position_mean(_kl(log_p, log_q), mask)
 
 
 def generalized_jsd(z: Tensor, v: Tensor, beta: float, temperature: float, mask: Tensor | None = None) -> Tensor:
@@ -147,7 +142,7 @@ def generalized_jsd(z: Tensor, v: Tensor, beta: float, temperature: float, mask:
     m collapses onto one distribution and the loss is identically 0 (no gradient). Near the ends it
     vanishes linearly: JSD_beta / beta -> KL(p || q) as beta -> 0 and JSD_beta / (1 - beta) ->
     KL(q || p) as beta -> 1. Some tools special-case the endpoints to forward/reverse KL; this one
-    does not: use `forward_kl_tokens` / `reverse_kl` for those."""
+    does not: use `reverse_kl` (or `soft_kl` / `hinton` for the forward direction) for those."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"generalized_jsd: beta must be in [0, 1], got {beta}")
     log_q, log_p = _log_probs(z, v, temperature)
@@ -161,14 +156,14 @@ def generalized_jsd(z: Tensor, v: Tensor, beta: float, temperature: float, mask:
 
 
 def ofa(z: Tensor, v: Tensor, y: Tensor | None, gamma: float, temperature: float = 1.0) -> Tensor:
-    """METHODS.md 1.4 (One-for-All): L = -(1 + p[c])^g log q[c] - sum_{k != c} p[k] log q[k],
+    """docs/methods.md §1.4 (One-for-All): L = -(1 + p[c])^g log q[c] - sum_{k != c} p[k] log q[k],
     p = SM(v/T) teacher, q = SM(z/T) student, c = y; mean over rows. No T^2 factor (the reference
     uses T = 1). g = 1 gives CE(y, q) + soft CE(p, q), i.e. standard KD with the label folded in;
     g > 1 weighs the target class more.
 
     Note: the authors' code computes ((p + onehot)^g - onehot) as the weights, which differs from the
     formula by -log q[c] on the target and raises non-target weights to the power g; this follows
-    the formula in METHODS.md."""
+    the formula in docs/methods.md §1.4."""
     if y is None:
         raise ValueError("the OFA loss needs labels (the target class c)")
     log_q = F.log_softmax(z.float() / temperature, dim=-1)

@@ -1,7 +1,7 @@
-"""Relational and information-theoretic distillation, METHODS.md section 3 (plus CRD from 2.5).
+"""Relational and information-theoretic distillation, docs/methods.md §3 (plus CRD from §2.5).
 
 Features are per-example vectors (B, D) unless stated otherwise: pool token states first (e.g.
-`kdpipe.analysis.mean_pool` or the [CLS] vector). Everything is computed in float32 and the
+`kdpipe.losses.masks.mean_pool` or the [CLS] vector). Everything is computed in float32 and the
 teacher's tensors are detached here.
 """
 
@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdpipe.losses.masks import masked_mean
+
 
 def _pkt_probs(f: Tensor, eps: float) -> Tensor:
     """(B, D) -> (B, B) row-conditional probabilities from the cosine kernel (cos + 1) / 2."""
@@ -22,7 +24,7 @@ def _pkt_probs(f: Tensor, eps: float) -> Tensor:
 
 
 def pkt(fs: Tensor, ft: Tensor, symmetric: bool = False, eps: float = 1e-7) -> Tensor:
-    """METHODS.md 3.1 (Passalis & Tefas 2018, probabilistic knowledge transfer).
+    """docs/methods.md §3.1 (Passalis & Tefas 2018, probabilistic knowledge transfer).
 
     Each feature space (fs (B, D_s), ft (B, D_t); widths may differ) gives a (B, B) kernel
     K = (cos + 1) / 2, normalised per row into conditional probabilities P[i, j] = K[i, j] / sum_j K[i, j].
@@ -42,7 +44,7 @@ def pkt(fs: Tensor, ft: Tensor, symmetric: bool = False, eps: float = 1e-7) -> T
 
 
 class VIDHead(nn.Module):
-    """METHODS.md 3.2 (Ahn et al. 2019, variational information distillation) for one feature pair.
+    """docs/methods.md §3.2 (Ahn et al. 2019, variational information distillation) for one feature pair.
 
     q(t | s) = N(mu(s), diag(sigma^2)): mu is nn.Linear(d_s, d_t) when hidden is None, otherwise an
     MLP Linear(d_s, hidden) -> ReLU -> Linear(hidden, d_t) (the reference uses 1x1 convolutions with
@@ -76,10 +78,7 @@ class VIDHead(nn.Module):
         t = ft.detach().float()
         per_chan = 0.5 * var.log() + (t - self.mu(fs.float())) ** 2 / (2 * var)  # log sigma = 0.5 log sigma^2
         per_pos = per_chan.mean(-1)
-        if mask is None or per_pos.dim() == 1:
-            return per_pos.mean()
-        real = mask.bool()
-        return torch.where(real, per_pos, torch.zeros_like(per_pos)).sum() / real.sum().clamp_min(1)
+        return masked_mean(per_pos, None if per_pos.dim() == 1 else mask)
 
 
 def crd_in_batch(
@@ -90,12 +89,12 @@ def crd_in_batch(
     proj_t: nn.Module,
     temperature: float = 0.1,
 ) -> Tensor:
-    """METHODS.md 2.5 (CRD), memory-light: in-batch negatives instead of CRD's memory bank.
+    """docs/methods.md §2.5 (CRD), memory-light: in-batch negatives instead of CRD's memory bank.
 
     s = normalise(proj_s(fs)), t = normalise(proj_t(ft)) (ft detached, so proj_t still learns but the
     teacher does not); logits[i, j] = s_i . t_j / tau, (B, B). The positive of row i is column i (same
     input). With labels, off-diagonal columns of the SAME label are removed from row i's negatives
-    (METHODS: negatives are inputs from different classes); without labels every other column is a
+    (docs/methods.md §2.5: negatives are inputs from different classes); without labels every other column is a
     negative. InfoNCE = cross-entropy of each row onto its diagonal, mean over rows; one direction
     only (student anchors, teacher candidates)."""
     if fs.shape[0] != ft.shape[0]:

@@ -1,0 +1,178 @@
+"""The stage contract: what a stage is given (its config section, the upstream manifest, a RunContext) and
+what it hands on (a typed record stored in its manifest, read back as that type).
+
+This module sits in the bottom layer with `artifacts`: stages import it, the runner (`pipeline`) imports the
+stages, and nothing here imports a stage, so the import graph has no cycle. Every path in a record is relative
+to the stage directory that wrote it (or names a stage of the run's lineage), so a run can be moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kdpipe.artifacts import FileRecord, Manifest, Metric
+from kdpipe.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from kdpipe.config import Recipe, TargetProfile
+
+
+class Record(BaseModel):
+    """A stage's hand-over. Unknown keys are refused on read, so a record written by another schema fails
+    loudly instead of being half-read; JSON's string keys become ints where the field says so."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AssistantInfo(Record):
+    kept_layers: list[int] = Field(description="Teacher layers the assistant was built from.")
+    of: str = Field(description="What the assistant was distilled from (the original teacher's source).")
+    teacher_layers: int = Field(description="Layers of the original teacher.")
+
+
+class TeacherRecord(Record):
+    """What the teacher stage (or a teaching assistant standing in for it) hands on."""
+
+    label_names: list[str]
+    max_length: int
+    split_sizes: dict[str, int]
+    data_source: str
+    data_sha256: str
+    data_rows: dict[str, int] | None = None
+    model_source: str
+    finetuned: bool
+    trained_params: Literal["head", "all"]
+    warnings: list[str] = Field(default_factory=list)
+    assistant: AssistantInfo | None = Field(None, description="Set when this teacher-kind artifact is an assistant.")
+
+
+class StudentRecord(Record):
+    kept_layers: list[int]
+    layer_map: dict[int, int] = Field(description="Student hidden-state index -> teacher hidden-state index.")
+    init: str
+
+
+class DistillRecord(Record):
+    device: str
+    precision: str
+    history: list[dict[str, float]]
+    baseline_history: list[dict[str, float]] | None = None
+    losses: list[dict[str, Any]]
+    schedule_kind: str
+    schedule_events: list[dict[str, Any]]
+    train_examples: int
+    data_free: dict[str, Any] | None = None
+    warnings: list[str] = Field(default_factory=list)
+    attention_dropout_off: list[str] = Field(default_factory=list)
+    cka_diagonal: list[float] | None = None
+
+
+class ModelSource(Record):
+    """Where the PyTorch model of an ONNX file lives: a stage of the lineage and a directory inside it."""
+
+    stage: str
+    dir: str
+
+
+class Parity(Record):
+    max_abs_diff: float
+    atol: float
+    class_agreement: float
+    examples: int
+    shapes: list[list[int]]
+    nonfinite_outputs: int
+    ok: bool
+
+
+class ExportedModel(Record):
+    onnx: str
+    spec: dict[str, Any]
+    parity: Parity
+    source: ModelSource
+
+
+class ExportRecord(Record):
+    models: dict[str, ExportedModel]
+
+
+class ProfileRecord(Record):
+    report: str
+    profile: str
+
+
+R = TypeVar("R", bound=Record)
+
+
+def record(manifest: Manifest, kind: type[R]) -> R:
+    """The manifest's hand-over record, validated as `kind`."""
+    try:
+        return kind.model_validate(manifest.record)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ArtifactError(
+            f"{manifest.dir}: the {manifest.stage} manifest's record does not fit {kind.__name__} ({where}: {first['msg']})",
+            f"re-run `kdpipe {manifest.stage} --force` with this kdpipe version",
+        ) from None
+
+
+@dataclass
+class StageOutput:
+    """What a stage function returns; the runner writes it into the manifest."""
+
+    record: Record
+    metrics: dict[str, Metric] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Resolved once per command: the recipe's seed, where progress goes, and the target profile."""
+
+    seed: int
+    console: Console
+    profile: TargetProfile
+
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class StageSpec(Generic[C]):
+    """One row of the runner's STAGES table; each stage module declares its own.
+
+    section: the recipe section the stage sees (its whole config);
+    identity: the dict the run id hashes (its config, plus the seed when the stage is seeded);
+    inputs: the content records of every file the stage reads besides the upstream's outputs;
+    run: `run_<stage>(cfg, upstream, out, ctx) -> StageOutput`."""
+
+    name: str
+    upstream: str | None
+    section: Callable[[Recipe, RunContext], C]
+    run: Callable[[C, Manifest | None, Path, RunContext], StageOutput]
+    summary: str
+    identity: Callable[[C, RunContext], dict[str, Any]]
+    inputs: Callable[[C, Manifest | None], list[FileRecord]] = field(default=lambda cfg, up: upstream_inputs(up))
+    kind: str | None = None  # the artifact kind its manifest records (default: its name)
+
+
+def seeded(cfg: BaseModel, ctx: RunContext) -> dict[str, Any]:
+    """The identity of a stage whose result depends on the seed."""
+    return {"seed": ctx.seed, **cfg.model_dump(mode="json")}
+
+
+def unseeded(cfg: BaseModel, ctx: RunContext) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def upstream_inputs(upstream: Manifest | None) -> list[FileRecord]:
+    """A downstream stage's inputs: the upstream's recorded (and just verified) outputs."""
+    if upstream is None:
+        return []
+    return [FileRecord(f"{upstream.stage}/{r.path}", r.sha256, r.bytes) for r in upstream.outputs]

@@ -1,0 +1,116 @@
+"""The shape of the package: no import cycle among kdpipe's modules, no function longer than a screen."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "kdpipe"
+MAX_LINES = 60
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for f in PKG.rglob("*.py"):
+        parts = list(f.relative_to(PKG.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = f
+    return mods
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the kdpipe modules it imports, at module level, inside functions and under TYPE_CHECKING alike
+    (a function-level import hides a cycle, it does not remove it)."""
+    mods = _modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for n in names:
+                target = resolve(n) if n.split(".")[0] == "kdpipe" else None
+                # a package's own __init__ is not a cycle
+                if target and target != m and not m.startswith(target + "."):
+                    graph[m].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_a_planted_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_kdpipe_has_no_import_cycle() -> None:
+    graph = import_graph()
+    assert "kdpipe.pipeline" in graph and graph["kdpipe.pipeline"] >= {"kdpipe.teacher", "kdpipe.distill"}
+    assert cycles(graph) == []
+
+
+def test_stages_never_import_the_runner() -> None:
+    graph = import_graph()
+    for stage in ("teacher", "student", "distill", "export", "profile", "assistant"):
+        assert "kdpipe.pipeline" not in graph[f"kdpipe.{stage}"], stage
+
+
+def test_no_function_is_longer_than_a_screen() -> None:
+    long = []
+    for f in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if lines > MAX_LINES:
+                    long.append(f"{f.relative_to(PKG.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []
+
+
+def test_config_loading_does_not_import_torch() -> None:
+    """Recipes, profiles and data are checked in a second: the config layer is torch-free."""
+    import subprocess
+    import sys
+
+    code = "import sys, kdpipe.config, kdpipe.data; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
