@@ -17,7 +17,16 @@ from kdpipe.config import StudentConfig
 from kdpipe.data import SPLITS, encode, read_split
 from kdpipe.errors import ConfigError
 from kdpipe.models import load_classifier, load_tokenizer
-from kdpipe.records import AssistantInfo, RunContext, StageOutput, StageSpec, StudentRecord, TeacherRecord, record, seeded
+from kdpipe.records import (
+    AssistantInfo,
+    RunContext,
+    StageOutput,
+    StageSpec,
+    StudentRecord,
+    TeacherRecord,
+    record,
+    seeded,
+)
 from kdpipe.teacher import write_logit_stats
 from kdpipe.train import evaluate, pick_device
 

@@ -17,10 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kdpipe.errors import ConfigError, did_you_mean
+from kdpipe.losses.terms import HintonLoss, LossConfig
 from kdpipe.textcodec import encoding_problem
-from kdpipe.losses.terms import CELoss, HintonLoss, LossConfig
-
-__all__ = ["CELoss", "HintonLoss", "LossConfig"]
 
 
 class _Strict(BaseModel):
@@ -269,8 +267,8 @@ class Recipe(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Distill stage.")
     assistant: StudentConfig | None = Field(
         None,
-        description="Teaching assistant (docs/methods.md §5): when given, `kdpipe run` distils teacher -> an assistant of "
-        "this size -> the student, the assistant standing in as the student's teacher.",
+        description="Teaching assistant (docs/methods.md §5): when given, `kdpipe run` distils teacher -> an "
+        "assistant of this size -> the student, the assistant standing in as the student's teacher.",
     )
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export stage.")
     profile: str = Field("cpu", description="Target profile: a name in profiles/ or a YAML path.")

@@ -63,7 +63,7 @@ def synthesize(
                 st["mean"], _psd(np.asarray(st["cov"])), size=cfg.samples_per_class, check_valid="ignore"
             )
         )
-        wanted += [c] * cfg.samples_per_class
+        wanted += [int(st.get("index", c))] * cfg.samples_per_class
     b = torch.tensor(np.concatenate(targets), dtype=torch.float32, device=device)
     teacher.to(device).eval()
     for p in teacher.parameters():

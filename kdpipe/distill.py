@@ -18,8 +18,8 @@ from kdpipe.data import SPLITS, Encoded, Split, batches, encode, read_split, rea
 from kdpipe.datafree import EmbeddedSet, load_stats, synthesize
 from kdpipe.errors import ConfigError, ModelError
 from kdpipe.layermaps import layer_map, uniform_layers
-from kdpipe.losses.objective import LossContext, Objective, build_objective
 from kdpipe.losses.masks import mean_pool
+from kdpipe.losses.objective import LossContext, Objective, build_objective
 from kdpipe.losses.terms import CELoss, LossConfig
 from kdpipe.models import forward_kd, load_classifier, load_tokenizer, require_same_tokenizer, resolve_model_dir
 from kdpipe.plots import plot_cka, plot_training
@@ -159,7 +159,9 @@ def _transfer_set(
     with augmented copies (written to augmented.jsonl), or inputs reconstructed data-free."""
     if cfg.data_free:
         stats = load_stats(pair.teacher_manifest.dir / "logit_stats.json")
-        synthetic, report = synthesize(pair.teachers[0], stats, cfg.data_free, ctx.seed, device.torch_device, ctx.console)
+        synthetic, report = synthesize(
+            pair.teachers[0], stats, cfg.data_free, ctx.seed, device.torch_device, ctx.console
+        )
         np.save(work / "data_free_inputs.npy", synthetic.embeds.numpy(), allow_pickle=False)
         return synthetic, report
     if not (cfg.transfer or cfg.augment):
@@ -210,7 +212,9 @@ def _train_student(
     # the teacher runs for the terms that read it, and to label unlabeled examples (a transfer file, augmented
     # copies, data-free inputs) even when no term does
     teachers = pair.teachers if objective.needs_teacher or _unlabeled(data) else []
-    result = train(model, objective, data, plan, device, teachers=teachers, val_data=val if len(val) else None, console=ctx.console)
+    result = train(
+        model, objective, data, plan, device, teachers=teachers, val_data=val if len(val) else None, console=ctx.console
+    )
     test = evaluate(model, pair.splits["test"], device)
     _require_finite(test.logits, description)
     return model, result, test
@@ -242,7 +246,9 @@ def run_distill(cfg: DistillConfig, upstream: Manifest | None, work: Path, ctx: 
     teacher_preds = np.load(pair.teacher_manifest.path("test_logits.npy"), allow_pickle=False).argmax(-1)
     t_acc = float(pair.teacher_manifest.metric("test_accuracy"))
     metrics = _kd_metrics(test, result, teacher_preds, t_acc, cfg.batch_size, len(transfer))
-    ctx.console.print(f"KD student test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f} (teacher {t_acc:.4f})")
+    ctx.console.print(
+        f"KD student test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f} (teacher {t_acc:.4f})"
+    )
     cka_diagonal = None
     if cfg.cka_samples:
         test_part = subset(pair.splits["test"], cfg.cka_samples)
@@ -359,7 +365,8 @@ def _require_finite(logits: np.ndarray, who: str) -> None:
     bad = int((~np.isfinite(logits)).any(-1).sum())
     if bad:
         raise ModelError(
-            f"{who}: the trained student gives NaN/inf logits on {bad} of {len(logits)} test examples: training diverged",
+            f"{who}: the trained student gives NaN/inf logits on {bad} of {len(logits)} test examples: "
+            "training diverged",
             "lower distill.lr or raise the loss temperatures; nothing was written",
         )
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kdpipe.artifacts import Manifest, Metric
 from kdpipe.config import ExportConfig
 from kdpipe.data import Split, collate, encode, read_split
@@ -151,7 +152,9 @@ def run_export(cfg: ExportConfig, upstream: Manifest | None, work: Path, ctx: Ru
 
 
 def _failure(name: str, check: Parity) -> str:
-    broken = f", {check.nonfinite_outputs} outputs with NaN/inf logits (a broken model)" if check.nonfinite_outputs else ""
+    broken = (
+        f", {check.nonfinite_outputs} outputs with NaN/inf logits (a broken model)" if check.nonfinite_outputs else ""
+    )
     return (
         f"{name}: max |diff| {check.max_abs_diff:.3e} vs atol {check.atol:g}, "
         f"class agreement {check.class_agreement:.2%} on {check.examples} examples{broken}"

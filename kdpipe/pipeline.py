@@ -123,7 +123,9 @@ def _up_to_date(final: Path, rid: str, identity: dict[str, Any], force: bool, co
     return None
 
 
-def run_stage(name: str, recipe: Recipe, out_root: Path, upstream_dir: Path | None, force: bool, console: Console) -> Manifest:
+def run_stage(
+    name: str, recipe: Recipe, out_root: Path, upstream_dir: Path | None, force: bool, console: Console
+) -> Manifest:
     """One stage of the chain from a recipe (what `kdpipe <stage>` runs)."""
     spec = STAGES[name]
     ctx = context(recipe, console)

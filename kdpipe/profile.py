@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from kdpipe.artifacts import Manifest, Metric
 from kdpipe.config import Shape, TargetProfile
 from kdpipe.errors import ConfigError

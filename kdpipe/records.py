@@ -118,7 +118,8 @@ def record(manifest: Manifest, kind: type[R]) -> R:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ArtifactError(
-            f"{manifest.dir}: the {manifest.stage} manifest's record does not fit {kind.__name__} ({where}: {first['msg']})",
+            f"{manifest.dir}: the {manifest.stage} manifest's record does not fit {kind.__name__} "
+            f"({where}: {first['msg']})",
             f"re-run `kdpipe {manifest.stage} --force` with this kdpipe version",
         ) from None
 

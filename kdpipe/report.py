@@ -142,14 +142,31 @@ def _quality_lines(run: Run) -> list[str]:
     ]
     if (a := run.assistant) is not None:
         lines.append(
-            row("teaching assistant", a.metric("layers"), a.metric("params"), a.metric("test_accuracy"),
-                a.metric("test_macro_f1"), "n/a")
+            row(
+                "teaching assistant",
+                a.metric("layers"),
+                a.metric("params"),
+                a.metric("test_accuracy"),
+                a.metric("test_macro_f1"),
+                "n/a",
+            )
         )
-    lines.append(row("student, KD", s_layers, s_params, s_acc, d.metric("test_macro_f1"), _pct(d.metric("teacher_agreement"))))
+    lines.append(
+        row("student, KD", s_layers, s_params, s_acc, d.metric("test_macro_f1"), _pct(d.metric("teacher_agreement")))
+    )
     verdict = ""
     if b_acc is not None:
         agreement = _pct(d.metric("baseline_teacher_agreement"))
-        lines.append(row("student, no KD (hard labels only)", s_layers, s_params, b_acc, d.metric("baseline_test_macro_f1"), agreement))
+        lines.append(
+            row(
+                "student, no KD (hard labels only)",
+                s_layers,
+                s_params,
+                b_acc,
+                d.metric("baseline_test_macro_f1"),
+                agreement,
+            )
+        )
         verdict = _verdict(s_acc, b_acc, d.metric("test_macro_f1"), d.metric("baseline_test_macro_f1"))
     return [
         *lines,
@@ -239,7 +256,8 @@ def _latency_lines(results: dict[str, Any]) -> list[str]:
         for shape in ort_res["student"]["shapes"]:
             t, s = ort_res["teacher"]["shapes"][shape]["p50_ms"], ort_res["student"]["shapes"][shape]["p50_ms"]
             lines.append(
-                f"- speed-up at {shape} (onnxruntime p50, teacher / student): **{t / s:.2f}x** ({t:.2f} ms -> {s:.2f} ms)"
+                f"- speed-up at {shape} (onnxruntime p50, teacher / student): **{t / s:.2f}x** "
+                f"({t:.2f} ms -> {s:.2f} ms)"
             )
         for name in ort_res:
             lines.append(

@@ -12,7 +12,16 @@ from kdpipe.config import StudentConfig
 from kdpipe.errors import ConfigError
 from kdpipe.layermaps import layer_map, uniform_layers
 from kdpipe.models import count_params, load_classifier, load_tokenizer, require_same_tokenizer, resolve_model_dir
-from kdpipe.records import RunContext, StageOutput, StageSpec, StudentRecord, TeacherRecord, record, seeded, upstream_inputs
+from kdpipe.records import (
+    RunContext,
+    StageOutput,
+    StageSpec,
+    StudentRecord,
+    TeacherRecord,
+    record,
+    seeded,
+    upstream_inputs,
+)
 
 # "<prefix>.layer.<i>.<rest>" / "<prefix>.layers.<i>.<rest>": the stacked blocks of an encoder
 _LAYER_KEY = re.compile(r"^(?P<prefix>.*\.(?:layer|layers))\.(?P<idx>\d+)\.(?P<rest>.+)$")

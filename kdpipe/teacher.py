@@ -10,7 +10,17 @@ import numpy as np
 
 from kdpipe.artifacts import FileRecord, Manifest, Metric, sha256_file
 from kdpipe.config import TeacherConfig
-from kdpipe.data import SPLITS, Encoded, describe_source, encode, load_source, make_splits, read_split, source_path, write_split
+from kdpipe.data import (
+    SPLITS,
+    Encoded,
+    describe_source,
+    encode,
+    load_source,
+    make_splits,
+    read_split,
+    source_path,
+    write_split,
+)
 from kdpipe.losses.objective import LossContext, build_objective
 from kdpipe.losses.terms import CELoss
 from kdpipe.models import count_params, load_classifier_with_head, load_config, load_tokenizer, resolve_model_dir
@@ -130,7 +140,9 @@ def _finetune(
         lr_setting="teacher.lr / teacher.head_lr",
     )
     objective = build_objective([CELoss()], LossContext(layer_map={}))
-    result = train(model, objective, enc["train"], plan, device, param_groups=groups, val_data=enc["val"], console=ctx.console)
+    result = train(
+        model, objective, enc["train"], plan, device, param_groups=groups, val_data=enc["val"], console=ctx.console
+    )
     return {
         "train_seconds": Metric(round(result.seconds, 1), "s"),
         "train_samples_per_second": Metric(round(result.samples_per_second, 1), "samples/s"),
@@ -176,6 +188,7 @@ def write_logit_stats(logits: np.ndarray, labels: list[int], names: list[str], p
         if len(rows) < 2:
             continue
         classes[name] = {
+            "index": i,  # the class's logit index: a class left out (< 2 rows) must not shift the others
             "count": int(len(rows)),
             "mean": rows.mean(0).round(6).tolist(),
             "cov": np.cov(rows, rowvar=False).round(6).tolist(),

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kdpipe.data import Encoded, batches
-from kdpipe.errors import ModelError, TrainingDivergedError
-from kdpipe.errors import ConfigError
+from kdpipe.errors import ConfigError, ModelError, TrainingDivergedError
 from kdpipe.losses.objective import Objective
 from kdpipe.models import KDOutputs, attention_dropout_off, attention_row_sums, forward_kd
 
@@ -189,7 +188,14 @@ def _setup(
 
 
 def _progress(console: Console | None) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -204,7 +210,9 @@ def _progress(console: Console | None) -> Any:
     return Progress(*columns, console=console, transient=False)
 
 
-def with_targets(s_out: KDOutputs, t_out: KDOutputs | None, ensemble: tuple[Any, ...] = ()) -> tuple[KDOutputs, KDOutputs | None]:
+def with_targets(
+    s_out: KDOutputs, t_out: KDOutputs | None, ensemble: tuple[Any, ...] = ()
+) -> tuple[KDOutputs, KDOutputs | None]:
     """THE place where unlabeled examples get their labels: a batch without labels (a transfer file), or rows
     labelled -1 (augmented copies, data-free inputs), take the teacher's argmax. New outputs are returned
     (nothing is mutated); the teacher's carries its fellow ensemble members' logits."""
@@ -237,8 +245,15 @@ def _forward(
 
 
 def _step(
-    loop: _Loop, model: torch.nn.Module, objective: Objective, teachers: list[torch.nn.Module], batch: dict[str, Any],
-    plan: TrainPlan, device: Device, step: int, epoch: int,
+    loop: _Loop,
+    model: torch.nn.Module,
+    objective: Objective,
+    teachers: list[torch.nn.Module],
+    batch: dict[str, Any],
+    plan: TrainPlan,
+    device: Device,
+    step: int,
+    epoch: int,
 ) -> tuple[float, dict[str, float]]:
     """One optimiser step; a non-finite loss or gradient norm stops training."""
     import torch
@@ -294,7 +309,9 @@ def _train(
                 if result.steps >= loop.total:
                     break
                 batch = {k: v.to(device.torch_device) for k, v in batch.items()}
-                value, values = _step(loop, model, objective, teachers, batch, plan, device, result.steps + 1, epoch + 1)
+                value, values = _step(
+                    loop, model, objective, teachers, batch, plan, device, result.steps + 1, epoch + 1
+                )
                 result.steps += 1
                 loop.seen += len(batch["attention_mask"])
                 loop.ema = value if loop.ema is None else 0.9 * loop.ema + 0.1 * value

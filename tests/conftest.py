@@ -190,3 +190,9 @@ def assert_one_line_error(code: int, output: str, *needles: str) -> None:
     assert errors and hints, output
     for needle in needles:
         assert needle in output, output
+
+
+def write_profile(path: Path, **over: object) -> Path:
+    doc = {"name": "p", "description": "d", "shapes": [{"batch": 1, "seq": 8}], **over}
+    path.write_text(yaml.safe_dump(doc))
+    return path

@@ -1,15 +1,22 @@
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error, invoke
 
 from kdpipe.artifacts import (
+    LOCK,
     Manifest,
     Metric,
     atomic_dir,
     describe_changes,
     list_outputs,
+    locked,
     read_manifest,
     run_id,
     write_json_atomic,
@@ -120,3 +127,60 @@ def test_sigterm_discards_the_stage_in_progress(tmp_path: Path) -> None:
     proc.wait(timeout=20)
     time.sleep(0.1)
     assert proc.returncode != 0 and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def live_pid() -> int:
+    """The PID of a process that is alive for the duration of the test."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_lock(root: Path, pid: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / LOCK).write_text(json.dumps({"pid": pid, "host": os.uname().nodename, "started": "t"}))
+
+
+def test_second_command_on_a_locked_out_is_refused(tiny_recipe: Path, tmp_path: Path, live_pid: int) -> None:
+    _write_lock(tmp_path / "runs", live_pid)
+    code, out = invoke("teacher", "-r", tiny_recipe, "-o", tmp_path / "runs")
+    assert_one_line_error(code, out, "in use by another kdpipe", f"PID {live_pid}", LOCK)
+    assert not (tmp_path / "runs" / "teacher").exists()
+    assert json.loads((tmp_path / "runs" / LOCK).read_text())["pid"] == live_pid  # the holder's lock is kept
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tiny_recipe: Path, tmp_path: Path) -> None:
+    _write_lock(tmp_path / "runs", dead_pid())
+    code, out = invoke("teacher", "-r", tiny_recipe, "-o", tmp_path / "runs")
+    assert code == 0, out
+    assert read_manifest(tmp_path / "runs" / "teacher", "teacher").stage == "teacher"
+    assert not (tmp_path / "runs" / LOCK).exists()  # released at the end
+
+
+def test_lock_is_reentrant_and_exclusive(tmp_path: Path, live_pid: int) -> None:
+    with locked(tmp_path), locked(tmp_path):
+        assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / LOCK).exists()
+    _write_lock(tmp_path, live_pid)
+    with pytest.raises(ArtifactError, match="in use"), locked(tmp_path):
+        pass
+
+
+def test_temporary_dir_of_a_live_process_is_never_cleared(tmp_path: Path, live_pid: int) -> None:
+    live = tmp_path / f".teacher.tmp-{live_pid}"
+    dead = tmp_path / f".teacher.tmp-{dead_pid()}"
+    for d in (live, dead):
+        d.mkdir()
+        (d / "train.jsonl").write_text("{}")
+    with atomic_dir(tmp_path / "teacher") as work:
+        (work / "x").write_text("x")
+    assert (live / "train.jsonl").is_file()  # another kdpipe's stage in progress survives
+    assert not dead.exists()  # a killed run's leftovers are cleared

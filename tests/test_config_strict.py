@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import assert_one_line_error, invoke
+from conftest import assert_one_line_error, invoke, write_profile
 
 import kdpipe.config as config
 import kdpipe.pipeline
-from kdpipe.config import DistillConfig, Recipe, load_recipe
+from kdpipe.config import DistillConfig, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,10 +148,6 @@ def test_error_text_with_brackets_is_printed_as_is(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- profiles
-def write_profile(path: Path, **over: object) -> Path:
-    doc = {"name": "p", "description": "d", "shapes": [{"batch": 1, "seq": 8}], **over}
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -178,35 +173,6 @@ def test_profile_without_shapes_validates_by_location_or_kind(tmp_path: Path) ->
     code, out = invoke("validate", by_dir, by_kind, recipe)
     assert code == 0, out
     assert f"ok: {by_dir} (profile)" in out and f"ok: {by_kind} (profile)" in out and f"ok: {recipe} (recipe)" in out
-
-
-def test_unavailable_provider_fails_unless_fallback_is_allowed(
-    finished: tuple[Path, Path],  # noqa: F811
-    tmp_path: Path,
-) -> None:
-    recipe, runs = finished
-    run = tmp_path / "run"
-    shutil.copytree(runs, run)
-    cuda = write_profile(tmp_path / "cuda.yaml", execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    code, out = invoke("profile", "-r", recipe, "-o", run, "--profile", cuda, "--force")
-    assert_one_line_error(code, out, "CUDAExecutionProvider", "not available", "allow_fallback")
-    fallback = write_profile(
-        tmp_path / "fb.yaml",
-        execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-        allow_fallback=True,
-        warmup=0,
-        min_runs=2,
-        min_seconds=0.0,
-        torch_eager=False,
-    )
-    code, out = invoke("profile", "-r", recipe, "-o", run, "--profile", fallback, "--force")
-    assert code == 0, out
-    assert "EP Error" not in out and "Falling back" not in out, out  # onnxruntime's banner is silenced
-    latency = yaml.safe_load((run / "profile" / "latency.json").read_text())
-    assert latency["providers"]["missing"] == ["CUDAExecutionProvider"]
-    assert latency["onnxruntime"]["student"]["providers"] == ["CPUExecutionProvider"]
-    report = (run / "profile" / "report.md").read_text()
-    assert "CUDAExecutionProvider is not available here" in report and "allow_fallback" in report
 
 
 # --------------------------------------------------------------------------- -T and cross-checks

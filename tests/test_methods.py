@@ -211,13 +211,24 @@ def test_teaching_assistant_chain(tiny_csv: Path, tmp_path: Path) -> None:
     assert student["metrics"]["teacher_layers"]["value"] == 3 and student["metrics"]["layers"]["value"] == 2
     distill = json.loads((runs / "distill" / "manifest.json").read_text())
     assert distill["lineage"]["teacher"] == "../assistant"
-    assert (runs / "assistant-student" / "manifest.json").is_file() and (runs / "assistant-distill" / "manifest.json").is_file()
+    assert (runs / "assistant-student" / "manifest.json").is_file() and (
+        runs / "assistant-distill" / "manifest.json"
+    ).is_file()
     assert json.loads((runs / "assistant-distill" / "manifest.json").read_text())["config"]["baseline"] is False
     report = (runs / "profile" / "report.md").read_text()
     assert "| teaching assistant | 3 |" in report and "| teacher | 4 |" in report
     # nothing changed: every stage, the assistant included, is skipped
     out = _run(recipe)
-    names = ("teacher", "assistant-student", "assistant-distill", "assistant", "student", "distill", "export", "profile")
+    names = (
+        "teacher",
+        "assistant-student",
+        "assistant-distill",
+        "assistant",
+        "student",
+        "distill",
+        "export",
+        "profile",
+    )
     assert all(f"skipped {s}" in out for s in names)
 
 
@@ -285,6 +296,29 @@ def test_data_free_distillation(tiny_dir: Path, tiny_csv: Path, tmp_path: Path) 
     import numpy as np
 
     assert np.load(runs / "distill" / "data_free_inputs.npy").shape == (60, 8, 32)
+
+
+def test_data_free_hit_rate_uses_each_class_s_own_index(tiny_dir: Path) -> None:
+    """A class left out of the statistics (fewer than 2 validation rows) must not shift the others' indices."""
+    from rich.console import Console
+
+    from kdpipe.config import DataFreeConfig
+    from kdpipe.datafree import synthesize
+    from kdpipe.teacher import write_logit_stats
+
+    teacher = load_classifier(tiny_dir).eval()
+    with torch.no_grad():  # a teacher that always predicts class 2
+        teacher.classifier.weight.zero_()
+        teacher.classifier.bias.copy_(torch.tensor([-50.0, -50.0, 50.0]))
+    import numpy as np
+
+    logits = np.array([[0, 0, 9], [0, 1, 8], [0, 0, 7.5], [1, 0, 9]], dtype=np.float32)
+    write_logit_stats(logits, [0, 2, 2, 2], ["a", "b", "c"], tiny_dir.parent / "stats.json")
+    stats = json.loads((tiny_dir.parent / "stats.json").read_text())
+    assert list(stats["classes"]) == ["c"] and stats["classes"]["c"]["index"] == 2  # a: 1 row, b: none
+    cfg = DataFreeConfig(samples_per_class=4, seq_len=4, steps=2, lr=0.01)
+    _, report = synthesize(teacher, stats, cfg, 0, "cpu", Console(quiet=True))
+    assert report["sampled_class_hit_rate"] == 1.0  # was 0.0: class c was counted as index 0
 
 
 def test_schedule_that_outlasts_the_budget_is_reported() -> None:
