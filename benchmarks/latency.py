@@ -36,6 +36,8 @@ def main() -> None:
 
     from kdpipe.artifacts import read_manifest
     from kdpipe.models import load_classifier
+    from kdpipe.profile import model_source
+    from kdpipe.records import ExportRecord, record
 
     export = read_manifest(args.run_dir / "export", "export")
     torch.set_num_threads(args.threads)
@@ -43,9 +45,9 @@ def main() -> None:
     opts.intra_op_num_threads = args.threads
     opts.inter_op_num_threads = 1
     engines = {}
-    for name, info in export.extra["models"].items():
-        sess = ort.InferenceSession(str(export.path(info["onnx"])), opts, providers=["CPUExecutionProvider"])
-        model = load_classifier(Path(info["source"])).eval()
+    for name, info in record(export, ExportRecord).models.items():
+        sess = ort.InferenceSession(str(export.path(info.onnx)), opts, providers=["CPUExecutionProvider"])
+        model = load_classifier(model_source(export, info)).eval()
         engines[name] = (sess, model)
 
     rng = np.random.RandomState(0)

@@ -118,7 +118,7 @@ def main() -> None:
             "agreement": met["teacher_agreement"],
             "seconds_per_epoch": met["seconds_per_epoch"],
             "wall_seconds": round(wall, 1),
-            "examples": m["extra"].get("train_examples"),
+            "examples": m["record"].get("train_examples"),
         }
         rows.append(row)
         print(

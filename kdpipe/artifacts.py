@@ -111,6 +111,10 @@ class Manifest:
             )
         return self.dir / name
 
+    def has(self, name: str) -> bool:
+        """Whether this stage recorded an output file `name`."""
+        return name in {r.path for r in self.outputs}
+
     def metric(self, name: str) -> Any:
         m = self.metrics.get(name)
         return None if m is None else m.value
@@ -137,7 +141,7 @@ def verify_outputs(m: Manifest) -> list[str]:
     return problems
 
 
-def read_manifest(directory: Path, expected_stage: str, verify: bool = True) -> Manifest:
+def read_manifest(directory: Path, expected_stage: str) -> Manifest:
     """Read and check an upstream stage directory; one clear error for each way it can be wrong."""
     directory = Path(directory)
     if not directory.exists():
@@ -157,13 +161,12 @@ def read_manifest(directory: Path, expected_stage: str, verify: bool = True) -> 
             f"{directory}: is a '{m.stage}' stage, expected a '{expected_stage}' stage",
             f"point to the output directory of `kdpipe {expected_stage}`",
         )
-    if verify:
-        problems = verify_outputs(m)
-        if problems:
-            raise ArtifactError(
-                f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
-                f"the artifact was modified after it was written: re-run `kdpipe {m.stage} --force`",
-            )
+    problems = verify_outputs(m)
+    if problems:
+        raise ArtifactError(
+            f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+            f"the artifact was modified after it was written: re-run `kdpipe {m.stage} --force`",
+        )
     return m
 
 

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from kdpipe.artifacts import Manifest, Metric
-from kdpipe.config import StudentConfig
+from kdpipe.config import Recipe, StudentConfig
 from kdpipe.data import SPLITS, encode, read_split
 from kdpipe.errors import ConfigError
 from kdpipe.models import load_classifier, load_tokenizer
@@ -72,8 +72,8 @@ def _write_logit_stats(work: Path, teacher: TeacherRecord) -> None:
     write_logit_stats(logits, val.labels or [], teacher.label_names, work / "logit_stats.json")
 
 
-def _section(recipe: object, ctx: RunContext) -> StudentConfig:
-    assistant = getattr(recipe, "assistant", None)
+def _section(recipe: Recipe, ctx: RunContext) -> StudentConfig:
+    assistant = recipe.assistant
     if assistant is None:
         raise ConfigError(
             "the assistant stage needs `assistant:` in the recipe",

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kdpipe.artifacts import Manifest
 from kdpipe.errors import ArtifactError
 
 
@@ -37,14 +37,14 @@ def _psd(cov: np.ndarray) -> np.ndarray:
     return np.asarray((v * np.clip(w, 0, None)) @ v.T)
 
 
-def load_stats(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+def load_stats(teacher: Manifest) -> dict[str, Any]:
+    """The teacher artifact's per-class logit statistics (`logit_stats.json`, validation split)."""
+    if not teacher.has("logit_stats.json"):
         raise ArtifactError(
-            f"{path.parent}: the teacher artifact has no logit_stats.json (made by an older kdpipe, "
-            "or without a validation split)",
-            "re-run `kdpipe teacher --force` with val_size > 0",
+            f"{teacher.dir}: the teacher artifact has no logit_stats.json (made without a validation split)",
+            "re-run `kdpipe teacher --force` with teacher.data.val_size > 0",
         )
-    stats: dict[str, Any] = json.loads(path.read_text())
+    stats: dict[str, Any] = json.loads(teacher.path("logit_stats.json").read_text())
     return stats
 
 

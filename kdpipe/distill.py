@@ -158,7 +158,7 @@ def _transfer_set(
     """What the student is distilled on: the train split (first `train_limit`), a transfer file, either
     with augmented copies (written to augmented.jsonl), or inputs reconstructed data-free."""
     if cfg.data_free:
-        stats = load_stats(pair.teacher_manifest.dir / "logit_stats.json")
+        stats = load_stats(pair.teacher_manifest)
         synthetic, report = synthesize(
             pair.teachers[0], stats, cfg.data_free, ctx.seed, device.torch_device, ctx.console
         )

@@ -82,9 +82,8 @@ def resolve_providers(prof: TargetProfile) -> tuple[list[str], list[str]]:
     return use, missing
 
 
-def profile_onnx(
-    path: Path, prof: TargetProfile, vocab_size: int, providers: list[str] | None = None
-) -> dict[str, Any]:
+def profile_onnx(path: Path, prof: TargetProfile, vocab_size: int, providers: list[str]) -> dict[str, Any]:
+    """onnxruntime session init and per-shape latency of one model on `providers` (resolve_providers)."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)  # no fallback banners on stdout; what ran is recorded below
@@ -94,7 +93,7 @@ def profile_onnx(
     opts.inter_op_num_threads = prof.inter_op_threads
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[prof.graph_optimization_level])
     t0 = time.perf_counter()
-    session = ort.InferenceSession(str(path), opts, providers=providers or prof.execution_providers)
+    session = ort.InferenceSession(str(path), opts, providers=providers)
     init_s = time.perf_counter() - t0
     names = [i.name for i in session.get_inputs()]
     shapes = {}

@@ -182,7 +182,7 @@ def _quality_lines(run: Run) -> list[str]:
 def _method_lines(run: Run) -> list[str]:
     """CKA, the layer schedule's moves, and the teaching-assistant chain, where the run had them."""
     lines: list[str] = []
-    if (run.distill.dir / "cka.png").is_file():
+    if run.distill.has("cka.png"):
         lines += [
             "Linear CKA between every teacher and student layer on test inputs (what was transferred; "
             "docs/methods.md §3.3):",
@@ -313,8 +313,8 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
         "",
     ]
     for png in ("training.png", "cka.png"):
-        if (run.distill.dir / png).is_file():
-            shutil.copyfile(run.distill.dir / png, work / png)
+        if run.distill.has(png):
+            shutil.copyfile(run.distill.path(png), work / png)
     path = work / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return Report(path=path, summary=_summary(run, results))

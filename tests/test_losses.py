@@ -66,7 +66,7 @@ def test_t_squared_keeps_gradient_scale() -> None:
 
 
 def test_high_temperature_hinton_gradient_approaches_logit_mse() -> None:
-    """METHODS.md 1.1: for large T and zero-mean logits, dC/dz_i ~ (z_i - v_i) / (N T^2): with the T^2
+    """docs/methods.md §1.1: for large T and zero-mean logits, dC/dz_i ~ (z_i - v_i) / (N T^2): with the T^2
     factor Hinton's gradient tends to (z - v) / (N B), i.e. logit MSE's gradient (2 (z - v) / (N B)) / 2."""
     z, v = _logits(4, (6, 5)), _logits(5, (6, 5))
     z, v = z - z.mean(-1, keepdim=True), v - v.mean(-1, keepdim=True)

@@ -1,4 +1,4 @@
-"""METHODS.md losses beyond the basic four: each against a hand computation or a known identity, plus
+"""docs/methods.md losses beyond the basic four: each against a hand computation or a known identity, plus
 the properties that matter (zero at equality, padding never counts, per-token averaging, low-T
 stability), on small seeded tensors."""
 

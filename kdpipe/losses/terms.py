@@ -104,7 +104,8 @@ class HintonLoss(_Loss):
 
     def build(self, ctx: LossContext) -> Term:
         """On (B, C) logits; with an ensemble (t.ensemble_logits) the soft targets are the members'
-        averaged probabilities. Without labels (s.labels None) only the soft term remains."""
+        averaged probabilities. The training loop always sets s.labels; called with None, only the soft
+        term remains."""
         from kdpipe.losses import inputs
         from kdpipe.losses import logits as lg
 
