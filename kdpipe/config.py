@@ -196,11 +196,37 @@ class DistillConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- export stage
+ExportVariant = Literal["optimized", "int8-dynamic"]
+
+
+def _default_variants() -> list[ExportVariant]:
+    return ["optimized", "int8-dynamic"]
+
+
 class ExportConfig(_Strict):
     opset: int = Field(18, ge=14, le=21, description="ONNX opset (optimum recommends >= 18 for BERT).")
     atol: float = Field(1e-4, gt=0, le=1.0, description="Max abs diff of logits allowed between ONNX and PyTorch.")
     parity_samples: int = Field(64, gt=0, le=100_000, description="Real test-split examples used for the parity check.")
     teacher: bool = Field(True, description="Also export the teacher (the profile compares them).")
+    variants: list[ExportVariant] = Field(
+        default_factory=_default_variants,
+        description="Student variants besides fp32: 'optimized' (onnxruntime's transformer fusions) and "
+        "'int8-dynamic' (dynamic int8 quantisation of the optimised graph). Each is gated on the whole test split.",
+    )
+    accuracy_budget: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="A variant is accepted only if its test accuracy is at least this fraction of the fp32 "
+        "PyTorch student's (MLPerf's 99%); fp32 and optimized variants must also be within atol of PyTorch.",
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _no_repeats(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a variant is listed twice")
+        return v
 
 
 # --------------------------------------------------------------------------- target profiles

@@ -158,7 +158,7 @@ def run_profile(prof: TargetProfile, upstream: Manifest | None, work: Path, ctx:
         vocab = json.loads((src / "config.json").read_text())["vocab_size"]
         ctx.console.print(f"profiling {name} on {label}: onnxruntime ...")
         results["onnxruntime"][name] = profile_onnx(upstream.path(info.onnx), prof, vocab, providers)
-        if prof.torch_eager:
+        if prof.torch_eager and info.variant == "fp32":  # a variant's PyTorch model is the fp32 student
             ctx.console.print(f"profiling {name} on {label}: torch eager ...")
             results["torch_eager"][name] = profile_torch(src, prof, vocab)
     (work / "latency.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -88,6 +88,21 @@ class Parity(Record):
     examples: int
     shapes: list[list[int]]
     nonfinite_outputs: int
+    refused: str | None = Field(None, description="onnxruntime's error when it refused a batch (e.g. a static axis).")
+    ok: bool
+
+
+class Gate(Record):
+    """A variant checked against the fp32 PyTorch student on the whole test split."""
+
+    examples: int
+    accuracy: float
+    reference_accuracy: float = Field(description="The fp32 PyTorch student's test accuracy (same examples).")
+    budget: float = Field(description="The accuracy it had to reach: accuracy_budget x reference_accuracy.")
+    agreement: float = Field(description="Share of test examples where it predicts the PyTorch student's class.")
+    max_abs_diff: float
+    atol: float | None = Field(description="The logit tolerance it had to meet (None: quantised, no bound).")
+    nonfinite_outputs: int
     ok: bool
 
 
@@ -96,6 +111,10 @@ class ExportedModel(Record):
     spec: dict[str, Any]
     parity: Parity
     source: ModelSource
+    variant: str = "fp32"
+    of: str | None = Field(None, description="The model this is a variant of (its name in `models`).")
+    gate: Gate | None = None
+    transforms: dict[str, Any] = Field(default_factory=dict, description="Fusions / quantised operators applied.")
 
 
 class ExportRecord(Record):

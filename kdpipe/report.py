@@ -217,6 +217,8 @@ def _export_lines(run: Run) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, info in run.export_rec.models.items():
+        if info.variant != "fp32":
+            continue  # a variant's graph has the fp32 export's inputs; it is gated on the whole test split below
         par = info.parity
         size = run.export.metric(f"{name}_onnx_bytes")
         shapes = ", ".join(f"{b}x{t}" for b, t in par.shapes)
@@ -225,6 +227,58 @@ def _export_lines(run: Run) -> list[str]:
             f"{_pct(par.class_agreement)} | {par.examples} | {shapes} |"
         )
     return lines
+
+
+def _variant_lines(run: Run, results: dict[str, Any]) -> list[str]:
+    """Every gated student variant: size, test-split figures against the fp32 PyTorch student, p50 and the
+    speed-up over the teacher (onnxruntime fp32, and PyTorch eager where it was timed)."""
+    order = ["fp32", "optimized", "int8-dynamic"]
+    found = sorted(
+        (m for m in run.export_rec.models.items() if m[1].gate is not None), key=lambda m: order.index(m[1].variant)
+    )
+    gated = dict(found)
+    if not gated:
+        return []
+    shapes = list(next(iter(results["onnxruntime"].values()))["shapes"])
+    eager = "teacher" in results.get("torch_eager", {})
+    lines = [
+        "",
+        "## Student variants (gated on the whole test split)",
+        "",
+        f"Each variant is compared with the fp32 PyTorch student on every test example and must keep "
+        f"{run.export.config['accuracy_budget']:.0%} of its accuracy; fp32 and optimized variants must also stay "
+        "within the logit tolerance. Speed-up: teacher onnxruntime fp32 p50 / variant p50"
+        + (" (in brackets: teacher PyTorch eager p50 / variant p50)." if eager else "."),
+        "",
+        "| variant | size | vs teacher ONNX | test accuracy | agreement | max abs diff | gate |"
+        + "".join(f" p50 {s} | speed-up {s} |" for s in shapes),
+        "|---|---:|---:|---:|---:|---:|---|" + "---:|---:|" * len(shapes),
+    ]
+    t_bytes = run.export.metric("teacher_onnx_bytes")
+    for name, info in gated.items():
+        g, size = info.gate, run.export.metric(f"{name}_onnx_bytes")
+        assert g is not None
+        ratio = f"{t_bytes / size:.1f}x smaller" if t_bytes else "n/a"
+        row = f"| {name} | {size / 2**20:.1f} MiB | {ratio} | {_pct(g.accuracy)} | {_pct(g.agreement)} | "
+        row += f"{g.max_abs_diff:.2e} | {'pass' if g.ok else 'FAIL'} |"
+        lines.append(row + "".join(_speed_cells(results, name, s) for s in shapes))
+    fused = {k: v for m in gated.values() for k, v in m.transforms.get("fusions", {}).items() if v}
+    if fused:
+        done = ", ".join(f"{k} x{v}" for k, v in fused.items())
+        lines += ["", f"Fusions applied by onnxruntime's transformer optimizer: {done}."]
+    return lines
+
+
+def _speed_cells(results: dict[str, Any], name: str, shape: str) -> str:
+    """` p50 | speed-up |` of one model at one shape, against the teacher's onnxruntime (and eager) p50."""
+    ort_res, eager = results["onnxruntime"], results.get("torch_eager", {})
+    p50 = ort_res.get(name, {}).get("shapes", {}).get(shape, {}).get("p50_ms")
+    if p50 is None:
+        return " n/a | n/a |"
+    up = f"{ort_res['teacher']['shapes'][shape]['p50_ms'] / p50:.2f}x" if "teacher" in ort_res else "n/a"
+    if "teacher" in eager:
+        up += f" ({eager['teacher']['shapes'][shape]['p50_ms'] / p50:.2f}x)"
+    return f" {p50:.2f} ms | {up} |"
 
 
 def _latency_lines(results: dict[str, Any]) -> list[str]:
@@ -303,6 +357,7 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
         *_quality_lines(run),
         *_method_lines(run),
         *_export_lines(run),
+        *_variant_lines(run, results),
         *_latency_lines(results),
         "",
         "![latency](latency.png)",
