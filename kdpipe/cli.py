@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from kdpipe import __version__
-from kdpipe.errors import ConfigError, KdpipeError
+from kdpipe.errors import BudgetError, ConfigError, KdpipeError
 
 app = typer.Typer(
     name="kdpipe",
@@ -31,6 +31,8 @@ RECIPE_HELP = "Recipe: a name in stages/ (e.g. 'default') or a YAML path. Stage 
 SET_HELP = "Override any recipe field, e.g. --set distill.epochs=3 --set student.layers=[0,5]. Repeatable."
 OUT_HELP = "Output root; the stage writes <out>/<stage>/ (default: the recipe's `out`)."
 FORCE_HELP = "Re-run even if an identical run is already on disk."
+STRICT_HELP = "Exit 1 when the deployed variant misses a budget of the target profile (for edge CI)."
+COMPARE_HELP = "An older run (its root or its profile directory): print what regressed against it."
 
 
 @contextmanager
@@ -125,6 +127,8 @@ def run(
         None, "--profile", "-p", help="Target profile name in profiles/ or a YAML path."
     ),
     force: bool = typer.Option(False, "--force", help="Re-run every stage."),
+    strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
+    compare: Path | None = typer.Option(None, "--compare", help=COMPARE_HELP),
 ) -> None:
     """Run the whole chain teacher -> student -> distill -> export -> profile from a recipe."""
     with _guard():
@@ -139,6 +143,7 @@ def run(
         err.print(f"recipe {path} -> {root}")
         last = run_all(cfg, root, force=force, console=err)
         typer.echo(f"report: {last.dir / 'report.md'}")
+        _after_profile(last.dir, strict, compare)
 
 
 @app.command()
@@ -263,11 +268,37 @@ def profile(
     sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help=OUT_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
+    compare: Path | None = typer.Option(None, "--compare", help=COMPARE_HELP),
 ) -> None:
-    """Time student and teacher with onnxruntime (and torch eager) and write latency.json + report.md."""
+    """Time every student variant and the teacher (each in its own processes), check the profile's budgets,
+    write latency.json, report.json (the figures) and report.md with a Pareto chart."""
     with _guard():
         done = _stage("profile", recipe, _opt(sets, "profile", target), out, export_dir, force)
         typer.echo(f"report: {done / 'report.md'}")
+        _after_profile(done, strict, compare)
+
+
+def _after_profile(profile_dir: Path, strict: bool, compare: Path | None) -> None:
+    """--compare prints regressions against an older run; --strict fails on a missed budget (edge CI). The
+    report is written either way, so CI keeps it."""
+    from kdpipe.artifacts import read_manifest
+    from kdpipe.records import ProfileRecord, record
+
+    if compare is not None:
+        from kdpipe.compare import compare_runs
+
+        for line in compare_runs(compare, profile_dir):
+            typer.echo(line)
+    rec = record(read_manifest(profile_dir, "profile"), ProfileRecord)
+    for b in rec.misses:
+        value = "missing" if b.value is None else f"{b.value:.4g}"
+        err.print(Text.assemble(("budget missed:", "bold red"), f" {b.budget}: {value} vs {b.limit:g} {b.unit}"))
+    if strict and rec.misses:
+        raise BudgetError(
+            f"{len(rec.misses)} budget(s) of profile {rec.profile} missed by {rec.deploy} (--strict)",
+            f"see {profile_dir / 'report.md'}; change the recipe, or the profile's budgets",
+        )
 
 
 @app.command()

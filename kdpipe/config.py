@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdpipe.errors import ConfigError, did_you_mean
 from kdpipe.losses.terms import HintonLoss, LossConfig
@@ -82,6 +82,19 @@ class TeacherConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- student stage
+class WidthConfig(_Strict):
+    heads: float = Field(0.0, ge=0, lt=1, description="Fraction of attention heads to remove (lowest importance).")
+    ffn: float = Field(0.0, ge=0, lt=1, description="Fraction of FFN neurons to remove in every layer.")
+    batches: int = Field(8, gt=0, le=10_000, description="Train batches (of 32) the importance is measured on.")
+
+
+class VocabConfig(_Strict):
+    min_count: int = Field(1, ge=1, le=10**9, description="Keep word pieces seen at least this often in train.")
+    max_size: int | None = Field(
+        None, gt=0, le=10**7, description="At most this many tokens (special tokens included), most frequent first."
+    )
+
+
 class StudentConfig(_Strict):
     layers: Literal["every-other", "last-k", "first-k"] | list[int] = Field(
         "every-other",
@@ -99,6 +112,14 @@ class StudentConfig(_Strict):
         None,
         description="A local HF model directory to use as the student instead of building one "
         "from the teacher (its tokenizer must match the teacher's).",
+    )
+    width: WidthConfig | None = Field(
+        None, description="Prune attention heads and FFN neurons by importance on train batches (None: keep all)."
+    )
+    vocab: VocabConfig | None = Field(
+        None,
+        description="Shrink the word-embedding table to the word pieces of the train split (None: keep the "
+        "teacher's vocabulary); the rest map to [UNK]. The test-split coverage is reported.",
     )
 
 
@@ -235,6 +256,25 @@ class Shape(_Strict):
     seq: int = Field(gt=0, le=512, description="Sequence length in tokens.")
 
 
+class DeviceSpec(_Strict):
+    name: str = Field(description="What the device is (shown in the report).")
+    peak_gflops_fp32: float = Field(gt=0, le=1e7, description="Peak fp32 GEMM throughput, GFLOP/s.")
+    peak_gflops_int8: float | None = Field(None, gt=0, le=1e7, description="Peak int8 GEMM throughput, GFLOP/s.")
+    mem_gbps: float | None = Field(None, gt=0, le=1e5, description="Memory bandwidth, GB/s.")
+
+
+class Budgets(_Strict):
+    shape: str | None = Field(None, description="The 'BxT' shape the latency budgets apply to (default: the first).")
+    p50_ms: float | None = Field(None, gt=0, le=1e6, description="Median latency at most this (ms).")
+    p99_ms: float | None = Field(None, gt=0, le=1e6, description="99th-percentile latency at most this (ms).")
+    model_mib: float | None = Field(None, gt=0, le=1e6, description="Model file at most this (MiB).")
+    peak_rss_mib: float | None = Field(None, gt=0, le=1e7, description="Peak resident memory at most this (MiB).")
+    accuracy: float | None = Field(None, gt=0, le=1, description="Test accuracy (whole split) at least this.")
+    retention: float | None = Field(
+        None, gt=0, le=1, description="Test accuracy at least this fraction of the teacher's."
+    )
+
+
 class TargetProfile(_Strict):
     kind: Literal["profile"] | None = Field(None, description="'profile': tells `kdpipe validate` what this file is.")
     name: str = Field(description="Profile name, shown in the report.")
@@ -279,6 +319,28 @@ class TargetProfile(_Strict):
         return v
 
     torch_eager: bool = Field(True, description="Also time PyTorch eager as a reference.")
+    variants: list[str] = Field(
+        default_factory=lambda: ["fp32", "optimized", "int8-dynamic"],
+        min_length=1,
+        description="Student variants to time (those the export wrote; 'fp32' is the plain export).",
+    )
+    deploy: str = Field(
+        "int8-dynamic",
+        description="The variant this target ships: the budgets apply to it (it must be among `variants`).",
+    )
+    rounds: int = Field(3, ge=1, le=100, description="Each model is timed in this many fresh processes, interleaved.")
+    profile_ops: bool = Field(True, description="Record the top operators by time (onnxruntime's profiler).")
+    ort_format: bool = Field(False, description="Also convert the deployed variant to ORT format (mobile builds).")
+    device: DeviceSpec | None = Field(
+        None, description="The target device's peak figures (roofline); measured on this host when absent."
+    )
+    budgets: Budgets = Field(default_factory=lambda: Budgets(), description="Limits the deployed variant must meet.")
+
+    @model_validator(mode="after")
+    def _deploy_is_timed(self) -> TargetProfile:
+        if self.deploy not in self.variants:
+            raise ValueError(f"deploy: {self.deploy!r} is not among variants {self.variants}")
+        return self
 
 
 # --------------------------------------------------------------------------- recipe

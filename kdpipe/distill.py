@@ -111,8 +111,14 @@ class Pair:
     student_tokenizer: Any
     teacher_record: TeacherRecord
     teacher_manifest: Manifest
-    splits: dict[str, Encoded]
+    splits: dict[str, Encoded]  # train: what both models read (teacher ids); val / test: the student's own ids
     loss_ctx: LossContext
+    student_ids: Any = None  # (V_teacher,) int64 tensor: teacher id -> student id, for a pruned vocabulary
+
+    @property
+    def train_tokenizer(self) -> Any:
+        """The tokenizer of the data both models read: the teacher's when the student's vocabulary is pruned."""
+        return self.teacher_tokenizer if self.student_ids is not None else self.student_tokenizer
 
 
 def _load_pair(cfg: DistillConfig, upstream: Manifest) -> Pair:
@@ -124,21 +130,47 @@ def _load_pair(cfg: DistillConfig, upstream: Manifest) -> Pair:
     check_objective(cfg, ctx)
     teacher = load_classifier(t_dir)
     t_tok, s_tok = load_tokenizer(t_dir), load_tokenizer(s_dir)
-    _check_member(teacher, load_classifier(s_dir), t_tok, s_tok, cfg, s_dir)
+    student_ids = _student_ids(upstream, s_rec, t_tok, s_tok, s_dir)
+    _check_member(teacher, load_classifier(s_dir), t_tok, s_tok, cfg, s_dir, same_vocab=student_ids is None)
     teachers = [teacher]
     for i, member_path in enumerate(cfg.extra_teachers):
         e_dir = resolve_model_dir(member_path, f"distill.extra_teachers[{i}]")
         member = load_classifier(e_dir)
         _check_member(teacher, member, t_tok, load_tokenizer(e_dir), cfg, e_dir)
         teachers.append(member)
-    splits = {n: encode(s_tok, read_split(t_manifest.path(f"data/{n}.jsonl")), t_rec.max_length) for n in SPLITS}
-    return Pair(teachers, t_tok, s_dir, s_tok, t_rec, t_manifest, splits, ctx)
+    train_tok = t_tok if student_ids is not None else s_tok
+    splits = {
+        n: encode(
+            train_tok if n == "train" else s_tok, read_split(t_manifest.path(f"data/{n}.jsonl")), t_rec.max_length
+        )
+        for n in SPLITS
+    }
+    return Pair(teachers, t_tok, s_dir, s_tok, t_rec, t_manifest, splits, ctx, student_ids)
 
 
-def _check_member(teacher: Any, other: Any, t_tok: Any, o_tok: Any, cfg: DistillConfig, where: Path) -> None:
-    """The student (or an ensemble member) against the teacher: same tokenizer, labels and, for
-    hidden_cosine, width."""
-    require_same_tokenizer(t_tok, o_tok, where)
+def _student_ids(upstream: Manifest, s_rec: StudentRecord, t_tok: Any, s_tok: Any, s_dir: Path) -> Any:
+    """A pruned-vocabulary student's teacher-id -> student-id map (None: the student reads the teacher's ids)."""
+    import torch
+
+    if s_rec.vocab is None:
+        return None
+    lut = np.load(upstream.path(s_rec.vocab.map), allow_pickle=False)
+    if len(lut) != len(t_tok) or int(lut.max()) >= len(s_tok):
+        raise ModelError(
+            f"{s_dir}: its vocabulary map covers {len(lut)} teacher tokens and ids up to {int(lut.max())}, but the "
+            f"teacher has {len(t_tok)} tokens and the student {len(s_tok)}",
+            "re-run `kdpipe student --force`",
+        )
+    return torch.from_numpy(lut)
+
+
+def _check_member(
+    teacher: Any, other: Any, t_tok: Any, o_tok: Any, cfg: DistillConfig, where: Path, same_vocab: bool = True
+) -> None:
+    """The student (or an ensemble member) against the teacher: same tokenizer (unless the student's vocabulary
+    was pruned and maps the teacher's ids), labels and, for hidden_cosine, width."""
+    if same_vocab:
+        require_same_tokenizer(t_tok, o_tok, where)
     if teacher.config.num_labels != other.config.num_labels:
         raise ModelError(
             f"{where}: has {other.config.num_labels} classes, the teacher {teacher.config.num_labels}",
@@ -180,7 +212,7 @@ def _transfer_set(
             texts=base.texts + copies.texts,
             labels=(base.labels or [-1] * len(base.texts)) + [-1] * len(copies.texts),
         )
-    return encode(pair.student_tokenizer, base, pair.teacher_record.max_length), None
+    return encode(pair.train_tokenizer, base, pair.teacher_record.max_length), None
 
 
 def _train_student(
@@ -213,7 +245,15 @@ def _train_student(
     # copies, data-free inputs) even when no term does
     teachers = pair.teachers if objective.needs_teacher or _unlabeled(data) else []
     result = train(
-        model, objective, data, plan, device, teachers=teachers, val_data=val if len(val) else None, console=ctx.console
+        model,
+        objective,
+        data,
+        plan,
+        device,
+        teachers=teachers,
+        val_data=val if len(val) else None,
+        console=ctx.console,
+        student_ids=pair.student_ids,
     )
     test = evaluate(model, pair.splits["test"], device)
     _require_finite(test.logits, description)
@@ -252,7 +292,10 @@ def run_distill(cfg: DistillConfig, upstream: Manifest | None, work: Path, ctx: 
     cka_diagonal = None
     if cfg.cka_samples:
         test_part = subset(pair.splits["test"], cfg.cka_samples)
-        matrix = _layer_cka(pair.teachers[0], model.to(device.torch_device), test_part, device)
+        if pair.student_ids is not None:  # both read the teacher's ids; the student through its map
+            texts = read_split(pair.teacher_manifest.path("data/test.jsonl"))
+            test_part = subset(encode(pair.teacher_tokenizer, texts, pair.teacher_record.max_length), cfg.cka_samples)
+        matrix = _layer_cka(pair.teachers[0], model.to(device.torch_device), test_part, device, pair.student_ids)
         (work / "cka.json").write_text(json.dumps(_cka_json(matrix, len(test_part)), indent=2) + "\n")
         plot_cka(matrix, work / "cka.png")
         cka_diagonal = [float(round(matrix[t][s], 5)) for s, t in sorted(pair.loss_ctx.layer_map.items())]
@@ -334,7 +377,7 @@ def _baseline(
     return _thin(result.history)
 
 
-def _layer_cka(teacher: Any, student: Any, data: Encoded, device: Device) -> np.ndarray:
+def _layer_cka(teacher: Any, student: Any, data: Encoded, device: Device, student_ids: Any = None) -> np.ndarray:
     """docs/methods.md §3.3: linear CKA of every teacher layer x every student layer, on mean-pooled hidden
     states over real tokens; (teacher hidden states, student hidden states), 0 = embeddings."""
     import torch
@@ -344,7 +387,9 @@ def _layer_cka(teacher: Any, student: Any, data: Encoded, device: Device) -> np.
         for batch in batches(data, 64, shuffle=False):
             batch = {k: v.to(device.torch_device) for k, v in batch.items() if k != "labels"}
             for key, model in (("teacher", teacher), ("student", student)):
-                out = forward_kd(model.eval(), batch, hidden=True)
+                mapped = key == "student" and student_ids is not None
+                b = {**batch, "input_ids": student_ids.to(device.torch_device)[batch["input_ids"]]} if mapped else batch
+                out = forward_kd(model.eval(), b, hidden=True)
                 assert out.hidden_states is not None
                 feats[key].append([mean_pool(h.float(), batch["attention_mask"]).cpu() for h in out.hidden_states])
     per_layer = {k: [torch.cat([b[i] for b in v]) for i in range(len(v[0]))] for k, v in feats.items()}

@@ -43,3 +43,7 @@ def did_you_mean(name: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(name, valid, n=1)
     prefix = f"did you mean '{close[0]}'? " if close else ""
     return f"{prefix}valid: {', '.join(sorted(valid))}"
+
+
+class BudgetError(KdpipeError):
+    """The deployed variant missed a budget of the target profile (`--strict`)."""

@@ -135,8 +135,8 @@ def run_stage(
 
 def run_all(recipe: Recipe, out_root: Path, force: bool = False, console: Console | None = None) -> Manifest:
     """The whole chain; with a teaching assistant: teacher -> assistant (student, distill, promote) -> student ..."""
+    check_recipe(recipe)  # every cross-check that needs no model, before the teacher trains (or out is made)
     with locked(out_root):
-        check_recipe(recipe)  # every cross-check that needs no model, before the teacher trains
         ctx = context(recipe, console)
         manifest, _ = execute(STAGES["teacher"], recipe.teacher, ctx, out_root, force=force)
         if recipe.assistant is not None:

@@ -74,3 +74,60 @@ def plot_cka(matrix: np.ndarray, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (lower x, higher y): the accuracy / cost front."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i):
+            front.append(i)
+    return front
+
+
+def _pareto_panel(ax: Any, pts: list[tuple[str, float, float]], xlabel: str, colors: dict[str, Any]) -> None:
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    xy = [(x, y) for _, x, y in pts]
+    front = set(pareto_front(xy))
+    for i, (label, x, y) in enumerate(sorted(pts, key=lambda p: p[1])):
+        on = (x, y) in {xy[j] for j in front}
+        ax.scatter([x], [y], s=70 if on else 35, marker="o" if on else "x", color=colors[label], zorder=3)
+        dy = (6, -12)[i % 2]  # alternate above / below, so neighbours' labels do not overlap
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, dy), fontsize=7, color=colors[label])
+    line = sorted(xy[i] for i in front)
+    ax.plot([p[0] for p in line], [p[1] for p in line], "--", color="gray", alpha=0.6, zorder=2, label="Pareto front")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def plot_pareto(data: dict[str, Any], path: Path) -> None:
+    """Test accuracy against p50 latency (first shape) and against size on disk, every model of report.json."""
+    plt = _plt()
+    shape = data["shapes"][0] if data["shapes"] else None
+    lat = [
+        (n, m["latency"][shape]["p50_ms"], 100 * m["accuracy"])
+        for n, m in data["models"].items()
+        if shape in m["latency"] and m["accuracy"] is not None
+    ]
+    size = [
+        (n, m["bytes"] / 2**20, 100 * m["accuracy"])
+        for n, m in data["models"].items()
+        if m["bytes"] and m["accuracy"] is not None
+    ]
+    names = sorted(data["models"])
+    colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    if lat:
+        _pareto_panel(axes[0], lat, f"p50 latency at {shape} (ms, log scale)", colors)
+    if size:
+        _pareto_panel(axes[1], size, "model size on disk (MiB, log scale)", colors)
+    axes[0].set_ylabel("test accuracy (%)")
+    fig.suptitle(f"Accuracy vs cost, profile '{data['profile']['name']}'", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

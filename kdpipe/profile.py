@@ -3,64 +3,27 @@
 from __future__ import annotations
 
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from kdpipe.artifacts import Manifest, Metric
-from kdpipe.config import Shape, TargetProfile
+from kdpipe.budgets import check_budgets, deployed_name
+from kdpipe.config import TargetProfile
 from kdpipe.errors import ConfigError
 from kdpipe.models import load_classifier
 from kdpipe.plots import plot_latency
-from kdpipe.records import ExportedModel, ExportRecord, ProfileRecord, RunContext, StageOutput, StageSpec, record
+from kdpipe.records import (
+    ExportedModel,
+    ExportRecord,
+    MobileInfo,
+    ProfileRecord,
+    RunContext,
+    StageOutput,
+    StageSpec,
+    record,
+)
 from kdpipe.report import write_report
-
-_LEVELS = {
-    "disable": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "all": "ORT_ENABLE_ALL",
-}
-
-
-def latency_stats(times_s: list[float], batch: int) -> dict[str, float]:
-    """p50/p90/p99/mean/std in ms, CoV, and throughput in samples/s from per-run wall times."""
-    ms = np.asarray(times_s) * 1e3
-    mean = float(ms.mean())
-    std = float(ms.std(ddof=1)) if len(ms) > 1 else 0.0
-    return {
-        "runs": len(ms),
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p90_ms": float(np.percentile(ms, 90)),
-        "p99_ms": float(np.percentile(ms, 99)),
-        "mean_ms": mean,
-        "std_ms": std,
-        "cov": std / mean if mean else 0.0,
-        "throughput_per_s": batch / (statistics.median(times_s)) if times_s else 0.0,
-    }
-
-
-def time_fn(fn: Callable[[], Any], warmup: int, min_runs: int, min_seconds: float) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def synthetic_batch(shape: Shape, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Token ids of the given shape (latency does not depend on their values), all real tokens."""
-    rng = np.random.RandomState(seed)
-    ids = rng.randint(1000 if vocab_size > 2000 else 1, vocab_size, size=(shape.batch, shape.seq)).astype(np.int64)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+from kdpipe.timing import interleaved, latency_stats, synthetic_feed, time_runs
 
 
 def resolve_providers(prof: TargetProfile) -> tuple[list[str], list[str]]:
@@ -82,52 +45,23 @@ def resolve_providers(prof: TargetProfile) -> tuple[list[str], list[str]]:
     return use, missing
 
 
-def profile_onnx(path: Path, prof: TargetProfile, vocab_size: int, providers: list[str]) -> dict[str, Any]:
-    """onnxruntime session init and per-shape latency of one model on `providers` (resolve_providers)."""
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)  # no fallback banners on stdout; what ran is recorded below
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = prof.intra_op_threads
-    opts.inter_op_num_threads = prof.inter_op_threads
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[prof.graph_optimization_level])
-    t0 = time.perf_counter()
-    session = ort.InferenceSession(str(path), opts, providers=providers)
-    init_s = time.perf_counter() - t0
-    names = [i.name for i in session.get_inputs()]
-    shapes = {}
-    for shape in prof.shapes:
-        feed = {k: v for k, v in synthetic_batch(shape, vocab_size).items() if k in names}
-
-        def step(feed: dict[str, np.ndarray] = feed) -> None:
-            session.run(None, feed)
-
-        times = time_fn(step, prof.warmup, prof.min_runs, prof.min_seconds)
-        shapes[f"{shape.batch}x{shape.seq}"] = latency_stats(times, shape.batch)
-    # asking for a provider that is not built in silently falls back to CPU: record what ran
-    return {
-        "session_init_ms": init_s * 1e3,
-        "providers": session.get_providers(),
-        "shapes": shapes,
-        "model_bytes": path.stat().st_size,
-    }
-
-
 def profile_torch(model_dir: Path, prof: TargetProfile, vocab_size: int) -> dict[str, Any]:
+    """PyTorch eager (fp32, inference_mode) per shape, in this process: the reference onnxruntime is compared
+    with. onnxruntime never runs in this process (its workers do), so its threads cannot distort this."""
     import torch
 
     torch.set_num_threads(prof.intra_op_threads)
     model = load_classifier(model_dir).eval()
     shapes = {}
     for shape in prof.shapes:
-        batch = {k: torch.from_numpy(v) for k, v in synthetic_batch(shape, vocab_size).items() if k != "token_type_ids"}
+        feed = synthetic_feed(shape.batch, shape.seq, vocab_size, ["input_ids", "attention_mask"])
+        batch = {k: torch.from_numpy(v) for k, v in feed.items()}
 
         def step(batch: dict[str, Any] = batch) -> None:
             with torch.inference_mode():
                 model(**batch)
 
-        times = time_fn(step, prof.warmup, prof.min_runs, prof.min_seconds)
+        times = time_runs(step, prof.warmup, prof.min_runs, prof.min_seconds)
         shapes[f"{shape.batch}x{shape.seq}"] = latency_stats(times, shape.batch)
     return {"shapes": shapes, "threads": torch.get_num_threads()}
 
@@ -147,25 +81,122 @@ def run_profile(prof: TargetProfile, upstream: Manifest | None, work: Path, ctx:
             f"[yellow]warning:[/] {', '.join(missing)} not available here; timing on {', '.join(providers)} "
             "(allow_fallback)"
         )
+    export = record(upstream, ExportRecord)
+    models = _timed_models(prof, export)
     results: dict[str, Any] = {
         "profile": prof.model_dump(mode="json"),
         "providers": {"requested": prof.execution_providers, "missing": missing, "used": providers},
         "onnxruntime": {},
         "torch_eager": {},
     }
-    for name, info in record(upstream, ExportRecord).models.items():
-        src = model_source(upstream, info)
-        vocab = json.loads((src / "config.json").read_text())["vocab_size"]
-        ctx.console.print(f"profiling {name} on {label}: onnxruntime ...")
-        results["onnxruntime"][name] = profile_onnx(upstream.path(info.onnx), prof, vocab, providers)
-        if prof.torch_eager and info.variant == "fp32":  # a variant's PyTorch model is the fp32 student
+    vocab = {n: _vocab_size(model_source(upstream, m)) for n, m in models.items()}
+    jobs = {n: _job(upstream.path(m.onnx), prof, vocab[n], providers) for n, m in models.items()}
+    ctx.console.print(
+        f"profiling {', '.join(jobs)} on {label}: onnxruntime, each in its own process, {prof.rounds} "
+        "interleaved round(s) ..."
+    )
+    results["onnxruntime"] = interleaved(jobs, prof.rounds)
+    for name, m in models.items():
+        results["onnxruntime"][name]["model_bytes"] = upstream.path(m.onnx).stat().st_size
+        if prof.torch_eager and m.variant == "fp32":  # a variant's PyTorch model is the fp32 student
             ctx.console.print(f"profiling {name} on {label}: torch eager ...")
-            results["torch_eager"][name] = profile_torch(src, prof, vocab)
+            results["torch_eager"][name] = profile_torch(model_source(upstream, m), prof, vocab[name])
+    results["roofline"] = _rooflines(prof, {n: upstream.path(m.onnx) for n, m in models.items()}, results, ctx)
+    sizes = {n: upstream.path(m.onnx).stat().st_size for n, m in models.items()}
+    t_acc = float(upstream.upstream("teacher").metric("test_accuracy"))
+    checks = check_budgets(prof, results, export, sizes, t_acc)
     (work / "latency.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     plot_latency(results, work / "latency.png")
-    report = write_report(upstream, results, work)
+    mobile = _mobile(upstream.path(models[deployed_name(prof)].onnx), work, ctx) if prof.ort_format else None
+    rec = ProfileRecord(
+        report="report.md", profile=prof.name, deploy=deployed_name(prof), budgets=checks, mobile=mobile
+    )
+    report = write_report(upstream, results, rec, work)
     ctx.console.print(report.summary)
-    return StageOutput(record=ProfileRecord(report="report.md", profile=prof.name), metrics=_metrics(results))
+    return StageOutput(record=rec, metrics=_metrics(results))
+
+
+def _rooflines(prof: TargetProfile, paths: dict[str, Path], results: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """FLOPs and weight bytes of each timed graph per shape, this host's peak GEMM throughput measured with
+    onnxruntime at the profile's threads (fp32 and int8), and each p50 as a share of its roofline floor. A
+    profile that describes another device (`device:`) also gets latency ESTIMATES for it from the same costs."""
+    from kdpipe.roofline import estimate_latency_ms, onnx_cost, peak_gemm, roofline
+
+    threads = prof.intra_op_threads
+    ctx.console.print(f"roofline: peak GEMM on this host ({threads} thread(s), onnxruntime) ...")
+    host = {
+        "threads": threads,
+        "peak_gflops_fp32": peak_gemm(threads, "fp32"),
+        "peak_gflops_int8": peak_gemm(threads, "int8"),
+    }
+    out: dict[str, Any] = {"host": host, "models": {}, "estimates": None}
+    device = prof.device
+    if device is not None:
+        out["estimates"] = {"device": device.name, "models": {}}
+    for name, path in paths.items():
+        out["models"][name] = {}
+        for key, stats in results["onnxruntime"][name]["shapes"].items():
+            batch, seq = (int(x) for x in key.split("x"))
+            cost = onnx_cost(path, batch, seq)
+            out["models"][name][key] = roofline(
+                cost, stats["p50_ms"], host["peak_gflops_fp32"], host["peak_gflops_int8"]
+            )
+            if device is not None:
+                est = estimate_latency_ms(cost, device.peak_gflops_fp32, device.peak_gflops_int8, device.mem_gbps)
+                out["estimates"]["models"].setdefault(name, {})[key] = est
+    return out
+
+
+def _mobile(onnx_path: Path, work: Path, ctx: RunContext) -> MobileInfo:
+    """The deployed variant converted to ORT format (+ required_operators.config for a reduced-operator build),
+    checked against the .onnx at two shapes, and onnxruntime's mobile usability findings."""
+    from kdpipe.mobile import to_ort_format, usability
+
+    pkg = to_ort_format(onnx_path, work / "mobile")
+    findings = usability(onnx_path)
+    ctx.console.print(f"mobile: {pkg.ort.name} {pkg.bytes / 2**20:.1f} MiB; {findings[0] if findings else ''}")
+    return MobileInfo(
+        ort="mobile/model.ort",
+        required_operators="mobile/required_operators.config",
+        bytes=pkg.bytes,
+        contrib_ops=sorted(pkg.contrib_ops),
+        findings=findings,
+    )
+
+
+def _timed_models(prof: TargetProfile, export: ExportRecord) -> dict[str, ExportedModel]:
+    """The teacher and the student variants the profile times; a variant the export did not write is an error."""
+    students = {m.variant: n for n, m in export.models.items() if n.startswith("student")}
+    if missing := [v for v in prof.variants if v not in students]:
+        raise ConfigError(
+            f"profile {prof.name}: times variants {missing}, which the export stage did not write "
+            f"(it wrote {sorted(students)})",
+            "re-run the export with them in export.variants, or use a profile for what was exported",
+        )
+    names = [students[v] for v in prof.variants] + [n for n in export.models if not n.startswith("student")]
+    return {n: export.models[n] for n in names}
+
+
+def _job(path: Path, prof: TargetProfile, vocab_size: int, providers: list[str]) -> dict[str, Any]:
+    """The timing worker's job (kdpipe.timing) for one ONNX file under this profile."""
+    return {
+        "model": str(path),
+        "engine": "onnxruntime",
+        "intra_op_threads": prof.intra_op_threads,
+        "inter_op_threads": prof.inter_op_threads,
+        "graph_optimization_level": prof.graph_optimization_level,
+        "providers": providers,
+        "shapes": [[s.batch, s.seq] for s in prof.shapes],
+        "vocab_size": vocab_size,
+        "warmup": prof.warmup,
+        "min_runs": prof.min_runs,
+        "min_seconds": prof.min_seconds,
+        "profile_ops": prof.profile_ops,
+    }
+
+
+def _vocab_size(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
 
 
 def _metrics(results: dict[str, Any]) -> dict[str, Metric]:

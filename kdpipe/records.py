@@ -53,10 +53,30 @@ class TeacherRecord(Record):
     assistant: AssistantInfo | None = Field(None, description="Set when this teacher-kind artifact is an assistant.")
 
 
+class VocabInfo(Record):
+    """A student whose vocabulary was pruned: `map` (an .npy of the teacher's vocabulary size) gives each
+    teacher token id its student id ([UNK] for a pruned one), so both models can read one batch."""
+
+    kept: int
+    old_size: int
+    coverage: float = Field(description="Share of the test split's tokens (teacher tokenizer) that were kept.")
+    map: str
+
+
+class WidthInfo(Record):
+    heads_removed: dict[int, list[int]]
+    ffn_kept: int = Field(description="FFN neurons kept in every layer.")
+    ffn_total: int
+    params_before: int
+    params_after: int
+
+
 class StudentRecord(Record):
     kept_layers: list[int]
     layer_map: dict[int, int] = Field(description="Student hidden-state index -> teacher hidden-state index.")
     init: str
+    width: WidthInfo | None = None
+    vocab: VocabInfo | None = None
 
 
 class DistillRecord(Record):
@@ -121,9 +141,36 @@ class ExportRecord(Record):
     models: dict[str, ExportedModel]
 
 
+class BudgetCheck(Record):
+    """One budget of the target profile against the deployed variant; `ok` is False for a NaN value."""
+
+    budget: str
+    limit: float
+    value: float | None
+    unit: str
+    ok: bool
+
+
+class MobileInfo(Record):
+    """The deployed variant in onnxruntime's ORT format, and what the mobile usability checker said."""
+
+    ort: str
+    required_operators: str
+    bytes: int
+    contrib_ops: list[str]
+    findings: list[str]
+
+
 class ProfileRecord(Record):
     report: str
     profile: str
+    mobile: MobileInfo | None = None
+    deploy: str = Field("student", description="The model (name in the export record) the budgets apply to.")
+    budgets: list[BudgetCheck] = Field(default_factory=list)
+
+    @property
+    def misses(self) -> list[BudgetCheck]:
+        return [b for b in self.budgets if not b.ok]
 
 
 R = TypeVar("R", bound=Record)

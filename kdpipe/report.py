@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,60 +12,15 @@ from rich.table import Table
 
 from kdpipe.artifacts import Manifest
 from kdpipe.data import rows_summary
-from kdpipe.records import DistillRecord, ExportRecord, StudentRecord, TeacherRecord, record
+from kdpipe.figures import Run, figures
+from kdpipe.plots import plot_pareto
+from kdpipe.records import ProfileRecord, TeacherRecord, record
 
 
 @dataclass
 class Report:
     path: Path
     summary: Table
-
-
-@dataclass
-class Run:
-    """The manifests and records of one run, found through the export stage's lineage. Behind a teaching
-    assistant, `teacher` is the original teacher and `assistant` the direct one."""
-
-    teacher: Manifest
-    teacher_rec: TeacherRecord
-    assistant: Manifest | None
-    student: Manifest
-    student_rec: StudentRecord
-    distill: Manifest
-    distill_rec: DistillRecord
-    export: Manifest
-    export_rec: ExportRecord
-
-    @classmethod
-    def of(cls, export: Manifest) -> Run:
-        teacher, assistant = export.upstream("teacher"), None
-        if record(teacher, TeacherRecord).assistant is not None:
-            assistant, teacher = teacher, teacher.upstream("teacher")
-        student, distill = export.upstream("student"), export.upstream("distill")
-        return cls(
-            teacher=teacher,
-            teacher_rec=record(teacher, TeacherRecord),
-            assistant=assistant,
-            student=student,
-            student_rec=record(student, StudentRecord),
-            distill=distill,
-            distill_rec=record(distill, DistillRecord),
-            export=export,
-            export_rec=record(export, ExportRecord),
-        )
-
-    def warnings(self) -> list[str]:
-        """What the stages flagged (a teacher that predicts one class, a schedule that outlasts the budget,
-        ...), once each, in stage order: a figure next to a warning is not a result to quote."""
-        found = [*self.teacher_rec.warnings]
-        if self.assistant is not None:
-            found += record(self.assistant, TeacherRecord).warnings
-        found += self.distill_rec.warnings
-        seen: list[str] = []
-        for w in found:
-            if w not in seen:
-                seen.append(w)
-        return seen
 
 
 def _pct(x: Any) -> str:
@@ -85,7 +41,7 @@ def data_lines(rec: TeacherRecord, tcfg: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _budget_lines(run: Run) -> list[str]:
+def _training_lines(run: Run) -> list[str]:
     t, d, dcfg, tcfg = run.teacher, run.distill, run.distill.config, run.teacher.config
     losses = " + ".join(
         f"{c['weight']:g} x {c['name']}"
@@ -313,11 +269,6 @@ def _latency_lines(results: dict[str, Any]) -> list[str]:
                 f"- speed-up at {shape} (onnxruntime p50, teacher / student): **{t / s:.2f}x** "
                 f"({t:.2f} ms -> {s:.2f} ms)"
             )
-        for name in ort_res:
-            lines.append(
-                f"- {name}: session init {ort_res[name]['session_init_ms']:.0f} ms, model "
-                f"{ort_res[name]['model_bytes'] / 2**20:.1f} MiB"
-            )
     return lines
 
 
@@ -341,10 +292,14 @@ def _summary(run: Run, results: dict[str, Any]) -> Table:
     return summary
 
 
-def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Report:
-    """`<work>/report.md` (with the distill stage's plots copied beside it) and the summary table."""
+def write_report(export: Manifest, results: dict[str, Any], profiled: ProfileRecord, work: Path) -> Report:
+    """`<work>/report.json` (the figures), `report.md` with the Pareto chart (and the distill stage's plots
+    copied beside it), and the summary table."""
     run = Run.of(export)
     prof, rec = results["profile"], run.student_rec
+    data = figures(run, results, profiled)
+    (work / "report.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    plot_pareto(data, work / "pareto.png")
     lines = [
         "# kdpipe report",
         "",
@@ -353,12 +308,14 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
         f"profile `{prof['name']}`{' (emulated on this host)' if prof['emulated'] else ''}.",
         "",
         *[f"> **Warning:** {w}\n" for w in run.warnings()],
-        *_budget_lines(run),
+        *_target_lines(data),
+        *_training_lines(run),
         *_quality_lines(run),
         *_method_lines(run),
         *_export_lines(run),
         *_variant_lines(run, results),
         *_latency_lines(results),
+        *_detail_lines(data),
         "",
         "![latency](latency.png)",
         "",
@@ -373,6 +330,94 @@ def write_report(export: Manifest, results: dict[str, Any], work: Path) -> Repor
     path = work / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return Report(path=path, summary=_summary(run, results))
+
+
+def _target_lines(data: dict[str, Any]) -> list[str]:
+    """The deployed variant against the profile's budgets, and the Pareto chart: what an edge engineer reads first."""
+    lines = ["## Target", ""]
+    budgets = data["budgets"]
+    if budgets:
+        lines += [
+            f"Deployed variant `{data['deploy']}` against the budgets of profile `{data['profile']['name']}`:",
+            "",
+            "| budget | limit | measured | |",
+            "|---|---:|---:|---|",
+        ]
+        for b in budgets:
+            value = "missing" if b["value"] is None else f"{b['value']:.4g}"
+            lines.append(
+                f"| {b['budget']} | {b['limit']:g} {b['unit']} | {value} | {'ok' if b['ok'] else '**MISSED**'} |"
+            )
+        missed = [b for b in budgets if not b["ok"]]
+        lines += [
+            "",
+            f"**{len(missed)} budget(s) missed** (`--strict` fails)." if missed else "Every budget is met.",
+            "",
+        ]
+    else:
+        lines += [f"Deployed variant `{data['deploy']}`; profile `{data['profile']['name']}` sets no budgets.", ""]
+    return [*lines, "![accuracy vs latency and size](pareto.png)", ""]
+
+
+def _detail_lines(data: dict[str, Any]) -> list[str]:
+    """Per model timed by onnxruntime: session init, first run, peak RSS of its process, FLOPs and % of the
+    roofline at the first shape, the top operators."""
+    shape, peaks = (data["shapes"] or ["?"])[0], data.get("host_peaks") or {}
+    lines = [
+        "",
+        f"Each model in its own processes. Roofline at {shape}: FLOPs and weights counted on the graph, floor = FLOPs "
+        f"at this host's peak GEMM measured with onnxruntime ({peaks.get('peak_gflops_fp32', float('nan')):.0f} "
+        f"GFLOP/s fp32, {peaks.get('peak_gflops_int8', float('nan')):.0f} int8, {peaks.get('threads', '?')} "
+        "thread(s)); % of roofline = floor / measured p50.",
+        "",
+        "| model | session init ms | first run ms | peak RSS MiB (model) | GFLOP | % of roofline | top operators |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    nan = float("nan")
+    for name, m in data["models"].items():
+        if m["engine"] != "onnxruntime":
+            continue
+        ops = ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in (m.get("top_ops") or [])[:4]) or "n/a"
+        rss = f"{m.get('peak_rss_mib', nan):.0f} ({m.get('model_rss_mib', nan):.0f})"
+        roof = (m.get("roofline") or {}).get(shape, {})
+        lines.append(
+            f"| {name} | {m.get('session_init_ms', nan):.0f} | {m.get('first_run_ms', nan):.1f} | {rss} | "
+            f"{roof.get('flops', nan) / 1e9:.3f} | {roof.get('percent_of_roofline', nan):.0f}% | {ops} |"
+        )
+    return lines + _estimate_lines(data) + _mobile_lines(data)
+
+
+def _estimate_lines(data: dict[str, Any]) -> list[str]:
+    if not data.get("estimates_for"):
+        return []
+    lines = [
+        "",
+        f"**Estimates for {data['estimates_for']}** (the profile's device; this host is not it): roofline floors from "
+        "the device's stated peaks, NOT measurements; a real device is slower than its floor.",
+        "",
+        "| model | " + " | ".join(f"estimated floor {s} (ms)" for s in data["shapes"]) + " |",
+        "|---|" + "---:|" * len(data["shapes"]),
+    ]
+    for name, m in data["models"].items():
+        est = m.get("estimate_ms") or {}
+        if est:
+            lines.append(f"| {name} | " + " | ".join(f"{est.get(s, float('nan')):.3g}" for s in data["shapes"]) + " |")
+    return lines
+
+
+def _mobile_lines(data: dict[str, Any]) -> list[str]:
+    mobile = data.get("mobile")
+    if not mobile:
+        return []
+    contrib = ", ".join(mobile["contrib_ops"]) or "none"
+    return [
+        "",
+        f"**Mobile package**: `{mobile['ort']}` ({mobile['bytes'] / 2**20:.1f} MiB, ORT format, checked against the "
+        f".onnx at two shapes) and `{mobile['required_operators']}` for a reduced-operator onnxruntime build; "
+        f"contrib operators needed: {contrib}.",
+        "",
+        *[f"> **Mobile usability:** {f}\n" for f in mobile["findings"]],
+    ]
 
 
 def _fallback_lines(results: dict[str, Any]) -> list[str]:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.artifacts import FileRecord, Manifest, Metric, input_records
-from kdpipe.config import StudentConfig
+from kdpipe.config import StudentConfig, VocabConfig, WidthConfig
+from kdpipe.data import batches, encode, read_split
 from kdpipe.errors import ConfigError
 from kdpipe.layermaps import layer_map, uniform_layers
 from kdpipe.models import count_params, load_classifier, load_tokenizer, require_same_tokenizer, resolve_model_dir
@@ -18,6 +19,8 @@ from kdpipe.records import (
     StageSpec,
     StudentRecord,
     TeacherRecord,
+    VocabInfo,
+    WidthInfo,
     record,
     seeded,
     upstream_inputs,
@@ -104,6 +107,11 @@ def run_student(cfg: StudentConfig, upstream: Manifest | None, work: Path, ctx: 
         student = build_student(teacher, cfg, kept, ctx.seed)
         tokenizer = t_tok
         init = cfg.init
+    t_rec = record(upstream, TeacherRecord)
+    width = _prune_width(student, cfg.width, upstream, t_tok, t_rec, ctx) if cfg.width else None
+    vocab = None
+    if cfg.vocab is not None:
+        tokenizer, vocab = _prune_vocab(student, t_tok, cfg.vocab, upstream, t_rec, work, ctx)
     student.save_pretrained(work / "model", safe_serialization=True)
     tokenizer.save_pretrained(work / "model")
     sp, tp = count_params(student), count_params(teacher)
@@ -112,7 +120,7 @@ def run_student(cfg: StudentConfig, upstream: Manifest | None, work: Path, ctx: 
         f"{sp / 1e6:.1f}M vs {tp / 1e6:.1f}M params ({tp / sp:.2f}x smaller)"
     )
     return StageOutput(
-        record=StudentRecord(kept_layers=kept, layer_map=layer_map(kept), init=init),
+        record=StudentRecord(kept_layers=kept, layer_map=layer_map(kept), init=init, width=width, vocab=vocab),
         metrics={
             "params": Metric(sp, "parameters"),
             "teacher_params": Metric(tp, "parameters"),
@@ -121,6 +129,60 @@ def run_student(cfg: StudentConfig, upstream: Manifest | None, work: Path, ctx: 
             "compression": Metric(round(tp / sp, 3), "x"),
         },
     )
+
+
+def _prune_vocab(
+    student: Any,
+    t_tok: Any,
+    cfg: VocabConfig,
+    teacher: Manifest,
+    t_rec: TeacherRecord,
+    work: Path,
+    ctx: RunContext,
+) -> tuple[Any, VocabInfo]:
+    """Keep the word pieces of the train split (kdpipe.vocab); the tokenizer is written to work/model and the
+    teacher-id -> student-id map to work/vocab_map.npy (what distillation feeds the student)."""
+    import numpy as np
+
+    from kdpipe.vocab import coverage, prune
+
+    train = read_split(teacher.path("data/train.jsonl")).texts
+    test = read_split(teacher.path("data/test.jsonl")).texts
+    _, tokenizer, plan = prune(student, t_tok, train, t_rec.max_length, work / "model", cfg.min_count, cfg.max_size)
+    unk = plan.old_to_new[t_tok.unk_token_id]
+    lut = np.full(plan.old_size, unk, dtype=np.int64)
+    lut[plan.kept] = np.arange(len(plan.kept))
+    np.save(work / "vocab_map.npy", lut, allow_pickle=False)
+    cov = coverage(plan, t_tok, test, t_rec.max_length)
+    ctx.console.print(
+        f"vocabulary: {len(plan.kept)} of {plan.old_size} word pieces kept (those of the train split); "
+        f"they cover {cov:.2%} of the test split's tokens"
+    )
+    return tokenizer, VocabInfo(kept=len(plan.kept), old_size=plan.old_size, coverage=cov, map="vocab_map.npy")
+
+
+def _prune_width(
+    student: Any, cfg: WidthConfig, teacher: Manifest, t_tok: Any, t_rec: TeacherRecord, ctx: RunContext
+) -> WidthInfo:
+    """Remove the least important heads and FFN neurons (kdpipe.prune), measured on train batches."""
+    from kdpipe.prune import prune
+
+    enc = encode(t_tok, read_split(teacher.path("data/train.jsonl")), t_rec.max_length)
+    before, ffn_total = count_params(student), int(student.config.intermediate_size)
+    _, plan, _ = prune(student, batches(enc, 32, shuffle=True, seed=ctx.seed), cfg.heads, cfg.ffn, cfg.batches)
+    info = WidthInfo(
+        heads_removed={int(k): list(v) for k, v in plan.heads_to_prune.items()},
+        ffn_kept=int(student.config.intermediate_size),
+        ffn_total=ffn_total,
+        params_before=before,
+        params_after=count_params(student),
+    )
+    removed = sum(len(v) for v in info.heads_removed.values())
+    ctx.console.print(
+        f"width: {removed} attention heads removed, {info.ffn_kept} of {info.ffn_total} FFN neurons kept per "
+        f"layer; {before / 1e6:.1f}M -> {info.params_after / 1e6:.1f}M params"
+    )
+    return info
 
 
 def inputs(cfg: StudentConfig, upstream: Manifest | None) -> list[FileRecord]:

@@ -136,6 +136,7 @@ class _Loop:
     total: int
     seen: int = 0
     ema: float | None = None
+    student_ids: Any = None  # (V_teacher,) teacher id -> student id, for a pruned-vocabulary student
 
 
 def train(
@@ -149,6 +150,7 @@ def train(
     teachers: Sequence[torch.nn.Module] = (),
     val_data: Encoded | None = None,
     console: Console | None = None,
+    student_ids: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train `model` on the weighted sum of `objective`'s terms; teachers in eval mode, no grad (the first is
     the teacher, the others its fellow ensemble members). `data` is an Encoded split or a data-free set.
@@ -156,12 +158,15 @@ def train(
     When a term reads attention maps, the student's attention-probability dropout is off while it
     trains (restored afterwards), so the maps it gives the losses are softmax probabilities whose
     rows sum to 1; the first step checks that. Stops with TrainingDivergedError on a non-finite
-    loss or gradient norm (every step) or non-finite weights (every epoch end and at the end)."""
+    loss or gradient norm (every step) or non-finite weights (every epoch end and at the end).
+    `student_ids` (V_teacher,): a pruned-vocabulary student reads `student_ids[input_ids]` of the teacher's ids."""
     off: AbstractContextManager[list[str]] = (
         attention_dropout_off(model) if objective.needs_attentions else nullcontext([])
     )
     with off as changed:
-        result = _train(model, objective, data, plan, device, param_groups, list(teachers), val_data, console)
+        result = _train(
+            model, objective, data, plan, device, param_groups, list(teachers), val_data, console, student_ids
+        )
         result.attention_dropout_off = list(changed)
     return result
 
@@ -229,9 +234,14 @@ def with_targets(
 
 
 def _forward(
-    model: torch.nn.Module, objective: Objective, teachers: list[torch.nn.Module], batch: dict[str, Any]
+    model: torch.nn.Module,
+    objective: Objective,
+    teachers: list[torch.nn.Module],
+    batch: dict[str, Any],
+    student_ids: torch.Tensor | None = None,
 ) -> tuple[KDOutputs, KDOutputs | None]:
-    """Student outputs with grad; teacher (and ensemble) outputs without, as the objective needs them."""
+    """Student outputs with grad; teacher (and ensemble) outputs without, as the objective needs them. A student
+    with a pruned vocabulary reads the same tokens through `student_ids` (teacher id -> its id)."""
     import torch
 
     hidden, attentions = objective.needs_hidden, objective.needs_attentions
@@ -242,6 +252,8 @@ def _forward(
         with torch.no_grad():
             t_out = forward_kd(teachers[0], batch, hidden, attentions)
             ensemble = tuple(forward_kd(m, batch).logits for m in teachers[1:])
+    if student_ids is not None and "input_ids" in batch:
+        batch = {**batch, "input_ids": student_ids[batch["input_ids"]]}
     return with_targets(forward_kd(model, batch, hidden, attentions), t_out, ensemble)
 
 
@@ -260,7 +272,7 @@ def _step(
     import torch
 
     with device.autocast():
-        s_out, t_out = _forward(model, objective, teachers, batch)
+        s_out, t_out = _forward(model, objective, teachers, batch, loop.student_ids)
         if step == 1 and s_out.attentions is not None:
             _check_attention_rows(s_out.attentions, model)
         out = objective(s_out, t_out)
@@ -290,6 +302,7 @@ def _train(
     teachers: list[torch.nn.Module],
     val_data: Encoded | None,
     console: Console | None,
+    student_ids: torch.Tensor | None,
 ) -> TrainResult:
     import torch
 
@@ -300,6 +313,7 @@ def _train(
     objective.to(device.torch_device)
     groups = param_groups or [{"params": list(model.parameters()), "lr": plan.lr}]
     loop = _setup(model, objective, plan, groups, math.ceil(len(data) / plan.batch_size))
+    loop.student_ids = None if student_ids is None else student_ids.to(device.torch_device)
     result = TrainResult(steps=0, seconds=0.0, samples_per_second=0.0, final_loss=float("nan"))
     start = time.perf_counter()
     with _progress(console) as progress:

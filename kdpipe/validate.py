@@ -72,4 +72,14 @@ def check_recipe(recipe: Recipe) -> None:
             raise ConfigError(
                 "distill.device: cuda, but this machine has no CUDA device", "set distill.device: auto (or cpu)"
             )
+    profile = load_profile(recipe.profile)
+    exported = {"fp32", *recipe.export.variants}
+    if missing := [v for v in profile.variants if v not in exported]:
+        raise ConfigError(
+            f"profile {profile.name}: times variants {missing} that export.variants {recipe.export.variants} does "
+            "not write",
+            "add them to export.variants (e.g. --set export.variants=["
+            + ", ".join(sorted(exported - {"fp32"} | set(missing)))
+            + "])",
+        )
     check_losses(recipe)

@@ -44,19 +44,51 @@ def make_tokenizer(extra_words: list[str] | None = None):
     )
 
 
+def make_wordpiece_tokenizer(unused: int = 20):
+    """A BERT-style WordPiece tokenizer over the test words, with `unused` pieces no text uses (what vocabulary
+    pruning removes)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for ws in WORDS.values() for w in ws} | set(FILLER))
+    pieces = SPECIAL + words + [f"##{c}" for c in "sdey"] + [f"unused{i}" for i in range(unused)]
+    vocab = {w: i for i, w in enumerate(pieces)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
+
+
 def make_model_dir(
-    path: Path, layers: int = 2, hidden: int = 32, extra_words: list[str] | None = None, seed: int = 0
+    path: Path,
+    layers: int = 2,
+    hidden: int = 32,
+    extra_words: list[str] | None = None,
+    seed: int = 0,
+    wordpiece: bool = False,
+    heads: int = 2,
 ) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    tok = make_tokenizer(extra_words)
+    tok = make_wordpiece_tokenizer() if wordpiece else make_tokenizer(extra_words)
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(tok),
         hidden_size=hidden,
         num_hidden_layers=layers,
-        num_attention_heads=2,
+        num_attention_heads=heads,
         intermediate_size=2 * hidden,
         max_position_embeddings=64,
         num_labels=3,
@@ -102,6 +134,7 @@ def write_recipe(path: Path, teacher_dir: Path, csv: Path, out: Path, **over: ob
                 "min_runs": 3,
                 "min_seconds": 0.0,
                 "torch_eager": True,
+                "rounds": 1,
             }
         )
     )

@@ -18,7 +18,7 @@ def test_default_recipe_and_profiles_load() -> None:
     recipe, path = load_recipe("default")
     assert path.name == "default.yaml" and recipe.profile == "cpu"
     assert load_profile("cpu").intra_op_threads == 2
-    assert "default" in available("stages") and {"cpu", "mobile-emulated"} <= set(available("profiles"))
+    assert "default" in available("stages") and {"cpu", "mobile-arm64"} <= set(available("profiles"))
 
 
 def test_overrides_are_parsed_as_yaml_and_nested() -> None:

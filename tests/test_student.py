@@ -65,3 +65,33 @@ def test_random_init_is_uniform_in_range(tmp_path: Path) -> None:
     w = student.state_dict()["bert.encoder.layer.0.attention.self.query.weight"]
     assert w.abs().max() <= 0.08 and w.std() > 0.03  # U[-0.08, 0.08] has std 0.046
     assert torch.equal(student.state_dict()["bert.encoder.layer.0.output.LayerNorm.weight"], torch.ones(32))
+
+
+def test_vocabulary_pruning_through_the_pipeline(tmp_path: Path) -> None:
+    """A WordPiece teacher with 20 pieces no text uses: the student keeps the train split's pieces, reads the
+    teacher's batches through its map while distilling, and its ONNX export (own tokenizer) passes the gates."""
+    import json
+
+    import numpy as np
+    from conftest import invoke, make_csv, make_model_dir, write_recipe
+
+    teacher = make_model_dir(tmp_path / "wp-teacher", wordpiece=True)
+    csv = make_csv(tmp_path / "d.csv")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", teacher, csv, tmp_path / "runs", student__vocab={"min_count": 1}, distill__baseline=False
+    )
+    code, out = invoke("run", recipe)
+    assert code == 0, out
+    runs = tmp_path / "runs"
+    student = json.loads((runs / "student" / "manifest.json").read_text())
+    vocab = student["record"]["vocab"]
+    t_size = len(json.loads((teacher / "tokenizer.json").read_text())["model"]["vocab"])
+    assert vocab["old_size"] == t_size and vocab["kept"] <= t_size - 20  # the unused pieces are gone
+    assert vocab["coverage"] == 1.0  # the test split uses only words the train split has
+    lut = np.load(runs / "student" / "vocab_map.npy")
+    assert lut.shape == (t_size,) and lut.max() == vocab["kept"] - 1
+    config = json.loads((runs / "distill" / "model" / "config.json").read_text())
+    assert config["vocab_size"] == vocab["kept"]
+    export = json.loads((runs / "export" / "manifest.json").read_text())
+    assert all(m["gate"]["ok"] for n, m in export["record"]["models"].items() if n.startswith("student"))
+    assert export["record"]["models"]["student"]["gate"]["accuracy"] > 0.5  # it learned through the map
