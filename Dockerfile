@@ -4,7 +4,7 @@
 #                --build-arg TORCH_INDEX_URL= -t kdpipe:cuda .
 # (the CUDA base needs python3.11 + venv; see README "Container").
 ARG BASE_IMAGE=python:3.11-slim-bookworm
-FROM ${BASE_IMAGE}
+FROM ${BASE_IMAGE} AS runtime
 
 # An extra index for torch: the CPU wheel index by default (no multi-GB CUDA wheels in a CPU image);
 # empty to take the CUDA build from PyPI.
@@ -40,3 +40,12 @@ WORKDIR /work
 
 # Writes /work/runs/default/...; mount a volume on /work to keep the artifacts and the report.
 CMD ["kdpipe", "run", "default"]
+
+# Edge CI in the image build itself (where `docker run` is not available, e.g. rootless podman in CI):
+#   docker build --target edge-check -t kdpipe:edge-check .
+# runs the small edge recipe with --strict: the build fails when the deployed int8 student misses a budget of
+# the edge-smoke profile, and the report and models stay in the image under /work/runs/edge-smoke.
+FROM runtime AS edge-check
+RUN kdpipe run edge-smoke --strict
+
+FROM runtime

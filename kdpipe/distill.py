@@ -125,9 +125,14 @@ def _load_pair(cfg: DistillConfig, upstream: Manifest) -> Pair:
     t_manifest = upstream.upstream("teacher")
     t_dir, s_dir = t_manifest.path("model/config.json").parent, upstream.path("model/config.json").parent
     s_rec, t_rec = record(upstream, StudentRecord), record(t_manifest, TeacherRecord)
-    t_conf = json.loads((t_dir / "config.json").read_text())
-    ctx = loss_context(t_conf, json.loads((s_dir / "config.json").read_text()), s_rec.layer_map)
-    check_objective(cfg, ctx)
+    t_conf, s_conf = json.loads((t_dir / "config.json").read_text()), json.loads((s_dir / "config.json").read_text())
+    ctx = loss_context(t_conf, s_conf, s_rec.layer_map)
+    if check_objective(cfg, ctx).needs_attentions and any(s_conf.get("pruned_heads", {}).values()):
+        raise ConfigError(
+            "distill.losses: an attention term compares the attention maps head by head, but the student's heads "
+            "were pruned (student.width.heads)",
+            "drop the attention terms (attention_kl, tinybert's attention), or set student.width.heads: 0",
+        )
     teacher = load_classifier(t_dir)
     t_tok, s_tok = load_tokenizer(t_dir), load_tokenizer(s_dir)
     student_ids = _student_ids(upstream, s_rec, t_tok, s_tok, s_dir)

@@ -114,3 +114,20 @@ def test_config_loading_does_not_import_torch() -> None:
     code = "import sys, kdpipe.config, kdpipe.data; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_edge_ci_workflow_and_dockerfile_fit_together() -> None:
+    """The example CI workflow is valid YAML that runs a shipped recipe with --strict, and the Dockerfile's
+    edge-check target runs the same one (hadolint lints the Dockerfile in `make lint`)."""
+    import yaml
+
+    root = PKG.parent
+    flow = yaml.safe_load((root / ".github" / "workflows" / "edge.yml").read_text())
+    steps = flow["jobs"]["edge"]["steps"]
+    runs = " ".join(s.get("run", "") for s in steps)
+    assert "docker build" in runs and "--strict" in runs
+    recipe = runs.split("kdpipe run ")[1].split()[0]
+    assert (root / "stages" / f"{recipe}.yaml").is_file()
+    assert any(s.get("uses", "").startswith("actions/upload-artifact") for s in steps)
+    docker = (root / "Dockerfile").read_text()
+    assert "AS edge-check" in docker and f"kdpipe run {recipe} --strict" in docker

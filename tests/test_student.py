@@ -95,3 +95,34 @@ def test_vocabulary_pruning_through_the_pipeline(tmp_path: Path) -> None:
     export = json.loads((runs / "export" / "manifest.json").read_text())
     assert all(m["gate"]["ok"] for n, m in export["record"]["models"].items() if n.startswith("student"))
     assert export["record"]["models"]["student"]["gate"]["accuracy"] > 0.5  # it learned through the map
+
+
+def test_width_pruning_through_the_pipeline(tmp_path: Path) -> None:
+    """Half the heads and half the FFN neurons of a 4-head student removed by importance: the student saves,
+    reloads, distils and exports with every gate passing, and is smaller than the depth-only student."""
+    import json
+
+    from conftest import invoke, make_csv, make_model_dir, write_recipe
+
+    teacher = make_model_dir(tmp_path / "t4", heads=4)
+    csv = make_csv(tmp_path / "d.csv")
+    width = {"heads": 0.5, "ffn": 0.5, "batches": 2}
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        teacher,
+        csv,
+        tmp_path / "runs",
+        student__width=width,
+        distill__baseline=False,
+        distill__losses=[{"name": "hinton", "temperature": 2.0}, {"name": "hidden_cosine", "weight": 0.1}],
+    )
+    code, out = invoke("run", recipe)
+    assert code == 0, out
+    runs = tmp_path / "runs"
+    rec = json.loads((runs / "student" / "manifest.json").read_text())["record"]["width"]
+    assert sum(len(v) for v in rec["heads_removed"].values()) == 2  # half of the 1-layer student's 4 heads
+    assert rec["ffn_kept"] == 32 and rec["ffn_total"] == 64 and rec["params_after"] < rec["params_before"]
+    config = json.loads((runs / "distill" / "model" / "config.json").read_text())
+    assert config["intermediate_size"] == 32 and sum(len(v) for v in config["pruned_heads"].values()) == 2
+    export = json.loads((runs / "export" / "manifest.json").read_text())["record"]["models"]
+    assert all(m["gate"]["ok"] for n, m in export.items() if n.startswith("student"))
