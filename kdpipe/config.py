@@ -217,7 +217,7 @@ class DistillConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- export stage
-ExportVariant = Literal["optimized", "int8-dynamic"]
+ExportVariant = Literal["optimized", "int8-dynamic", "int8-static", "int4", "fp16"]
 
 
 def _default_variants() -> list[ExportVariant]:
@@ -231,8 +231,18 @@ class ExportConfig(_Strict):
     teacher: bool = Field(True, description="Also export the teacher (the profile compares them).")
     variants: list[ExportVariant] = Field(
         default_factory=_default_variants,
-        description="Student variants besides fp32: 'optimized' (onnxruntime's transformer fusions) and "
-        "'int8-dynamic' (dynamic int8 quantisation of the optimised graph). Each is gated on the whole test split.",
+        description="Student variants besides fp32: 'optimized' (onnxruntime's transformer fusions), "
+        "'int8-dynamic' (dynamic int8 of the optimised graph), 'int8-static' (static QDQ int8 calibrated on train "
+        "samples), 'int4' (weight-only MatMulNBits), 'fp16' (for GPU profiles). Each is gated on the whole test split.",
+    )
+    calibration_samples: int = Field(
+        128, gt=0, le=100_000, description="Train-split examples int8-static is calibrated on."
+    )
+    calibrate: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax", description="Calibration method of int8-static (minmax was the most accurate on MiniLM here)."
+    )
+    fp16_atol: float = Field(
+        1e-2, gt=0, le=1.0, description="Logit tolerance of the fp16 variant (fp16 rounding is ~1e-3 on logits)."
     )
     accuracy_budget: float = Field(
         0.99,
@@ -331,6 +341,9 @@ class TargetProfile(_Strict):
     rounds: int = Field(3, ge=1, le=100, description="Each model is timed in this many fresh processes, interleaved.")
     profile_ops: bool = Field(True, description="Record the top operators by time (onnxruntime's profiler).")
     ort_format: bool = Field(False, description="Also convert the deployed variant to ORT format (mobile builds).")
+    gemm_seconds: float = Field(
+        1.0, gt=0, le=60, description="Seconds per dtype of the peak-GEMM measurement behind the roofline."
+    )
     device: DeviceSpec | None = Field(
         None, description="The target device's peak figures (roofline); measured on this host when absent."
     )

@@ -197,13 +197,17 @@ def _student_variants(
     conf = json.loads((model_dir / "config.json").read_text())
     enc = encode(load_tokenizer(model_dir), test, max_length)
     reference = evaluate(load_classifier(model_dir), enc, pick_device("cpu"))  # fp32 on the CPU, any device
+    calibration = _calibration(distill, base.source, max_length, cfg.calibration_samples)
     out: dict[str, ExportedModel] = {}
     failures = []
     variants: list[Variant] = ["fp32", *cfg.variants]
     for variant in variants:
-        made = make_variant(variant, work / "student" / "model.onnx", conf["num_attention_heads"], conf["hidden_size"])
+        fp32 = work / "student" / "model.onnx"
+        feeds = calibration if variant == "int8-static" else None
+        heads, hidden = conf["num_attention_heads"], conf["hidden_size"]
+        made = make_variant(variant, fp32, heads, hidden, calibration=feeds, calibrate=cfg.calibrate)
         path = work / "student" / made.pop("file")
-        atol = None if variant == "int8-dynamic" else cfg.atol
+        atol = {"fp16": cfg.fp16_atol, **dict.fromkeys(QUANTIZED)}.get(variant, cfg.atol)
         check = gate(path, enc, reference.logits, reference.accuracy, atol, cfg.accuracy_budget)
         name = "student" if variant == "fp32" else f"student-{variant}"
         out[name] = _variant_record(base, variant, path, check, made)
@@ -220,6 +224,18 @@ def _student_variants(
             "is acceptable",
         )
     return out
+
+
+QUANTIZED = ("int8-dynamic", "int8-static", "int4")  # no logit tolerance: judged by the accuracy budget
+
+
+def _calibration(distill: Manifest, source: ModelSource, max_length: int, samples: int) -> list[dict[str, np.ndarray]]:
+    """Feeds of real train-split examples (the student's tokenizer), batches of 8, for static quantisation."""
+    teacher = distill.upstream("teacher")
+    tok = load_tokenizer(_model_dir(distill, source))
+    split = read_split(teacher.path("data/train.jsonl"))
+    enc = encode(tok, Split(texts=split.texts[:samples], labels=None), max_length)
+    return [{k: v.numpy() for k, v in b.items()} for b in batches(enc, 8, shuffle=False)]
 
 
 def _variant_record(

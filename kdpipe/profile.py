@@ -126,8 +126,8 @@ def _rooflines(prof: TargetProfile, paths: dict[str, Path], results: dict[str, A
     ctx.console.print(f"roofline: peak GEMM on this host ({threads} thread(s), onnxruntime) ...")
     host = {
         "threads": threads,
-        "peak_gflops_fp32": peak_gemm(threads, "fp32"),
-        "peak_gflops_int8": peak_gemm(threads, "int8"),
+        "peak_gflops_fp32": peak_gemm(threads, "fp32", seconds=prof.gemm_seconds),
+        "peak_gflops_int8": peak_gemm(threads, "int8", seconds=prof.gemm_seconds),
     }
     out: dict[str, Any] = {"host": host, "models": {}, "estimates": None}
     device = prof.device

@@ -11,6 +11,7 @@ from typing import Any
 from rich.table import Table
 
 from kdpipe.artifacts import Manifest
+from kdpipe.compress import VARIANTS
 from kdpipe.data import rows_summary
 from kdpipe.figures import Run, figures
 from kdpipe.plots import plot_pareto
@@ -188,7 +189,7 @@ def _export_lines(run: Run) -> list[str]:
 def _variant_lines(run: Run, results: dict[str, Any]) -> list[str]:
     """Every gated student variant: size, test-split figures against the fp32 PyTorch student, p50 and the
     speed-up over the teacher (onnxruntime fp32, and PyTorch eager where it was timed)."""
-    order = ["fp32", "optimized", "int8-dynamic"]
+    order = list(VARIANTS)
     found = sorted(
         (m for m in run.export_rec.models.items() if m[1].gate is not None), key=lambda m: order.index(m[1].variant)
     )

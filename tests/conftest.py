@@ -135,6 +135,7 @@ def write_recipe(path: Path, teacher_dir: Path, csv: Path, out: Path, **over: ob
                 "min_seconds": 0.0,
                 "torch_eager": True,
                 "rounds": 1,
+                "gemm_seconds": 0.2,
             }
         )
     )

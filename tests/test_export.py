@@ -180,3 +180,17 @@ def test_gate_treats_nan_outputs_as_failure(finished, tmp_path) -> None:  # type
     ref = np.full((4, 3), np.nan, dtype=np.float32)  # a broken reference never compares equal
     g = gate(runs / "export" / "student" / "model.onnx", enc, ref, 1.0, 1e-4, 0.99)
     assert not g.ok and not g.max_abs_diff <= 1e-4
+
+
+def test_every_precision_variant_is_written_and_gated(finished, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """int8-static (calibrated on train samples), int4 (MatMulNBits) and fp16 beside the default variants: each
+    file is written, recorded with what was done, and passes its gate on the whole test split."""
+    every = "export.variants=[optimized,int8-dynamic,int8-static,int4,fp16]"
+    code, out, copy = _export_again(finished, tmp_path, "--set", every, "--set", "export.teacher=false")
+    assert code == 0, out
+    models = json.loads((copy / "export" / "manifest.json").read_text())["record"]["models"]
+    assert {f"student-{v}" for v in ("int8-static", "int4", "fp16")} <= set(models)
+    static = models["student-int8-static"]
+    assert static["transforms"]["calibration"]["method"] == "minmax" and static["gate"]["atol"] is None
+    assert models["student-fp16"]["gate"]["atol"] == 1e-2 and models["student-fp16"]["gate"]["max_abs_diff"] < 1e-2
+    assert all(m["gate"]["ok"] for m in models.values() if m["gate"] is not None)

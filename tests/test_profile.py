@@ -80,6 +80,7 @@ def _tiny_profile(path: Path, **over: object) -> Path:
         "min_seconds": 0.0,
         "torch_eager": False,
         "rounds": 1,
+        "gemm_seconds": 0.2,
         **over,
     }
     path.write_text(yaml.safe_dump(doc))
