@@ -101,7 +101,9 @@ def run_profile(prof: TargetProfile, upstream: Manifest | None, work: Path, ctx:
         if prof.torch_eager and m.variant == "fp32":  # a variant's PyTorch model is the fp32 student
             ctx.console.print(f"profiling {name} on {label}: torch eager ...")
             results["torch_eager"][name] = profile_torch(model_source(upstream, m), prof, vocab[name])
-    results["roofline"] = _rooflines(prof, {n: upstream.path(m.onnx) for n, m in models.items()}, results, ctx)
+    paths = {n: upstream.path(m.onnx) for n, m in models.items()}
+    fp32 = {n: upstream.path(export.models[m.of].onnx) for n, m in models.items() if m.of in export.models}
+    results["roofline"] = _rooflines(prof, paths, fp32, results, ctx)
     sizes = {n: upstream.path(m.onnx).stat().st_size for n, m in models.items()}
     t_acc = float(upstream.upstream("teacher").metric("test_accuracy"))
     checks = check_budgets(prof, results, export, sizes, t_acc)
@@ -116,11 +118,31 @@ def run_profile(prof: TargetProfile, upstream: Manifest | None, work: Path, ctx:
     return StageOutput(record=rec, metrics=_metrics(results))
 
 
-def _rooflines(prof: TargetProfile, paths: dict[str, Path], results: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+def _cost(path: Path, fp32: Path | None, batch: int, seq: int) -> tuple[Any, bool]:
+    """The graph's cost; when shapes inside a quantised graph cannot be inferred (QEmbedLayerNormalization
+    defeats onnx's shape inference), the FLOPs of the fp32 graph it was made from, counted as integer work
+    (quantisation changes the kernels, not the FLOPs) with the variant's own weight bytes. Returns (cost, borrowed)."""
+    from dataclasses import replace
+
+    from kdpipe.roofline import onnx_cost
+
+    cost = onnx_cost(path, batch, seq)
+    if not cost.unknown_ops or fp32 is None:
+        return cost, False
+    base = onnx_cost(fp32, batch, seq)
+    int_flops = base.flops if cost.int_flops else 0
+    return replace(
+        base, int_flops=int_flops, weight_bytes=cost.weight_bytes, weight_bytes_by_dtype=cost.weight_bytes_by_dtype
+    ), True
+
+
+def _rooflines(
+    prof: TargetProfile, paths: dict[str, Path], fp32: dict[str, Path], results: dict[str, Any], ctx: RunContext
+) -> dict[str, Any]:
     """FLOPs and weight bytes of each timed graph per shape, this host's peak GEMM throughput measured with
     onnxruntime at the profile's threads (fp32 and int8), and each p50 as a share of its roofline floor. A
     profile that describes another device (`device:`) also gets latency ESTIMATES for it from the same costs."""
-    from kdpipe.roofline import estimate_latency_ms, onnx_cost, peak_gemm, roofline
+    from kdpipe.roofline import estimate_latency_ms, peak_gemm, roofline
 
     threads = prof.intra_op_threads
     ctx.console.print(f"roofline: peak GEMM on this host ({threads} thread(s), onnxruntime) ...")
@@ -137,10 +159,9 @@ def _rooflines(prof: TargetProfile, paths: dict[str, Path], results: dict[str, A
         out["models"][name] = {}
         for key, stats in results["onnxruntime"][name]["shapes"].items():
             batch, seq = (int(x) for x in key.split("x"))
-            cost = onnx_cost(path, batch, seq)
-            out["models"][name][key] = roofline(
-                cost, stats["p50_ms"], host["peak_gflops_fp32"], host["peak_gflops_int8"]
-            )
+            cost, borrowed = _cost(path, fp32.get(name), batch, seq)
+            roof = roofline(cost, stats["p50_ms"], host["peak_gflops_fp32"], host["peak_gflops_int8"])
+            out["models"][name][key] = {**roof, "flops_from_fp32_graph": borrowed}
             if device is not None:
                 est = estimate_latency_ms(cost, device.peak_gflops_fp32, device.peak_gflops_int8, device.mem_gbps)
                 out["estimates"]["models"].setdefault(name, {})[key] = est

@@ -189,7 +189,7 @@ def _export_lines(run: Run) -> list[str]:
 def _variant_lines(run: Run, results: dict[str, Any]) -> list[str]:
     """Every gated student variant: size, test-split figures against the fp32 PyTorch student, p50 and the
     speed-up over the teacher (onnxruntime fp32, and PyTorch eager where it was timed)."""
-    order = list(VARIANTS)
+    order: list[str] = list(VARIANTS)
     found = sorted(
         (m for m in run.export_rec.models.items() if m[1].gate is not None), key=lambda m: order.index(m[1].variant)
     )
@@ -383,8 +383,14 @@ def _detail_lines(data: dict[str, Any]) -> list[str]:
         roof = (m.get("roofline") or {}).get(shape, {})
         lines.append(
             f"| {name} | {m.get('session_init_ms', nan):.0f} | {m.get('first_run_ms', nan):.1f} | {rss} | "
-            f"{roof.get('flops', nan) / 1e9:.3f} | {roof.get('percent_of_roofline', nan):.0f}% | {ops} |"
+            f"{roof.get('flops', nan) / 1e9:.3f}{'*' if roof.get('flops_from_fp32_graph') else ''} | "
+            f"{roof.get('percent_of_roofline', nan):.0f}% | {ops} |"
         )
+    if any((m.get("roofline") or {}).get(shape, {}).get("flops_from_fp32_graph") for m in data["models"].values()):
+        lines += [
+            "",
+            "\\* FLOPs of the fp32 graph the variant was made from (its quantised graph defeats shape inference).",
+        ]
     return lines + _estimate_lines(data) + _mobile_lines(data)
 
 

@@ -22,14 +22,11 @@ FILLER = ["the", "a", "is", "this", "my", "was", "very", "so"]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def make_tokenizer(extra_words: list[str] | None = None):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+def _bert_style(tok, vocab: dict[str, int]):  # type: ignore[no-untyped-def]
+    """[CLS] text [SEP] around a `tokenizers.Tokenizer`, wrapped as a transformers fast tokenizer."""
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    words = SPECIAL + sorted({w for ws in WORDS.values() for w in ws} | set(FILLER) | set(extra_words or []))
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
     )
@@ -44,11 +41,20 @@ def make_tokenizer(extra_words: list[str] | None = None):
     )
 
 
+def make_tokenizer(extra_words: list[str] | None = None):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = SPECIAL + sorted({w for ws in WORDS.values() for w in ws} | set(FILLER) | set(extra_words or []))
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return _bert_style(tok, vocab)
+
+
 def make_wordpiece_tokenizer(unused: int = 20):
     """A BERT-style WordPiece tokenizer over the test words, with `unused` pieces no text uses (what vocabulary
     pruning removes)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     words = sorted({w for ws in WORDS.values() for w in ws} | set(FILLER))
     pieces = SPECIAL + words + [f"##{c}" for c in "sdey"] + [f"unused{i}" for i in range(unused)]
@@ -56,18 +62,7 @@ def make_wordpiece_tokenizer(unused: int = 20):
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=64,
-    )
+    return _bert_style(tok, vocab)
 
 
 def make_model_dir(
