@@ -86,7 +86,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def _pareto_panel(ax: Any, pts: list[tuple[str, float, float]], xlabel: str, colors: dict[str, Any]) -> None:
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     xy = [(x, y) for _, x, y in pts]
     front = set(pareto_front(xy))
@@ -98,6 +98,7 @@ def _pareto_panel(ax: Any, pts: list[tuple[str, float, float]], xlabel: str, col
     line = sorted(xy[i] for i in front)
     ax.plot([p[0] for p in line], [p[1] for p in line], "--", color="gray", alpha=0.6, zorder=2, label="Pareto front")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel)
