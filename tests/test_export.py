@@ -108,8 +108,8 @@ def _perturbed(real, variant: str, scale: float):  # type: ignore[no-untyped-def
     import onnx
     from onnx import numpy_helper
 
-    def fake(v, fp32, heads, hidden):  # type: ignore[no-untyped-def]
-        made = real(v, fp32, heads, hidden)
+    def fake(v, fp32, heads, hidden, **kw):  # type: ignore[no-untyped-def]
+        made = real(v, fp32, heads, hidden, **kw)
         if v == variant:
             path = fp32.with_name(made["file"])
             model = onnx.load(str(path))
