@@ -136,9 +136,26 @@ def _quality_lines(run: Run) -> list[str]:
     ]
 
 
+def _compression_lines(run: Run) -> list[str]:
+    """What the student stage removed besides layers: heads and FFN neurons, and the vocabulary."""
+    width, vocab, lines = run.student_rec.width, run.student_rec.vocab, []
+    if width is not None:
+        removed = sum(len(v) for v in width.heads_removed.values())
+        lines.append(
+            f"- width: {removed} attention heads removed by importance, {width.ffn_kept} of {width.ffn_total} FFN "
+            f"neurons kept per layer ({width.params_before / 1e6:.1f}M -> {width.params_after / 1e6:.1f}M parameters)."
+        )
+    if vocab is not None:
+        lines.append(
+            f"- vocabulary: {vocab.kept:,} of {vocab.old_size:,} word pieces kept (those of the train split); they "
+            f"cover {vocab.coverage:.2%} of the test split's tokens, the rest read as [UNK] by the student."
+        )
+    return ["Student compression:", "", *lines, ""] if lines else []
+
+
 def _method_lines(run: Run) -> list[str]:
     """CKA, the layer schedule's moves, and the teaching-assistant chain, where the run had them."""
-    lines: list[str] = []
+    lines: list[str] = _compression_lines(run)
     if run.distill.has("cka.png"):
         lines += [
             "Linear CKA between every teacher and student layer on test inputs (what was transferred; "
