@@ -90,26 +90,26 @@ def run_profile(prof: TargetProfile, upstream: Manifest | None, work: Path, ctx:
         "torch_eager": {},
     }
     vocab = {n: _vocab_size(model_source(upstream, m)) for n, m in models.items()}
-    jobs = {n: _job(upstream.path(m.onnx), prof, vocab[n], providers) for n, m in models.items()}
+    paths = {n: upstream.path(m.onnx) for n, m in models.items()}
+    sizes = {n: path.stat().st_size for n, path in paths.items()}
+    jobs = {n: _job(paths[n], prof, vocab[n], providers) for n in models}
     ctx.console.print(
         f"profiling {', '.join(jobs)} on {label}: onnxruntime, each in its own process, {prof.rounds} "
         "interleaved round(s) ..."
     )
     results["onnxruntime"] = interleaved(jobs, prof.rounds)
     for name, m in models.items():
-        results["onnxruntime"][name]["model_bytes"] = upstream.path(m.onnx).stat().st_size
+        results["onnxruntime"][name]["model_bytes"] = sizes[name]
         if prof.torch_eager and m.variant == "fp32":  # a variant's PyTorch model is the fp32 student
             ctx.console.print(f"profiling {name} on {label}: torch eager ...")
             results["torch_eager"][name] = profile_torch(model_source(upstream, m), prof, vocab[name])
-    paths = {n: upstream.path(m.onnx) for n, m in models.items()}
     fp32 = {n: upstream.path(export.models[m.of].onnx) for n, m in models.items() if m.of in export.models}
     results["roofline"] = _rooflines(prof, paths, fp32, results, ctx)
-    sizes = {n: upstream.path(m.onnx).stat().st_size for n, m in models.items()}
     t_acc = float(upstream.upstream("teacher").metric("test_accuracy"))
     checks = check_budgets(prof, results, export, sizes, t_acc)
     (work / "latency.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     plot_latency(results, work / "latency.png")
-    mobile = _mobile(upstream.path(models[deployed_name(prof)].onnx), work, ctx) if prof.ort_format else None
+    mobile = _mobile(paths[deployed_name(prof)], work, ctx) if prof.ort_format else None
     rec = ProfileRecord(
         report="report.md", profile=prof.name, deploy=deployed_name(prof), budgets=checks, mobile=mobile
     )
