@@ -203,7 +203,11 @@ def student(
         None, help="'every-other', 'last-k', 'first-k', or teacher layer indices like 0,2,4."
     ),
     k: int | None = typer.Option(None, "-k", help="Layer count for last-k / first-k."),
-    init: str | None = typer.Option(None, help="'teacher' (copy kept layers) or 'random' (U[-0.08, 0.08])."),
+    init: str | None = typer.Option(
+        None,
+        help="'copy' (the kept layers; alias 'teacher'), 'random' (U[-0.08, 0.08]) or 'bayes' (the conditional mean "
+        "of the teacher's posterior; needs teacher.posterior).",
+    ),
     pretrained: str | None = typer.Option(None, help="Use this local HF model directory as the student."),
     recipe: str = typer.Option("default", "--recipe", "-r", help=RECIPE_HELP),
     sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),

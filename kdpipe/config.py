@@ -61,6 +61,30 @@ class DataConfig(_Strict):
         return v
 
 
+class PosteriorConfig(_Strict):
+    kind: Literal["diagonal", "swag"] = Field(
+        "swag",
+        description="'diagonal': Laplace with the diagonal empirical Fisher on the train split; 'swag': diagonal "
+        "plus a rank-`rank` factor from the iterates of a short SGD run from the teacher's weights (SWAG).",
+    )
+    rank: int = Field(8, ge=2, le=256, description="swag: columns of the low-rank factor (the last iterates kept).")
+    steps: int = Field(200, ge=2, le=10**6, description="swag: SGD steps run from the teacher's weights.")
+    collect_every: int = Field(10, ge=1, le=10**6, description="swag: steps between collected iterates.")
+    lr: float = Field(1e-3, gt=0, le=10, description="swag: SGD learning rate.")
+    max_examples: int = Field(2000, ge=1, le=10**7, description="diagonal: train examples the Fisher is averaged on.")
+    prior_precision: float = Field(
+        1.0, gt=0, le=1e12, description="Precision of the isotropic prior added to the Fisher (diagonal floor)."
+    )
+    scope: Literal["layers", "all"] = Field(
+        "layers",
+        description="Parameters the posterior covers: 'layers' (the transformer blocks, what layer removal "
+        "conditions on; the rest keep the teacher's values with the student's prior from the diagonal) or 'all'.",
+    )
+    factor_dtype: Literal["float32", "float16"] = Field(
+        "float16", description="Storage type of the low-rank factor (float16 halves the file)."
+    )
+
+
 class TeacherConfig(_Strict):
     model: str = Field(
         "default",
@@ -79,6 +103,11 @@ class TeacherConfig(_Strict):
     lr: float = Field(5e-5, gt=0, le=1.0, description="AdamW learning rate for the encoder (at most 1).")
     head_lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate for the new head (at most 1).")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the directory.")
+    posterior: PosteriorConfig | None = Field(
+        None,
+        description="Estimate the posterior N(m, S) of the teacher's weights after fine-tuning and store it "
+        "(posterior.safetensors), for students built with student.init: bayes (docs/methods.md §4). None: skip.",
+    )
 
 
 # --------------------------------------------------------------------------- student stage
@@ -95,17 +124,45 @@ class VocabConfig(_Strict):
     )
 
 
+class BiLSTMStudentConfig(_Strict):
+    embedding_dim: int | None = Field(
+        None,
+        gt=0,
+        le=65536,
+        description="Word-vector width (None: the teacher's hidden size, which embeddings: teacher needs).",
+    )
+    hidden_size: int = Field(300, gt=0, le=65536, description="LSTM units per direction (Tang et al.: 300).")
+    num_layers: int = Field(1, ge=1, le=16, description="Stacked BiLSTM layers.")
+    mlp_size: int = Field(400, gt=0, le=65536, description="Width of the ReLU layer before the classifier.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the embeddings and the MLP.")
+    embeddings: Literal["teacher", "random"] = Field(
+        "teacher", description="'teacher': start from the teacher's word embeddings; 'random': a fresh table."
+    )
+
+
+StackLayers = Literal["all"] | list[int]
+
+
 class StudentConfig(_Strict):
-    layers: Literal["every-other", "last-k", "first-k"] | list[int] = Field(
+    layers: Literal["every-other", "last-k", "first-k"] | list[int] | dict[str, StackLayers] = Field(
         "every-other",
         description="Teacher layers the student keeps: 'every-other' (DistilBERT's init: 0, 2, 4, ...), "
-        "'last-k' / 'first-k' (k layers), or an explicit list of 0-based teacher layer indices.",
+        "'last-k' / 'first-k' (k layers), an explicit list of 0-based teacher layer indices, or per stack "
+        "{encoder: all, decoder: [0, 1, 3]} for models with an encoder and a decoder.",
     )
     k: int | None = Field(None, gt=0, le=1000, description="Layer count for 'last-k' / 'first-k'.")
-    init: Literal["teacher", "random"] = Field(
+    arch: Literal["teacher", "bilstm"] = Field(
         "teacher",
-        description="'teacher': copy embeddings, kept layers and head from the teacher; "
-        "'random': U[-a, a] init (the seeds' baseline) with a = init_range.",
+        description="'teacher': the teacher's architecture with fewer layers; 'bilstm': a BiLSTM classifier "
+        "(Tang et al. 2019) on the teacher's tokenizer, trained with the logit terms.",
+    )
+    bilstm: BiLSTMStudentConfig = Field(default_factory=BiLSTMStudentConfig, description="arch: bilstm settings.")
+    init: Literal["copy", "teacher", "random", "bayes"] = Field(
+        "copy",
+        description="'copy' (alias 'teacher'): copy embeddings, kept layers and head from the teacher; "
+        "'random': U[-a, a] init (the seeds' baseline) with a = init_range; 'bayes': start at the conditional "
+        "mean of the teacher's posterior given the removed layers' output projections at 0 (needs "
+        "teacher.posterior), and store the student's prior for the distill 'prior' term (docs/methods.md §4).",
     )
     init_range: float = Field(0.08, gt=0, le=10, description="a in U[-a, a] for init='random'.")
     pretrained: str | None = Field(
@@ -121,6 +178,30 @@ class StudentConfig(_Strict):
         description="Shrink the word-embedding table to the word pieces of the train split (None: keep the "
         "teacher's vocabulary); the rest map to [UNK]. The test-split coverage is reported.",
     )
+
+    @field_validator("init")
+    @classmethod
+    def _copy_alias(cls, v: str) -> str:
+        return "copy" if v == "teacher" else v  # 'teacher' was the name of 'copy' before 'bayes' existed
+
+    @model_validator(mode="after")
+    def _bilstm_alone(self) -> StudentConfig:
+        if self.arch == "bilstm":
+            clash = [f for f in ("pretrained", "width", "vocab") if getattr(self, f) is not None]
+            if self.init not in ("copy", "random"):
+                clash.append(f"init: {self.init}")
+            if clash:
+                raise ValueError(
+                    f"arch: bilstm builds a new network, which does not combine with {', '.join(clash)}: drop them"
+                )
+        if self.init == "bayes":
+            clash = [f for f in ("pretrained", "width", "vocab") if getattr(self, f) is not None]
+            if clash:
+                raise ValueError(
+                    f"init: bayes conditions the teacher's posterior on the removed layers; it does not combine with "
+                    f"{', '.join(clash)} yet: drop them or use init: copy"
+                )
+        return self
 
 
 # --------------------------------------------------------------------------- distill stage

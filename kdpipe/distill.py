@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import numpy as np
 from kdpipe.analysis import cka_matrix
 from kdpipe.artifacts import FileRecord, Manifest, Metric, input_records
 from kdpipe.augment import augment
+from kdpipe.bayesinit import PriorPenalty
 from kdpipe.config import DistillConfig, Recipe
 from kdpipe.data import SPLITS, Encoded, Split, batches, encode, read_split, read_transfer, subset
 from kdpipe.datafree import EmbeddedSet, load_stats, synthesize
@@ -44,7 +45,7 @@ def loss_context(
     """From the two config.json dicts: enough to build (and so validate) every term without weights."""
     return LossContext(
         layer_map=layer_map,
-        n_student=int(student_config["num_hidden_layers"]),
+        n_student=int(student_config.get("num_hidden_layers", 0)),  # a BiLSTM student has no layers to map
         n_teacher=int(teacher_config["num_hidden_layers"]),
         d_student=int(student_config["hidden_size"]),
         d_teacher=int(teacher_config["hidden_size"]),
@@ -67,6 +68,16 @@ def check_losses(recipe: Recipe) -> None:
     """`kdpipe validate` / `kdpipe run` before the teacher trains: build the distill objective from the teacher's
     config.json and the student spec alone, so that a layer map that does not fit fails before any model
     loads. Skipped when the teacher is not on this machine yet."""
+    _check_bayes(recipe)
+    if recipe.student.arch == "bilstm":
+        feature = [c.name for c in recipe.distill.losses if not c.on_logits]
+        if feature:
+            raise ConfigError(
+                f"distill.losses: {', '.join(feature)} compare hidden states, which a BiLSTM student (student.arch: "
+                "bilstm) does not have",
+                "use logit terms only (hinton, logit_mse, ce, reverse_kl, jsd, ofa)",
+            )
+        return
     try:
         t_dir = resolve_model_dir(recipe.teacher.model)
     except ModelError:
@@ -81,6 +92,20 @@ def check_losses(recipe: Recipe) -> None:
         kept = select_layers(recipe.student, int(t_conf["num_hidden_layers"]))
         s_conf = {**t_conf, "num_hidden_layers": len(kept)}
     check_objective(recipe.distill, loss_context(t_conf, s_conf, layer_map(kept)))
+
+
+def _check_bayes(recipe: Recipe) -> None:
+    """The prior term needs a bayes student, and a bayes student needs the teacher's posterior."""
+    if any(c.name == "prior" for c in recipe.distill.losses) and recipe.student.init != "bayes":
+        raise ConfigError(
+            f"distill.losses: the 'prior' term needs student.init: bayes (it is {recipe.student.init})",
+            "set student.init: bayes and teacher.posterior, or drop the prior term",
+        )
+    if recipe.student.init == "bayes" and recipe.teacher.posterior is None:
+        raise ConfigError(
+            "student.init: bayes starts from the teacher's posterior, but teacher.posterior is not set",
+            "add teacher.posterior: {kind: swag} (or kind: diagonal) to the recipe",
+        )
 
 
 def schedule_warning(objective: Objective, cfg: DistillConfig, examples: int) -> str | None:
@@ -114,6 +139,7 @@ class Pair:
     splits: dict[str, Encoded]  # train: what both models read (teacher ids); val / test: the student's own ids
     loss_ctx: LossContext
     student_ids: Any = None  # (V_teacher,) int64 tensor: teacher id -> student id, for a pruned vocabulary
+    prior_file: Path | None = None  # init: bayes: the student's prior N(mu, Xi), for the 'prior' term
 
     @property
     def train_tokenizer(self) -> Any:
@@ -133,6 +159,12 @@ def _load_pair(cfg: DistillConfig, upstream: Manifest) -> Pair:
             "were pruned (student.width.heads)",
             "drop the attention terms (attention_kl, tinybert's attention), or set student.width.heads: 0",
         )
+    prior_file = upstream.path(s_rec.prior.file) if s_rec.prior is not None else None
+    if prior_file is None and any(c.name == "prior" for c in cfg.losses):
+        raise ConfigError(
+            f"distill.losses: the 'prior' term needs a student built with student.init: bayes (this one: {s_rec.init})",
+            "set student.init: bayes and teacher.posterior, or drop the prior term",
+        )
     teacher = load_classifier(t_dir)
     t_tok, s_tok = load_tokenizer(t_dir), load_tokenizer(s_dir)
     student_ids = _student_ids(upstream, s_rec, t_tok, s_tok, s_dir)
@@ -150,7 +182,7 @@ def _load_pair(cfg: DistillConfig, upstream: Manifest) -> Pair:
         )
         for n in SPLITS
     }
-    return Pair(teachers, t_tok, s_dir, s_tok, t_rec, t_manifest, splits, ctx, student_ids)
+    return Pair(teachers, t_tok, s_dir, s_tok, t_rec, t_manifest, splits, ctx, student_ids, prior_file)
 
 
 def _student_ids(upstream: Manifest, s_rec: StudentRecord, t_tok: Any, s_tok: Any, s_dir: Path) -> Any:
@@ -231,7 +263,10 @@ def _train_student(
 ) -> tuple[Any, TrainResult, Evaluation]:
     """A fresh copy of the student trained on `losses`; its test evaluation must be finite."""
     model = load_classifier(pair.student_dir)
-    objective = build_objective(losses, pair.loss_ctx, cfg.schedule)
+    loss_ctx = pair.loss_ctx
+    if pair.prior_file is not None and any(c.name == "prior" for c in losses):
+        loss_ctx = replace(loss_ctx, prior=PriorPenalty(pair.prior_file, model))
+    objective = build_objective(losses, loss_ctx, cfg.schedule)
     plan = TrainPlan(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
@@ -295,7 +330,7 @@ def run_distill(cfg: DistillConfig, upstream: Manifest | None, work: Path, ctx: 
         f"KD student test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f} (teacher {t_acc:.4f})"
     )
     cka_diagonal = None
-    if cfg.cka_samples:
+    if cfg.cka_samples and getattr(model, "supports_feature_losses", True):  # a BiLSTM has no layers to compare
         test_part = subset(pair.splits["test"], cfg.cka_samples)
         if pair.student_ids is not None:  # both read the teacher's ids; the student through its map
             texts = read_split(pair.teacher_manifest.path("data/test.jsonl"))

@@ -54,6 +54,11 @@ def export_onnx(model_dir: Path, out: Path, opset: int) -> dict[str, Any]:
     import torch
     from optimum.exporters.onnx import main_export
 
+    from kdpipe.bilstm import export_bilstm_onnx, is_bilstm
+
+    if is_bilstm(model_dir):  # kdpipe's own BiLSTM student: optimum does not know it; torch.onnx does
+        out.mkdir(parents=True, exist_ok=True)
+        return export_bilstm_onnx(model_dir, out / "model.onnx", opset)
     with warnings.catch_warnings():
         # the TorchScript tracer warns about constants in transformers' mask code; parity below is the real check
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -204,7 +209,9 @@ def _student_variants(
     for variant in variants:
         fp32 = work / "student" / "model.onnx"
         feeds = calibration if variant == "int8-static" else None
-        heads, hidden = conf["num_attention_heads"], conf["hidden_size"]
+        # a BiLSTM has no heads: 0 and 0 let onnxruntime's optimizer skip attention fusion
+        heads = conf.get("num_attention_heads", 0)
+        hidden = conf["hidden_size"] if heads else 0
         made = make_variant(variant, fp32, heads, hidden, calibration=feeds, calibrate=cfg.calibrate)
         path = work / "student" / made.pop("file")
         atol = {"fp16": cfg.fp16_atol, **dict.fromkeys(QUANTIZED)}.get(variant, cfg.atol)

@@ -101,6 +101,9 @@ def load_classifier_with_head(
     the teacher fine-tune gives their own learning rate."""
     from transformers import AutoModelForSequenceClassification
 
+    from kdpipe.bilstm import register
+
+    register()  # kdpipe's own BiLSTM student (model_type kdpipe-bilstm) loads like any HF classifier
     quiet_transformers()
     config = load_config(path, trust_remote_code)
     if label_names is not None:
@@ -122,7 +125,9 @@ def load_classifier_with_head(
             f"{path}: cannot load a sequence-classification model ({str(e).splitlines()[0]})",
             "use an encoder checkpoint that AutoModelForSequenceClassification supports",
         ) from None
-    missing = set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])}
+    # transformers 4.57 lists mismatched keys as names; older versions as (name, shape, shape) tuples
+    mismatched = {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", [])}
+    missing = set(info.get("missing_keys", [])) | mismatched
     return model, {n for n, _ in model.named_parameters() if n in missing}
 
 

@@ -37,6 +37,28 @@ class AssistantInfo(Record):
     teacher_layers: int = Field(description="Layers of the original teacher.")
 
 
+class PosteriorInfo(Record):
+    """The teacher's posterior N(m, S) over its weights (kdpipe.bayes), stored next to its model."""
+
+    file: str = Field(description="The safetensors file, relative to the teacher stage.")
+    kind: Literal["diagonal", "swag"]
+    rank: int = Field(description="Columns of the low-rank factor (0: diagonal only).")
+    params: int = Field(description="Parameters the posterior covers.")
+    n_data: int = Field(description="Train examples it was fitted on (the prior term divides by it).")
+    seconds: float
+
+
+class PriorInfo(Record):
+    """A student's prior N(mu, Xi): the teacher's posterior conditioned on the removed blocks' xi1 = 0."""
+
+    file: str = Field(description="The safetensors file, relative to the student stage.")
+    kind: str
+    rank: int
+    params: int = Field(description="Student parameters the prior covers.")
+    zeroed: int = Field(description="Teacher parameters conditioned to 0 (xi1).")
+    shift: float = Field(description="||mu - m_v|| / ||m_v||: how far the conditional mean moved from the copy.")
+
+
 class TeacherRecord(Record):
     """What the teacher stage (or a teaching assistant standing in for it) hands on."""
 
@@ -51,6 +73,7 @@ class TeacherRecord(Record):
     trained_params: Literal["head", "all"]
     warnings: list[str] = Field(default_factory=list)
     assistant: AssistantInfo | None = Field(None, description="Set when this teacher-kind artifact is an assistant.")
+    posterior: PosteriorInfo | None = Field(None, description="Set when teacher.posterior asked for one.")
 
 
 class VocabInfo(Record):
@@ -77,6 +100,9 @@ class StudentRecord(Record):
     init: str
     width: WidthInfo | None = None
     vocab: VocabInfo | None = None
+    arch: str = Field("teacher", description="'teacher' (the teacher's architecture) or 'bilstm'.")
+    stacks: dict[str, list[int]] | None = Field(None, description="Teacher layers kept per stack (encoder/decoder).")
+    prior: PriorInfo | None = Field(None, description="Set for init: bayes.")
 
 
 class DistillRecord(Record):

@@ -128,8 +128,10 @@ def _quality_lines(run: Run) -> list[str]:
     return [
         *lines,
         "",
-        f"Student is {t_params / s_params:.2f}x smaller in parameters and {t_layers / s_layers:.1f}x "
-        "smaller in layers than the teacher. " + verdict,
+        f"Student is {t_params / s_params:.2f}x smaller in parameters"
+        + (f" and {t_layers / s_layers:.1f}x smaller in layers" if s_layers else " (a BiLSTM: no transformer layers)")
+        + " than the teacher. "
+        + verdict,
         "",
         "![training loss](training.png)",
         "",

@@ -10,10 +10,11 @@ from typing import Any
 from kdpipe.artifacts import FileRecord, Manifest, Metric, input_records
 from kdpipe.config import StudentConfig, VocabConfig, WidthConfig
 from kdpipe.data import batches, encode, read_split
-from kdpipe.errors import ConfigError
+from kdpipe.errors import ConfigError, ModelError
 from kdpipe.layermaps import layer_map, uniform_layers
 from kdpipe.models import count_params, load_classifier, load_tokenizer, require_same_tokenizer, resolve_model_dir
 from kdpipe.records import (
+    PriorInfo,
     RunContext,
     StageOutput,
     StageSpec,
@@ -31,8 +32,17 @@ _LAYER_KEY = re.compile(r"^(?P<prefix>.*\.(?:layer|layers))\.(?P<idx>\d+)\.(?P<r
 
 
 def select_layers(cfg: StudentConfig, n_teacher: int) -> list[int]:
-    """Teacher layer indices (0-based) the student keeps, in order."""
-    spec = cfg.layers
+    """Teacher layer indices (0-based) the student keeps, in order, for a model with one stack of layers."""
+    spec: Any = cfg.layers
+    if isinstance(spec, dict):
+        if len(spec) != 1:
+            raise ConfigError(
+                f"student.layers names {len(spec)} stacks ({', '.join(spec)}), but this model has one stack of layers",
+                "give a list of 0-based layers, or {encoder: [...]} / {decoder: [...]}",
+            )
+        (spec,) = spec.values()
+        if spec == "all":
+            return list(range(n_teacher))
     if spec == "every-other":
         layers = list(range(0, n_teacher, 2))
     elif spec in ("last-k", "first-k"):
@@ -55,23 +65,39 @@ def select_layers(cfg: StudentConfig, n_teacher: int) -> list[int]:
 
 
 def build_student(teacher: Any, cfg: StudentConfig, kept: list[int], seed: int) -> Any:
-    """A model of the teacher's class with len(kept) layers.
+    """A model of the teacher's class with len(kept) layers (kdpipe.surgery: per stack, config updated).
 
-    init='teacher': every tensor is copied from the teacher, block i from teacher block kept[i]
+    init='copy': every tensor is copied from the teacher, block i from teacher block kept[i]
     (DistilBERT's init). init='random': U[-a, a] on every weight and bias except LayerNorm, which
-    keeps (1, 0) so the baseline trains at all."""
+    keeps (1, 0) so the baseline trains at all. init='bayes' starts as 'copy'; kdpipe.bayesinit then
+    moves the weights to the posterior's conditional mean."""
     import torch
 
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(kept)
     torch.manual_seed(seed)
-    student = type(teacher)(config)
+    student = _with_layers(teacher, kept)
     if cfg.init == "random":
         with torch.no_grad():
             for name, p in student.named_parameters():
-                if "LayerNorm" not in name and "layer_norm" not in name:
+                if "norm" not in name.lower():  # LayerNorm, layer_norm, RMSNorm's input_layernorm
                     p.uniform_(-cfg.init_range, cfg.init_range)
-        return student
+    return student
+
+
+def _with_layers(teacher: Any, kept: list[int]) -> Any:
+    """The teacher with only the `kept` blocks of its one stack; architectures kdpipe.surgery does not list
+    (DistilBERT, ...) fall back to mapping `<prefix>.layer.<i>` state-dict keys."""
+    from kdpipe import surgery
+
+    try:
+        stacks = surgery.stacks(teacher)
+    except ModelError:
+        stacks = {}
+    if len(stacks) == 1:
+        (stack,) = stacks
+        return surgery.remove_layers(teacher, {stack: kept})[0]
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(kept)
+    student = type(teacher)(config)
     t_state = teacher.state_dict()
     new_state = {}
     for key in student.state_dict():
@@ -89,6 +115,50 @@ def run_student(cfg: StudentConfig, upstream: Manifest | None, work: Path, ctx: 
     teacher = load_classifier(t_dir)
     t_tok = load_tokenizer(t_dir)
     n_teacher = int(teacher.config.num_hidden_layers)
+    student, kept, tokenizer, init = _base_student(teacher, t_tok, cfg, upstream, ctx)
+    t_rec = record(upstream, TeacherRecord)
+    prior = None
+    if init == "bayes":
+        student, prior = _bayes(teacher, kept, upstream, t_rec, work, ctx)
+    width = _prune_width(student, cfg.width, upstream, t_tok, t_rec, ctx) if cfg.width else None
+    vocab = None
+    if cfg.vocab is not None:
+        tokenizer, vocab = _prune_vocab(student, t_tok, cfg.vocab, upstream, t_rec, work, ctx)
+    student.save_pretrained(work / "model", safe_serialization=True)
+    tokenizer.save_pretrained(work / "model")
+    sp, tp = count_params(student), count_params(teacher)
+    shape = (
+        "a BiLSTM classifier" if cfg.arch == "bilstm" else f"{len(kept)} of {n_teacher} layers (teacher layers {kept})"
+    )
+    ctx.console.print(
+        f"student: {shape}, init={init}, {sp / 1e6:.1f}M vs {tp / 1e6:.1f}M params ({tp / sp:.2f}x smaller)"
+    )
+    return StageOutput(
+        record=StudentRecord(
+            kept_layers=kept,
+            layer_map=layer_map(kept),
+            init=init,
+            width=width,
+            vocab=vocab,
+            arch=cfg.arch,
+            prior=prior,
+        ),
+        metrics={
+            "params": Metric(sp, "parameters"),
+            "teacher_params": Metric(tp, "parameters"),
+            "layers": Metric(len(kept), "layers"),
+            "teacher_layers": Metric(n_teacher, "layers"),
+            "compression": Metric(round(tp / sp, 3), "x"),
+        },
+    )
+
+
+def _base_student(
+    teacher: Any, t_tok: Any, cfg: StudentConfig, upstream: Manifest, ctx: RunContext
+) -> tuple[Any, list[int], Any, str]:
+    """(student, teacher layers kept, tokenizer, init) before any pruning: a given pretrained model, a BiLSTM,
+    or the teacher's architecture with `student.layers`."""
+    n_teacher = int(teacher.config.num_hidden_layers)
     if cfg.pretrained is not None:
         s_dir = resolve_model_dir(cfg.pretrained, field="student.pretrained")
         tokenizer = load_tokenizer(s_dir)
@@ -100,35 +170,58 @@ def run_student(cfg: StudentConfig, upstream: Manifest | None, work: Path, ctx: 
             "or build one from the teacher (drop student.pretrained)",
         )
         student = load_classifier(s_dir, record(upstream, TeacherRecord).label_names)
-        kept = uniform_layers(int(student.config.num_hidden_layers), n_teacher)
-        init = "pretrained"
-    else:
-        kept = select_layers(cfg, n_teacher)
-        student = build_student(teacher, cfg, kept, ctx.seed)
-        tokenizer = t_tok
-        init = cfg.init
-    t_rec = record(upstream, TeacherRecord)
-    width = _prune_width(student, cfg.width, upstream, t_tok, t_rec, ctx) if cfg.width else None
-    vocab = None
-    if cfg.vocab is not None:
-        tokenizer, vocab = _prune_vocab(student, t_tok, cfg.vocab, upstream, t_rec, work, ctx)
-    student.save_pretrained(work / "model", safe_serialization=True)
-    tokenizer.save_pretrained(work / "model")
-    sp, tp = count_params(student), count_params(teacher)
+        return student, uniform_layers(int(student.config.num_hidden_layers), n_teacher), tokenizer, "pretrained"
+    if cfg.arch == "bilstm":
+        return _bilstm(teacher, t_tok, cfg, ctx), [], t_tok, cfg.init
+    kept = select_layers(cfg, n_teacher)
+    return build_student(teacher, cfg, kept, ctx.seed), kept, t_tok, cfg.init
+
+
+def _bilstm(teacher: Any, tokenizer: Any, cfg: StudentConfig, ctx: RunContext) -> Any:
+    """Tang et al.'s BiLSTM classifier on the teacher's tokenizer and labels (kdpipe.bilstm)."""
+    from kdpipe.bilstm import from_teacher
+
+    b = cfg.bilstm
+    student = from_teacher(
+        teacher,
+        tokenizer,
+        embedding_dim=b.embedding_dim,
+        hidden_size=b.hidden_size,
+        num_layers=b.num_layers,
+        mlp_size=b.mlp_size,
+        dropout=b.dropout,
+        embeddings=b.embeddings,
+        seed=ctx.seed,
+    )
+    if cfg.init == "random":
+        import torch
+
+        torch.manual_seed(ctx.seed)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.uniform_(-cfg.init_range, cfg.init_range)
+    return student
+
+
+def _bayes(
+    teacher: Any, kept: list[int], upstream: Manifest, t_rec: TeacherRecord, work: Path, ctx: RunContext
+) -> tuple[Any, PriorInfo]:
+    """init: bayes: the student at the conditional mean of the teacher's posterior (kdpipe.bayesinit)."""
+    from kdpipe import surgery
+    from kdpipe.bayesinit import bayes_student
+
+    if t_rec.posterior is None:
+        raise ConfigError(
+            "student.init: bayes needs the teacher's posterior, and the teacher stage did not write one",
+            "set teacher.posterior: {kind: swag} and re-run the teacher (kdpipe teacher --force)",
+        )
+    (stack,) = surgery.stacks(teacher)
+    student, info = bayes_student(teacher, {stack: kept}, upstream.path(t_rec.posterior.file), work)
     ctx.console.print(
-        f"student: {len(kept)} of {n_teacher} layers (teacher layers {kept}), init={init}, "
-        f"{sp / 1e6:.1f}M vs {tp / 1e6:.1f}M params ({tp / sp:.2f}x smaller)"
+        f"init bayes: {info.params / 1e6:.2f}M params start at the {info.kind} posterior's conditional mean given "
+        f"{info.zeroed / 1e6:.2f}M zeroed output-projection weights (moved {info.shift:.2e} relative to the copy)"
     )
-    return StageOutput(
-        record=StudentRecord(kept_layers=kept, layer_map=layer_map(kept), init=init, width=width, vocab=vocab),
-        metrics={
-            "params": Metric(sp, "parameters"),
-            "teacher_params": Metric(tp, "parameters"),
-            "layers": Metric(len(kept), "layers"),
-            "teacher_layers": Metric(n_teacher, "layers"),
-            "compression": Metric(round(tp / sp, 3), "x"),
-        },
-    )
+    return student, info
 
 
 def _prune_vocab(

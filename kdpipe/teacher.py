@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from kdpipe.artifacts import FileRecord, Manifest, Metric, sha256_file
+from kdpipe.bayesinit import write_posterior
 from kdpipe.config import TeacherConfig
 from kdpipe.data import (
     SPLITS,
@@ -106,6 +107,10 @@ def run_teacher(cfg: TeacherConfig, _: Manifest | None, work: Path, ctx: RunCont
     metrics = _finetune(model, head, cfg, enc, device, ctx) if cfg.finetune else {}
     warnings, more = _evaluate_and_save(model, tokenizer, enc, names, device, work, ctx)
     metrics.update(more)
+    posterior = None
+    if cfg.posterior is not None:
+        posterior = write_posterior(model, cfg.posterior, enc["train"], ctx.seed, work, ctx.console)
+        metrics["posterior_seconds"] = Metric(posterior.seconds, "s")
     record = TeacherRecord(
         label_names=names,
         max_length=cfg.data.max_length,
@@ -117,6 +122,7 @@ def run_teacher(cfg: TeacherConfig, _: Manifest | None, work: Path, ctx: RunCont
         finetuned=cfg.finetune,
         trained_params="head" if cfg.freeze_encoder else "all",
         warnings=warnings,
+        posterior=posterior,
     )
     return StageOutput(record=record, metrics=metrics)
 

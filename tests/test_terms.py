@@ -32,6 +32,7 @@ FLAGS = {
     "crd": (False, False),
     "pkt": (False, False),
     "vid": (False, False),
+    "prior": (True, False),
 }
 ADAPTER: TypeAdapter[Any] = TypeAdapter(LossConfig)
 CTX = LossContext(layer_map={0: 0, 1: 1, 2: 3}, n_student=2, n_teacher=4, d_student=8, d_teacher=8)
@@ -57,7 +58,7 @@ def test_every_union_member_is_registered_with_its_flags() -> None:
     for name, cls in LOSS_TYPES.items():
         assert (cls.on_logits, cls.soft) == FLAGS[name], name
         assert type(ADAPTER.validate_python({"name": name})) is cls
-        assert cls.needs_teacher == (name != "ce")
+        assert cls.needs_teacher == (name not in ("ce", "prior"))
         assert "on_logits" not in cls.model_fields and "soft" not in cls.model_fields  # ClassVars, not recipe keys
 
 
@@ -68,7 +69,7 @@ def test_each_config_builds_a_term_carrying_its_flags(name: str) -> None:
     assert isinstance(term, Term)
     assert (term.name, term.weight) == (name, 0.25)
     assert (term.on_logits, term.soft) == FLAGS[name]
-    assert term.needs_teacher == (name != "ce")
+    assert term.needs_teacher == (name not in ("ce", "prior"))
     assert bool(term.layers) != term.on_logits  # a logit term has no layers; a layer term has some
 
 
@@ -97,3 +98,22 @@ def test_a_teacher_term_without_teacher_outputs_fails_clearly() -> None:
     term = ADAPTER.validate_python({"name": "hidden_cosine"}).build(CTX)
     with pytest.raises(ValueError, match="needs the teacher's outputs"):
         term(_outputs(5, 2, [0, 1, 2, 0]), None)
+
+
+def test_prior_term_reads_the_penalty_of_the_student_being_trained() -> None:
+    """The 'prior' term returns ctx.prior() (the distill stage binds it to the student's weights); built without
+    one (recipe validation), calling it is a clear ConfigError, not a silent 0."""
+    from dataclasses import replace
+
+    from kdpipe.errors import ConfigError
+
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    term = ADAPTER.validate_python({"name": "prior", "weight": 0.5}).build(replace(CTX, prior=lambda: (w**2).sum()))
+    s = _outputs(0, 2, [0, 1, 2, 0])
+    value = term(s, None)
+    assert float(value) == 5.0 and term.weight == 0.5
+    value.backward()
+    assert w.grad is not None and w.grad.tolist() == [2.0, -4.0]
+    unbound = ADAPTER.validate_python({"name": "prior"}).build(CTX)
+    with pytest.raises(ConfigError, match="student.init: bayes"):
+        unbound(s, None)

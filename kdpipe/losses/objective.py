@@ -60,6 +60,7 @@ class LossContext:
     n_teacher: int = 0
     d_student: int = 0  # hidden widths
     d_teacher: int = 0
+    prior: Callable[[], Tensor] | None = None  # the 'prior' term's penalty of the student being trained (init: bayes)
 
 
 class Term(nn.Module):

@@ -542,6 +542,30 @@ class VIDLoss(_Loss):
         return term
 
 
+# ----------------------------------------------------------------------------- 4. Bayesian
+class PriorLoss(_Loss):
+    """docs/methods.md §4: (1 / N) 1/2 (w - mu)^T Xi^{-1} (w - mu), the student prior of Bayesian distillation
+    (the teacher's posterior conditioned on the removed blocks' output projections at 0) as a penalty; N is
+    the number of examples the teacher's posterior was fitted on. Needs a student built with init: bayes."""
+
+    on_logits: ClassVar[bool] = True
+    needs_teacher: ClassVar[bool] = False
+    name: Literal["prior"] = "prior"
+
+    def build(self, ctx: LossContext) -> Term:
+        """Reads the student's weights through ctx.prior (set by the distill stage), not the outputs."""
+
+        def fn(s: KDOutputs, t: KDOutputs | None, _: dict[int, int]) -> Tensor:
+            if ctx.prior is None:
+                raise ConfigError(
+                    "distill.losses: the 'prior' term needs a student built with student.init: bayes",
+                    "set student.init: bayes (and teacher.posterior), or drop the prior term",
+                )
+            return ctx.prior()
+
+        return self._term(fn)
+
+
 LossConfig = Annotated[
     HintonLoss
     | CELoss
@@ -556,7 +580,8 @@ LossConfig = Annotated[
     | HintLoss
     | CRDLoss
     | PKTLoss
-    | VIDLoss,
+    | VIDLoss
+    | PriorLoss,
     Field(discriminator="name"),
 ]
 
