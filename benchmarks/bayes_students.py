@@ -116,7 +116,8 @@ def one(init: str, kd: str, seed: int, teacher: Any, data: Any, args: Any, post:
 
 def run_students(teacher: Any, data: Any, args: Any, t_info: dict[str, Any]) -> int:
     post = posterior(teacher, data, args)
-    runs_file = args.out / "students.json"
+    # one file per process (seeds can run in parallel processes: --seeds 0 / --seeds 1); the table merges them
+    runs_file = args.out / f"students-{'-'.join(map(str, args.seeds))}.json"
     runs: list[dict[str, Any]] = json.loads(runs_file.read_text()) if runs_file.is_file() else []
     best: Any = None
     for seed in args.seeds:
@@ -126,13 +127,18 @@ def run_students(teacher: Any, data: Any, args: Any, t_info: dict[str, Any]) -> 
                     continue  # resumable: a finished combination is kept
                 r = one(init, kd, seed, teacher, data, args, post)
                 student = r.pop("student")
-                if init == "bayes" and kd == "kd" and best is None:
+                if init == "bayes" and kd == "kd" and seed == 0:  # one process exports: the one with seed 0
                     best = student
                 runs.append(r)
                 runs_file.write_text(json.dumps(runs, indent=1) + "\n")
                 print(f"{init:12s} {kd} seed {seed}: test BLEU {r['test_bleu']:.2f} ({r['seconds']:.0f} s)")
     parity = export_check(best, data, args) if best is not None else None
-    write(runs, t_info, args, parity)
+    if parity is not None:
+        (args.out / "onnx.json").write_text(json.dumps(parity, indent=1) + "\n")
+    elif (args.out / "onnx.json").is_file():
+        parity = json.loads((args.out / "onnx.json").read_text())
+    merged = [r for f in sorted(args.out.glob("students-*.json")) for r in json.loads(f.read_text())]
+    write(merged, t_info, args, parity)
     return 0
 
 

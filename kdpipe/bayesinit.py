@@ -128,24 +128,42 @@ def zeroed(teacher: Any, keep: dict[str, list[int]]) -> dict[str, None]:
     return out
 
 
-def bayes_student(teacher: Any, keep: dict[str, list[int]], posterior: Path, work: Path) -> tuple[Any, PriorInfo]:
+def bayes_student(
+    teacher: Any,
+    keep: dict[str, list[int]],
+    posterior: Path,
+    work: Path,
+    student: Any = None,
+    ffn_keep: dict[int, list[int]] | None = None,
+) -> tuple[Any, PriorInfo]:
     """The student with the teacher's `keep` blocks, moved to the conditional mean mu of the teacher's posterior
-    given xi1 = 0; its prior N(mu, Xi) written to work/prior.safetensors."""
+    given xi1 = 0; its prior N(mu, Xi) written to work/prior.safetensors.
+
+    `student` / `ffn_keep`: a student already built from `keep` whose FFNs were then pruned (student layer i keeps
+    the neurons ffn_keep[i] of the one stack): the removed neurons' output-projection columns join xi1, and the
+    kept slices of the teacher's FFN tensors are the student's."""
     import torch
 
     from kdpipe import bayes, surgery
 
     post = bayes.Posterior.load(posterior)
-    student, name_map = surgery.remove_layers(teacher, keep)
-    xi1 = {k: v for k, v in zeroed(teacher, keep).items() if k in post.mean}
+    built, name_map = surgery.remove_layers(teacher, keep)
+    student = built if student is None else student
+    xi1: dict[str, Any] = {k: v for k, v in zeroed(teacher, keep).items() if k in post.mean}
+    neurons, gone = _neuron_split(teacher, keep, ffn_keep or {})
+    xi1.update({k: m for k, m in neurons.items() if k in post.mean})
     if not xi1:
         raise ModelError(
             f"{posterior}: the teacher's posterior covers none of the removed blocks' output projections",
             "re-run the teacher with teacher.posterior.scope: layers or all (kdpipe teacher --force)",
         )
-    in_scope = {s: t for s, t in name_map.items() if t in post.mean}
-    prior = bayes.condition(post, xi1, bayes.student_slots(in_scope, student, teacher))
     params = dict(student.named_parameters())
+    slots = {
+        s: bayes.Slot(t, torch.nonzero(~gone[t].flatten()).flatten() if t in gone else None, tuple(params[s].shape))
+        for s, t in name_map.items()
+        if t in post.mean
+    }
+    prior = bayes.condition(post, xi1, slots)
     with torch.no_grad():
         num = sum(float((prior.mean[n] - params[n]).double().pow(2).sum()) for n in prior.mean)
         den = sum(float(params[n].double().pow(2).sum()) for n in prior.mean)
@@ -157,9 +175,31 @@ def bayes_student(teacher: Any, keep: dict[str, list[int]], posterior: Path, wor
         kind=post.kind,
         rank=prior.rank,
         params=sum(int(t.numel()) for t in prior.mean.values()),
-        zeroed=sum(int(post.mean[k].numel()) for k in xi1),
+        zeroed=sum(int(post.mean[k].numel() if m is None else m.sum()) for k, m in xi1.items()),
         shift=round((num / max(den, 1e-30)) ** 0.5, 8),
     )
+
+
+def _neuron_split(
+    teacher: Any, keep: dict[str, list[int]], ffn_keep: dict[int, list[int]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """psi for FFN neurons (docs/methods.md §4): (xi1 masks: the removed neurons' output-projection columns,
+    masks of every entry a pruned teacher tensor loses: xi1 and xi2 together)."""
+    from kdpipe import surgery
+
+    if not ffn_keep:
+        return {}, {}
+    (stack,) = keep
+    width = int(teacher.config.intermediate_size)
+    xi1: dict[str, Any] = {}
+    gone: dict[str, Any] = {}
+    for i, kept in ffn_keep.items():
+        removed = sorted(set(range(width)) - set(kept))
+        x1, x2 = surgery.ffn_neurons(teacher, stack, keep[stack][i], removed)
+        xi1.update(x1)
+        for name, mask in [*x1.items(), *x2.items()]:
+            gone[name] = mask if name not in gone else gone[name] | mask
+    return xi1, gone
 
 
 class PriorPenalty:

@@ -85,6 +85,40 @@ class PosteriorConfig(_Strict):
     )
 
 
+class TranslationConfig(_Strict):
+    """teacher.task: translation (seq2seq, kdpipe.seq2seq): the pairs, the tokenizer and the from-scratch model."""
+
+    source: str = Field(
+        "default",
+        description="'default' for the shipped Debian ru->en message pairs (kdpipe/_data/ru_en), or a path to a "
+        ".tsv / .csv / .jsonl file (optionally .gz) with one pair per row.",
+    )
+    source_column: str = Field("ru", description="Column holding the source sentence.")
+    target_column: str = Field("en", description="Column holding the reference translation.")
+    test_size: int = Field(1000, gt=0, le=MAX_ROWS, description="Pairs held out for the final test BLEU.")
+    val_size: int = Field(300, gt=0, le=MAX_ROWS, description="Pairs held out for the per-epoch validation BLEU.")
+    max_length: int = Field(40, ge=4, le=512, description="Tokens per source and target after truncation.")
+    vocab_size: int = Field(6000, ge=16, le=10**6, description="from_scratch: size of the shared ru+en tokenizer.")
+    from_scratch: bool = Field(
+        True,
+        description="True: train a new small pre-LN mBART-architecture model (kdpipe.seq2seq.small_config) with its "
+        "own tokenizer on the train pairs; False: fine-tune teacher.model, a local seq2seq HF directory with its "
+        "tokenizer. Note teacher.lr: its default (5e-5) is for fine-tuning; from scratch needs about 1e-3.",
+    )
+    d_model: int = Field(192, ge=8, le=8192, description="from_scratch: model width (FFN width is 4 x d_model).")
+    layers: int = Field(3, ge=1, le=64, description="from_scratch: encoder layers, and as many decoder layers.")
+    heads: int = Field(4, ge=1, le=256, description="from_scratch: attention heads (must divide d_model).")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the token-level CE.")
+    max_new_tokens: int = Field(40, ge=1, le=512, description="Greedy decoding length for BLEU, parity and profile.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the teacher's steps spent warming up.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TranslationConfig:
+        if self.from_scratch and self.d_model % self.heads:
+            raise ValueError(f"heads: {self.heads} does not divide d_model {self.d_model}")
+        return self
+
+
 class TeacherConfig(_Strict):
     model: str = Field(
         "default",
@@ -108,6 +142,22 @@ class TeacherConfig(_Strict):
         description="Estimate the posterior N(m, S) of the teacher's weights after fine-tuning and store it "
         "(posterior.safetensors), for students built with student.init: bayes (docs/methods.md §4). None: skip.",
     )
+    task: Literal["classification", "translation"] = Field(
+        "classification",
+        description="'classification' (a sequence classifier on teacher.data) or 'translation' (a seq2seq model on "
+        "the pairs of teacher.translation, scored with BLEU; set teacher.lr, e.g. 1e-3 from scratch).",
+    )
+    translation: TranslationConfig | None = Field(
+        None, description="task: translation: the pairs and the model (required then, refused otherwise)."
+    )
+
+    @model_validator(mode="after")
+    def _translation_section(self) -> TeacherConfig:
+        if self.task == "translation" and self.translation is None:
+            raise ValueError("task: translation needs a teacher.translation section (e.g. translation: {})")
+        if self.task == "classification" and self.translation is not None:
+            raise ValueError("teacher.translation is set but task is classification: set task: translation")
+        return self
 
 
 # --------------------------------------------------------------------------- student stage
@@ -195,7 +245,9 @@ class StudentConfig(_Strict):
                     f"arch: bilstm builds a new network, which does not combine with {', '.join(clash)}: drop them"
                 )
         if self.init == "bayes":
-            clash = [f for f in ("pretrained", "width", "vocab") if getattr(self, f) is not None]
+            clash = [f for f in ("pretrained", "vocab") if getattr(self, f) is not None]
+            if self.width is not None and self.width.heads:
+                clash.append("width.heads (FFN pruning, width.ffn, is conditioned on; head removal not yet)")
             if clash:
                 raise ValueError(
                     f"init: bayes conditions the teacher's posterior on the removed layers; it does not combine with "

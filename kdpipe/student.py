@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from kdpipe import translation
 from kdpipe.artifacts import FileRecord, Manifest, Metric, input_records
 from kdpipe.config import StudentConfig, VocabConfig, WidthConfig
 from kdpipe.data import batches, encode, read_split
@@ -111,16 +112,18 @@ def _with_layers(teacher: Any, kept: list[int]) -> Any:
 def run_student(cfg: StudentConfig, upstream: Manifest | None, work: Path, ctx: RunContext) -> StageOutput:
     """The student stage: a smaller model from the teacher's layers (or a pretrained one)."""
     assert upstream is not None  # STAGE names a teacher upstream; the runner reads and verifies it
+    if translation.is_translation(upstream):
+        return translation.run_student(cfg, upstream, work, ctx)
     t_dir = upstream.path("model/config.json").parent
     teacher = load_classifier(t_dir)
     t_tok = load_tokenizer(t_dir)
     n_teacher = int(teacher.config.num_hidden_layers)
     student, kept, tokenizer, init = _base_student(teacher, t_tok, cfg, upstream, ctx)
     t_rec = record(upstream, TeacherRecord)
+    width, ffn_keep = _prune_width(student, cfg.width, upstream, t_tok, t_rec, ctx) if cfg.width else (None, {})
     prior = None
-    if init == "bayes":
-        student, prior = _bayes(teacher, kept, upstream, t_rec, work, ctx)
-    width = _prune_width(student, cfg.width, upstream, t_tok, t_rec, ctx) if cfg.width else None
+    if init == "bayes":  # after pruning: the removed FFN neurons are conditioned on too
+        student, prior = _bayes(teacher, student, kept, ffn_keep, upstream, t_rec, work, ctx)
     vocab = None
     if cfg.vocab is not None:
         tokenizer, vocab = _prune_vocab(student, t_tok, cfg.vocab, upstream, t_rec, work, ctx)
@@ -204,7 +207,14 @@ def _bilstm(teacher: Any, tokenizer: Any, cfg: StudentConfig, ctx: RunContext) -
 
 
 def _bayes(
-    teacher: Any, kept: list[int], upstream: Manifest, t_rec: TeacherRecord, work: Path, ctx: RunContext
+    teacher: Any,
+    student: Any,
+    kept: list[int],
+    ffn_keep: dict[int, list[int]],
+    upstream: Manifest,
+    t_rec: TeacherRecord,
+    work: Path,
+    ctx: RunContext,
 ) -> tuple[Any, PriorInfo]:
     """init: bayes: the student at the conditional mean of the teacher's posterior (kdpipe.bayesinit)."""
     from kdpipe import surgery
@@ -216,12 +226,26 @@ def _bayes(
             "set teacher.posterior: {kind: swag} and re-run the teacher (kdpipe teacher --force)",
         )
     (stack,) = surgery.stacks(teacher)
-    student, info = bayes_student(teacher, {stack: kept}, upstream.path(t_rec.posterior.file), work)
+    student, info = bayes_student(teacher, {stack: kept}, upstream.path(t_rec.posterior.file), work, student, ffn_keep)
     ctx.console.print(
         f"init bayes: {info.params / 1e6:.2f}M params start at the {info.kind} posterior's conditional mean given "
         f"{info.zeroed / 1e6:.2f}M zeroed output-projection weights (moved {info.shift:.2e} relative to the copy)"
     )
+    if info.shift > SHIFT_WARNING:
+        ctx.console.print(f"[yellow]warning[/]: {shift_warning(info.shift)}")
     return student, info
+
+
+SHIFT_WARNING = 0.05
+
+
+def shift_warning(shift: float) -> str:
+    """Why a large conditional-mean shift deserves a look (docs/methods.md §4, 'When the mean moves far')."""
+    return (
+        f"the conditional mean moved the kept weights by {shift:.1%} of their norm: conditioning on xi1 = 0 lies "
+        "many posterior standard deviations from the teacher, where the Gaussian posterior extrapolates; compare "
+        "with student.init: copy (the diagonal posterior's mean), or fit a wider posterior"
+    )
 
 
 def _prune_vocab(
@@ -256,7 +280,7 @@ def _prune_vocab(
 
 def _prune_width(
     student: Any, cfg: WidthConfig, teacher: Manifest, t_tok: Any, t_rec: TeacherRecord, ctx: RunContext
-) -> WidthInfo:
+) -> tuple[WidthInfo, dict[int, list[int]]]:
     """Remove the least important heads and FFN neurons (kdpipe.prune), measured on train batches."""
     from kdpipe.prune import prune
 
@@ -275,7 +299,7 @@ def _prune_width(
         f"width: {removed} attention heads removed, {info.ffn_kept} of {info.ffn_total} FFN neurons kept per "
         f"layer; {before / 1e6:.1f}M -> {info.params_after / 1e6:.1f}M params"
     )
-    return info
+    return info, {int(k): list(v) for k, v in plan.ffn_keep.items()}
 
 
 def inputs(cfg: StudentConfig, upstream: Manifest | None) -> list[FileRecord]:

@@ -48,6 +48,8 @@ def test_swag_posterior_moves_the_student_and_the_prior_term_trains(tmp_path: Pa
     prior = s_rec["prior"]
     assert prior["zeroed"] > 0 and prior["params"] > 0
     assert prior["shift"] > 0  # the low-rank covariance moves the kept weights away from the plain copy
+    # a far move is flagged: the Gaussian is extrapolated many standard deviations out (docs/methods.md §4)
+    assert ("conditional mean moved the kept weights" in " ".join(out.split())) == (prior["shift"] > 0.05)
     teacher = load_file(runs / "teacher" / "model" / "model.safetensors")
     student = _student_weights(runs)
     key = "bert.encoder.layer.2.attention.self.query.weight"  # student layer 2 = teacher layer 3
@@ -77,6 +79,30 @@ def test_diagonal_posterior_starts_at_the_copy(tmp_path: Path) -> None:
             assert torch.equal(student[s_key], teacher[t_key])
 
 
+def test_width_pruned_bayes_student_conditions_on_the_removed_neurons(tmp_path: Path) -> None:
+    """FFN pruning + init bayes: the removed neurons' output columns join xi1. With a diagonal posterior the
+    conditional mean is the kept slice itself, so the student equals init copy + the same pruning, bit for bit."""
+    diag = {"kind": "diagonal", "max_examples": 40}
+    recipe = _recipe(tmp_path, diag, [{"name": "hinton"}], student__width={"ffn": 0.5})
+    for stage in ("teacher", "student"):
+        code, out = invoke(stage, "--recipe", recipe)
+        assert code == 0, out
+    runs = tmp_path / "runs"
+    prior = json.loads((runs / "student" / "manifest.json").read_text())["record"]["prior"]
+    ffn = 64 * 32  # the tiny teacher's FFN output projection (hidden 32 x intermediate 64)
+    assert prior["zeroed"] >= 3 * ffn // 2  # the removed layer's projections and half of each kept layer's columns
+    code, out = invoke(
+        "student", "--recipe", recipe, "--teacher", runs / "teacher", "--out", tmp_path / "copy", "--set",
+        "student.init=copy",
+    )  # fmt: skip
+    assert code == 0, out
+    bayes_w, copy_w = _student_weights(runs), load_file(tmp_path / "copy" / "student" / "model" / "model.safetensors")
+    assert bayes_w.keys() == copy_w.keys()
+    assert bayes_w["bert.encoder.layer.0.intermediate.dense.weight"].shape[0] == 32  # half of the 64 neurons
+    for key in bayes_w:
+        assert torch.equal(bayes_w[key], copy_w[key]), key
+
+
 def test_prior_term_without_a_bayes_student_is_refused(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, None, [{"name": "hinton"}, {"name": "prior"}], student__init="copy")
     code, out = invoke("run", recipe)
@@ -90,8 +116,8 @@ def test_bayes_init_without_a_posterior_is_refused(tmp_path: Path) -> None:
     assert_one_line_error(code, out, "teacher.posterior")
 
 
-@pytest.mark.parametrize("clash", [{"student__width": {"ffn": 0.5}}, {"student__vocab": {"min_count": 1}}])
-def test_bayes_init_with_width_or_vocab_pruning_is_refused(tmp_path: Path, clash: dict) -> None:
+@pytest.mark.parametrize("clash", [{"student__width": {"heads": 0.5}}, {"student__vocab": {"min_count": 1}}])
+def test_bayes_init_with_head_or_vocab_pruning_is_refused(tmp_path: Path, clash: dict) -> None:
     recipe = _recipe(tmp_path, SWAG, [{"name": "hinton"}], **clash)
     code, out = invoke("validate", recipe)  # refused by the recipe check, before any stage
     assert code != 0 and "init: bayes" in out and "Traceback" not in out
