@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from kdpipe import translation
 from kdpipe.analysis import cka_matrix
 from kdpipe.artifacts import FileRecord, Manifest, Metric, input_records
 from kdpipe.augment import augment
@@ -68,6 +69,8 @@ def check_losses(recipe: Recipe) -> None:
     """`kdpipe validate` / `kdpipe run` before the teacher trains: build the distill objective from the teacher's
     config.json and the student spec alone, so that a layer map that does not fit fails before any model
     loads. Skipped when the teacher is not on this machine yet."""
+    if recipe.teacher.task == "translation":
+        return translation.check_recipe(recipe)
     _check_bayes(recipe)
     if recipe.student.arch == "bilstm":
         feature = [c.name for c in recipe.distill.losses if not c.on_logits]
@@ -308,6 +311,8 @@ def run_distill(cfg: DistillConfig, upstream: Manifest | None, work: Path, ctx: 
     import torch
 
     assert upstream is not None  # STAGE names a student upstream; the runner reads and verifies it
+    if translation.is_translation(upstream):
+        return translation.run_distill(cfg, upstream, work, ctx)
     pair = _load_pair(cfg, upstream)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from kdpipe import translation
 from kdpipe.artifacts import Manifest, Metric
 from kdpipe.compress import Variant, make_variant
 from kdpipe.config import ExportConfig
@@ -143,6 +144,8 @@ def _first_line(e: Exception) -> str:
 
 def run_export(cfg: ExportConfig, upstream: Manifest | None, work: Path, ctx: RunContext) -> StageOutput:
     assert upstream is not None  # STAGE names a distill upstream; the runner reads and verifies it
+    if translation.is_translation(upstream):
+        return translation.run_export(cfg, upstream, work, ctx)
     t_manifest = upstream.upstream("teacher")
     texts = read_split(t_manifest.path("data/test.jsonl")).texts[: cfg.parity_samples]
     max_length = record(t_manifest, TeacherRecord).max_length

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kdpipe import translation
 from kdpipe.artifacts import Manifest, Metric
 from kdpipe.budgets import check_budgets, deployed_name
 from kdpipe.config import TargetProfile
@@ -74,6 +75,8 @@ def model_source(export: Manifest, info: ExportedModel) -> Path:
 
 def run_profile(prof: TargetProfile, upstream: Manifest | None, work: Path, ctx: RunContext) -> StageOutput:
     assert upstream is not None  # STAGE names an export upstream; the runner reads and verifies it
+    if translation.is_translation(upstream):
+        return translation.run_profile(prof, upstream, work, ctx, resolve_providers(prof)[0])
     label = f"{prof.name} (emulated on this host)" if prof.emulated else prof.name
     providers, missing = resolve_providers(prof)
     if missing:

@@ -59,6 +59,16 @@ class PriorInfo(Record):
     shift: float = Field(description="||mu - m_v|| / ||m_v||: how far the conditional mean moved from the copy.")
 
 
+class TranslationInfo(Record):
+    """A translation teacher's settings downstream stages reuse (decoding length, CE smoothing, the pairs)."""
+
+    source_column: str
+    target_column: str
+    max_new_tokens: int
+    label_smoothing: float
+    from_scratch: bool
+
+
 class TeacherRecord(Record):
     """What the teacher stage (or a teaching assistant standing in for it) hands on."""
 
@@ -74,6 +84,8 @@ class TeacherRecord(Record):
     warnings: list[str] = Field(default_factory=list)
     assistant: AssistantInfo | None = Field(None, description="Set when this teacher-kind artifact is an assistant.")
     posterior: PosteriorInfo | None = Field(None, description="Set when teacher.posterior asked for one.")
+    task: Literal["classification", "translation"] = "classification"
+    translation: TranslationInfo | None = Field(None, description="Set for task: translation.")
 
 
 class VocabInfo(Record):

