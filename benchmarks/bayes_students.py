@@ -57,7 +57,7 @@ def build(init: str, teacher: Any, keep: dict[str, list[int]], post: Path, seed:
         return student, None
     work.mkdir(parents=True, exist_ok=True)
     student, _ = bayes_student(teacher, keep, post, work)
-    return student, (PriorPenalty(work / "prior.safetensors", student) if init == "bayes+prior" else None)
+    return student, (PriorPenalty(work / "prior.safetensors", student) if init.startswith("bayes+prior") else None)
 
 
 def chunks(data: Any, args: Any, seed: int) -> Any:
@@ -73,6 +73,17 @@ def chunks(data: Any, args: Any, seed: int) -> Any:
         return order[e * args.eval_every : (e + 1) * args.eval_every]
 
     return chunk
+
+
+def prior_weight(init: str, args: Any) -> float:
+    """'bayes+prior' uses --prior-weight; 'bayes+prior*W' (from --extra-prior W) the weight W."""
+    return float(init.split("*")[1]) if "*" in init else float(args.prior_weight)
+
+
+def inits_of(runs: list[dict[str, Any]]) -> list[str]:
+    """The four inits, then any tempered-prior variants present, in the order first run."""
+    extra = [r["init"] for r in runs if r["init"] not in INITS]
+    return [*INITS, *dict.fromkeys(extra)]
 
 
 def one(init: str, kd: str, seed: int, teacher: Any, data: Any, args: Any, post: Path) -> dict[str, Any]:
@@ -96,7 +107,7 @@ def one(init: str, kd: str, seed: int, teacher: Any, data: Any, args: Any, post:
         kd=Seq2SeqKD(method="hinton", alpha=0.5, temperature=2.0) if kd == "kd" else None,
         label_smoothing=0.1,
         val=val,
-        regulariser=(lambda _m: args.prior_weight * prior()) if prior is not None else None,
+        regulariser=(lambda _m: prior_weight(init, args) * prior()) if prior is not None else None,
         description=f"student {init} {kd} seed {seed}",
         seed=seed,
         max_steps=args.student_steps,
@@ -122,7 +133,7 @@ def run_students(teacher: Any, data: Any, args: Any, t_info: dict[str, Any]) -> 
     best: Any = None
     for seed in args.seeds:
         for kd in KDS:
-            for init in INITS:
+            for init in args.inits or INITS:
                 if any(r["init"] == init and r["kd"] == kd and r["seed"] == seed for r in runs):
                     continue  # resumable: a finished combination is kept
                 r = one(init, kd, seed, teacher, data, args, post)
@@ -189,7 +200,7 @@ def table(runs: list[dict[str, Any]], t_info: dict[str, Any], args: Any, parity:
         "|---|---|---|---|---|",
     ]
     paper = {"random": "13.35", "copy": "17.73 (w0 = m_v)"}
-    for init in INITS:
+    for init in inits_of(runs):
         ce = [r["test_bleu"] for r in runs if r["init"] == init and r["kd"] == "ce"]
         kd = [r["test_bleu"] for r in runs if r["init"] == init and r["kd"] == "kd"]
         if not ce and not kd:
@@ -226,9 +237,11 @@ def plot(runs: list[dict[str, Any]], t_info: dict[str, Any], path: Path) -> None
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    colours = dict(zip(INITS, ("tab:gray", "tab:blue", "tab:orange", "tab:red"), strict=True))
+    names = inits_of(runs)
+    palette = ("tab:gray", "tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple")
+    colours = dict(zip(names, palette, strict=False))
     for ax, kd in zip(axes, KDS, strict=True):
-        for init in INITS:
+        for init in names:
             curves = [r["curve"] for r in runs if r["init"] == init and r["kd"] == kd]
             if not curves:
                 continue

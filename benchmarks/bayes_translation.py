@@ -50,6 +50,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--swag-steps", type=int, default=120)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--prior-weight", type=float, default=1.0, help="weight of the prior term (bayes+prior)")
+    p.add_argument(
+        "--inits", nargs="+", default=None, help="student inits to run (default: the four; 'bayes+prior*W' = weight W)"
+    )
     p.add_argument("--val", type=int, default=300)
     p.add_argument("--test", type=int, default=1000)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
