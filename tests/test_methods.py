@@ -40,7 +40,9 @@ LEARNED = {"tinybert", "hint", "crd", "vid"}
 
 
 def test_every_registered_loss_has_a_recipe_term_and_a_test() -> None:
-    assert set(LOSS_TYPES) == set(ALL_TERMS)
+    # 'prior' reads the student's weights through the distill stage, not the two models' outputs: tests/test_terms.py
+    # and tests/test_bayes_pipeline.py train with it
+    assert set(LOSS_TYPES) - {"prior"} == set(ALL_TERMS)
 
 
 @pytest.fixture(scope="module")
