@@ -31,6 +31,7 @@ RECIPE_HELP = "Recipe: a name in stages/ (e.g. 'default') or a YAML path. Stage 
 SET_HELP = "Override any recipe field, e.g. --set distill.epochs=3 --set student.layers=[0,5]. Repeatable."
 OUT_HELP = "Output root; the stage writes <out>/<stage>/ (default: the recipe's `out`)."
 FORCE_HELP = "Re-run even if an identical run is already on disk."
+RESUME_HELP = "Continue an interrupted run of this stage from its last checkpoint (<out>/.checkpoints/)."
 STRICT_HELP = "Exit 1 when the deployed variant misses a budget of the target profile (for edge CI)."
 COMPARE_HELP = "An older run (its root or its profile directory): print what regressed against it."
 
@@ -83,6 +84,7 @@ def _stage(
     upstream: Path | None,
     force: bool,
     temperature: float | None = None,
+    resume: bool = False,
 ) -> Path:
     from kdpipe.config import load_recipe, with_temperature
     from kdpipe.data import check_source
@@ -95,8 +97,11 @@ def _stage(
     root = _out_root(out, cfg.out)
     from kdpipe.pipeline import run_stage  # imports torch: after the checks that need none
 
-    manifest = run_stage(name, cfg, root, upstream, force, err)
-    typer.echo(f"{name}: {manifest.dir}")
+    manifest = run_stage(name, cfg, root, upstream, force, err, resume)
+    from kdpipe.distributed import world
+
+    if world().main:  # under torchrun, rank 0 speaks for every process
+        typer.echo(f"{name}: {manifest.dir}")
     return manifest.dir
 
 
@@ -127,6 +132,9 @@ def run(
         None, "--profile", "-p", help="Target profile name in profiles/ or a YAML path."
     ),
     force: bool = typer.Option(False, "--force", help="Re-run every stage."),
+    resume: bool = typer.Option(
+        True, "--resume/--no-resume", help="Continue a stage a crash interrupted from its last checkpoint."
+    ),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
     compare: Path | None = typer.Option(None, "--compare", help=COMPARE_HELP),
 ) -> None:
@@ -141,7 +149,7 @@ def run(
         from kdpipe.pipeline import run_all  # imports torch: after the checks that need none
 
         err.print(f"recipe {path} -> {root}")
-        last = run_all(cfg, root, force=force, console=err)
+        last = run_all(cfg, root, force=force, console=err, resume=resume)
         typer.echo(f"report: {last.dir / 'report.md'}")
         _after_profile(last.dir, strict, compare)
 
@@ -167,6 +175,7 @@ def teacher(
     sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help=OUT_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
 ) -> None:
     """Load a teacher, fine-tune a classification head on the train split, record test metrics."""
     with _guard():
@@ -177,7 +186,7 @@ def teacher(
         s = _opt(s, "teacher.data.label_column", label_column)
         s = _opt(s, "teacher.epochs", epochs)
         s = _opt(s, "teacher.finetune", False if no_finetune else None)
-        _stage("teacher", recipe, s, out, None, force)
+        _stage("teacher", recipe, s, out, None, force, resume=resume)
 
 
 def _layers(value: str) -> str:
@@ -238,13 +247,26 @@ def distill(
     sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help=OUT_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    nproc: int | None = typer.Option(
+        None,
+        "--nproc",
+        help="Train on N processes of this machine (relaunches itself under torchrun: DDP, gloo on CPU, NCCL on "
+        "GPU). Or launch `torchrun --nproc_per_node N -m kdpipe.cli distill ...` yourself.",
+    ),
 ) -> None:
     """Distil the teacher into the student (Hinton KD by default; CUDA + bf16 when available)."""
     with _guard():
+        if nproc is not None:
+            import sys
+
+            from kdpipe.distributed import launch
+
+            raise typer.Exit(launch(nproc, sys.argv[1:]))
         s = _opt(sets, "distill.epochs", epochs)
         s = _opt(s, "distill.device", device)
         s = _opt(s, "distill.baseline", False if no_baseline else None)
-        _stage("distill", recipe, s, out, student_dir, force, temperature=temperature)
+        _stage("distill", recipe, s, out, student_dir, force, temperature=temperature, resume=resume)
 
 
 @app.command()

@@ -137,6 +137,12 @@ class TeacherConfig(_Strict):
     lr: float = Field(5e-5, gt=0, le=1.0, description="AdamW learning rate for the encoder (at most 1).")
     head_lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate for the new head (at most 1).")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the directory.")
+    checkpoint_every: int = Field(
+        200,
+        ge=0,
+        le=10**9,
+        description="Write a resume checkpoint every N fine-tuning steps and at every epoch end (0: epoch ends only).",
+    )
     posterior: PosteriorConfig | None = Field(
         None,
         description="Estimate the posterior N(m, S) of the teacher's weights after fine-tuning and store it "
@@ -295,6 +301,29 @@ class DataFreeConfig(_Strict):
     lr: float = Field(0.05, gt=0, le=100, description="Adam learning rate of the reconstruction.")
 
 
+class CacheConfig(_Strict):
+    """distill.cache: the teacher's outputs on the transfer set, computed once and memory-mapped."""
+
+    use: bool = Field(
+        True,
+        description="Compute the teacher's outputs once and read them from <out>/cache/ every epoch (bypassed, and "
+        "the manifest says why, for augmented or data-free inputs, ensembles and translation).",
+    )
+    top_k: int | None = Field(
+        None,
+        gt=0,
+        le=100_000,
+        description="Keep only the k largest logits plus the log-sum-exp of the rest (sparse KD). None: full logits "
+        "up to 1024 classes, top-64 above that.",
+    )
+    features_dtype: Literal["fp32", "fp16"] = Field(
+        "fp32", description="Storage of cached hidden states / attention maps (fp16 halves the bytes)."
+    )
+    max_gb: float = Field(
+        16.0, gt=0, le=100_000, description="Bypass the cache (online KD) when it would take more than this on disk."
+    )
+
+
 class DistillConfig(_Strict):
     losses: list[LossConfig] = Field(
         default_factory=_default_losses, min_length=1, description="Weighted loss terms, summed."
@@ -316,8 +345,10 @@ class DistillConfig(_Strict):
         description="Also train the same student on hard labels only (no KD) with the same budget, and report both.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when available.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="'auto': bf16 autocast on CUDA, fp32 on CPU."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="'auto': bf16 autocast on CUDA (fp16 with a gradient scaler where the GPU has no bf16), fp32 on "
+        "CPU.",
     )
     threads: int | None = Field(None, gt=0, le=1024, description="torch CPU threads (None: torch's default).")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Layer schedule (PID/SID).")
@@ -346,6 +377,23 @@ class DistillConfig(_Strict):
     )
     cka_samples: int = Field(
         256, ge=0, le=100_000, description="Test examples for the teacher x student layer CKA analysis (0: skip it)."
+    )
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="The teacher-output cache.")
+    checkpoint_every: int = Field(
+        200,
+        ge=0,
+        le=10**9,
+        description="Write a resume checkpoint every N steps and at every epoch end (0: epoch ends only).",
+    )
+    accumulate: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Split each batch into this many micro-batches (gradient accumulation): same optimiser steps, "
+        "less activation memory.",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the student (measured slower on the 2-core CPU here; try it on a GPU)."
     )
 
 

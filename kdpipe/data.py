@@ -426,23 +426,37 @@ def collate(ids: list[list[int]], pad_id: int, labels: list[int] | None = None) 
     return batch
 
 
-def batches(data: Any, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded id batches of an Encoded split, or embedding batches of a data-free EmbeddedSet."""
+def batches(
+    data: Any, batch_size: int, shuffle: bool, seed: int = 0, with_index: bool = False, skip: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded id batches of an Encoded split, or embedding batches of a data-free EmbeddedSet.
+
+    with_index: each batch also carries "index" (B,), the examples' positions in `data` (what the teacher-output
+    cache is read by); skip: start after that many batches of the same order (resuming mid-epoch)."""
     import torch
 
     order = np.random.RandomState(seed).permutation(len(data)) if shuffle else np.arange(len(data))
-    for start in range(0, len(order), batch_size):
+    for start in range(skip * batch_size, len(order), batch_size):
         idx = order[start : start + batch_size]
-        if hasattr(data, "embeds"):
-            emb = data.embeds[torch.as_tensor(idx)]
-            yield {
-                "inputs_embeds": emb,
-                "attention_mask": torch.ones(emb.shape[:2], dtype=torch.long),
-                "labels": torch.tensor([data.labels[i] for i in idx], dtype=torch.long),
-            }
-            continue
-        labels = None if data.labels is None else [data.labels[i] for i in idx]
-        yield collate([data.ids[i] for i in idx], data.pad_id, labels)
+        batch = batch_of(data, idx)
+        if with_index:
+            batch["index"] = torch.as_tensor(idx, dtype=torch.long)
+        yield batch
+
+
+def batch_of(data: Any, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    """The batch of the examples `idx` of an Encoded split or a data-free EmbeddedSet."""
+    import torch
+
+    if hasattr(data, "embeds"):
+        emb = data.embeds[torch.as_tensor(idx)]
+        return {
+            "inputs_embeds": emb,
+            "attention_mask": torch.ones(emb.shape[:2], dtype=torch.long),
+            "labels": torch.tensor([data.labels[i] for i in idx], dtype=torch.long),
+        }
+    labels = None if data.labels is None else [data.labels[i] for i in idx]
+    return collate([data.ids[i] for i in idx], data.pad_id, labels)
 
 
 def subset(data: Encoded, n: int | None) -> Encoded:

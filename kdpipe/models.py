@@ -171,7 +171,7 @@ class KDOutputs:
 def forward_kd(
     model: torch.nn.Module, batch: dict[str, Tensor], hidden: bool = False, attentions: bool = False
 ) -> KDOutputs:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "index")}
     out = model(**inputs, output_hidden_states=hidden, output_attentions=attentions)
     return KDOutputs(
         logits=out.logits,

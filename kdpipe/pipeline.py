@@ -8,12 +8,14 @@ import this module.
 from __future__ import annotations
 
 import os
+import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from kdpipe import assistant, distill, export, profile, student, teacher
+from kdpipe import assistant, distill, distributed, export, profile, student, teacher
 from kdpipe.artifacts import (
     MANIFEST,
     Manifest,
@@ -29,7 +31,7 @@ from kdpipe.artifacts import (
 )
 from kdpipe.config import Recipe, config_hash, load_profile
 from kdpipe.env import environment
-from kdpipe.errors import ArtifactError
+from kdpipe.errors import ArtifactError, ConfigError
 from kdpipe.records import RunContext, StageSpec
 from kdpipe.validate import check_recipe
 
@@ -39,9 +41,13 @@ STAGES: dict[str, StageSpec[Any]] = {
 CHAIN = ("teacher", "student", "distill", "export", "profile")  # what `kdpipe run` runs, in order
 
 
-def context(recipe: Recipe, console: Console | None = None) -> RunContext:
+def context(recipe: Recipe, console: Console | None = None, resume: bool = False) -> RunContext:
     """The recipe's seed and target profile, resolved once for every stage of a command."""
-    return RunContext(seed=recipe.seed, console=console or Console(stderr=True), profile=load_profile(recipe.profile))
+    if not distributed.world().main:
+        console = Console(stderr=True, quiet=True)  # under torchrun, rank 0 speaks for every process
+    return RunContext(
+        seed=recipe.seed, console=console or Console(stderr=True), profile=load_profile(recipe.profile), resume=resume
+    )
 
 
 def _lineage(upstream: Manifest | None, final: Path, own: str) -> dict[str, str]:
@@ -66,7 +72,10 @@ def execute(
     dir_name: str | None = None,
 ) -> tuple[Manifest, bool]:
     """Run one stage into `<out_root>/<dir_name or spec.name>` unless an identical run is already there.
-    Returns (manifest, ran)."""
+    Returns (manifest, ran). Under torchrun only rank 0 writes; the other processes run the stage alongside it
+    (their training is the same DDP run) into a scratch directory, then read rank 0's manifest."""
+    if not distributed.world().main:
+        return _follow(spec, cfg, ctx, out_root, upstream_dir, force, dir_name)
     with locked(out_root):
         upstream = None
         if spec.upstream is not None:
@@ -80,6 +89,9 @@ def execute(
         if old is not None:
             return old, False
         ctx.console.rule(f"[bold]{final.name}[/]: {spec.summary}")
+        checkpoints = _checkpoint_dir(out_root, final, rid, ctx)
+        ctx = replace(ctx, checkpoints=checkpoints, cache_root=out_root / "cache")
+        distributed.barrier()  # the followers start once the checkpoint directory is settled
         with atomic_dir(final) as work:
             out = spec.run(cfg, upstream, work, ctx)
             manifest = Manifest(
@@ -97,8 +109,64 @@ def execute(
             )
             write_json_atomic(work / MANIFEST, manifest.to_json())  # last: it marks the stage finished
         manifest.dir = final
+        shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing left to resume
+        distributed.barrier()  # the followers read the manifest once it is in place
         ctx.console.print(f"[green]done[/] {final.name} -> {final}")
         return manifest, True
+
+
+def _follow(
+    spec: StageSpec[Any],
+    cfg: Any,
+    ctx: RunContext,
+    out_root: Path,
+    upstream_dir: Path | None,
+    force: bool,
+    dir_name: str | None,
+) -> tuple[Manifest, bool]:
+    """A torchrun process other than rank 0: the same decision as rank 0 (skip or run, read-only), the stage run
+    into a scratch directory that is thrown away, then rank 0's manifest."""
+    upstream = None
+    if spec.upstream is not None:
+        upstream = read_manifest(upstream_dir or out_root / spec.upstream, spec.upstream)
+    final = out_root / (dir_name or spec.name)
+    identity = spec.identity(cfg, ctx)
+    inputs = spec.inputs(cfg, upstream)
+    rid = run_id(spec.name, config_hash(identity), inputs, [upstream.run_id] if upstream else [])
+    old = _up_to_date(final, rid, identity, force, ctx.console)
+    if old is not None:
+        return old, False
+    distributed.barrier()
+    ctx = replace(ctx, checkpoints=out_root / CHECKPOINTS / final.name, cache_root=out_root / "cache")
+    scratch = Path(distributed.scratch())
+    try:
+        spec.run(cfg, upstream, scratch, ctx)
+    finally:
+        distributed.remove(str(scratch))
+    distributed.barrier()
+    return read_manifest(final, spec.kind or spec.name), True
+
+
+CHECKPOINTS = ".checkpoints"
+
+
+def _checkpoint_dir(out_root: Path, final: Path, rid: str, ctx: RunContext) -> Path:
+    """<out>/.checkpoints/<stage>/: kept for this very run when resuming, cleared otherwise (saying so)."""
+    d = out_root / CHECKPOINTS / final.name
+    marker = d / "run_id"
+    if d.exists():
+        same = marker.is_file() and marker.read_text(encoding="utf-8").strip() == rid
+        found = sorted(p.stem for p in d.glob("*.pt"))
+        if same and ctx.resume and found:
+            ctx.console.print(f"[yellow]resuming[/] {final.name} from its checkpoints ({', '.join(found)})")
+            return d
+        if found:
+            why = "pass --resume to continue from them" if same else "they belong to another configuration"
+            ctx.console.print(f"[yellow]starting {final.name} over[/]: an interrupted run left checkpoints ({why})")
+        shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True, exist_ok=True)
+    marker.write_text(rid + "\n", encoding="utf-8")
+    return d
 
 
 def _up_to_date(final: Path, rid: str, identity: dict[str, Any], force: bool, console: Console) -> Manifest | None:
@@ -124,20 +192,34 @@ def _up_to_date(final: Path, rid: str, identity: dict[str, Any], force: bool, co
 
 
 def run_stage(
-    name: str, recipe: Recipe, out_root: Path, upstream_dir: Path | None, force: bool, console: Console
+    name: str,
+    recipe: Recipe,
+    out_root: Path,
+    upstream_dir: Path | None,
+    force: bool,
+    console: Console,
+    resume: bool = False,
 ) -> Manifest:
     """One stage of the chain from a recipe (what `kdpipe <stage>` runs)."""
     spec = STAGES[name]
-    ctx = context(recipe, console)
+    ctx = context(recipe, console, resume)
     manifest, _ = execute(spec, spec.section(recipe, ctx), ctx, out_root, upstream_dir, force)
     return manifest
 
 
-def run_all(recipe: Recipe, out_root: Path, force: bool = False, console: Console | None = None) -> Manifest:
-    """The whole chain; with a teaching assistant: teacher -> assistant (student, distill, promote) -> student ..."""
+def run_all(
+    recipe: Recipe, out_root: Path, force: bool = False, console: Console | None = None, resume: bool = True
+) -> Manifest:
+    """The whole chain; with a teaching assistant: teacher -> assistant (student, distill, promote) -> student ...
+    An interrupted stage continues from its checkpoints unless `resume` is False."""
     check_recipe(recipe)  # every cross-check that needs no model, before the teacher trains (or out is made)
+    if distributed.world().distributed:
+        raise ConfigError(
+            "kdpipe run: the whole chain runs in one process",
+            "run the chain once, then distil on N processes with `kdpipe distill --nproc N` (or under torchrun)",
+        )
     with locked(out_root):
-        ctx = context(recipe, console)
+        ctx = context(recipe, console, resume)
         manifest, _ = execute(STAGES["teacher"], recipe.teacher, ctx, out_root, force=force)
         if recipe.assistant is not None:
             manifest = _assistant_chain(recipe, ctx, out_root, manifest.dir, force)

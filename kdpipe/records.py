@@ -130,6 +130,12 @@ class DistillRecord(Record):
     warnings: list[str] = Field(default_factory=list)
     attention_dropout_off: list[str] = Field(default_factory=list)
     cka_diagonal: list[float] | None = None
+    # the teacher-output cache: {status: hit | miss | bypassed, reason, key, dir (relative to this stage),
+    # examples, bytes, bytes_per_example, contents, build_seconds, tail_mass}
+    teacher_cache: dict[str, Any] | None = None
+    resumed_from: int | None = None  # the KD run continued from this step's checkpoint
+    processes: int = 1  # torchrun processes (DDP)
+    accumulate: int = 1  # micro-batches per optimiser step
 
 
 class ModelSource(Record):
@@ -243,6 +249,13 @@ class RunContext:
     seed: int
     console: Console
     profile: TargetProfile
+    resume: bool = False  # continue an interrupted stage from its checkpoints
+    checkpoints: Path | None = None  # set by the runner per stage: where its training runs checkpoint
+    cache_root: Path | None = None  # <out>/cache: artifacts shared between the stages of an output root
+
+    def checkpoint(self, name: str) -> Path | None:
+        """The checkpoint file of the stage's training run `name` (None: the runner set no directory)."""
+        return None if self.checkpoints is None else self.checkpoints / f"{name}.pt"
 
 
 C = TypeVar("C")

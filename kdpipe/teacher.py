@@ -149,6 +149,9 @@ def _finetune(
         seed=ctx.seed,
         description="teacher fine-tune",
         lr_setting="teacher.lr / teacher.head_lr",
+        checkpoint=ctx.checkpoint("fine-tune"),
+        checkpoint_every=cfg.checkpoint_every,
+        resume=ctx.resume,
     )
     objective = build_objective([CELoss()], LossContext(layer_map={}))
     result = train(
@@ -210,6 +213,7 @@ def write_logit_stats(logits: np.ndarray, labels: list[int], names: list[str], p
 def identity(cfg: TeacherConfig, ctx: RunContext) -> dict[str, Any]:
     """`seeded`, without the task fields for a classification teacher: its run id is what it was before them."""
     ident = seeded(cfg, ctx)
+    ident.pop("checkpoint_every", None)  # how often a resume point is written does not change the teacher
     if cfg.task == "classification":
         ident.pop("task", None)
         ident.pop("translation", None)

@@ -7,13 +7,16 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from torch import nn
 
+from kdpipe import checkpoints, distributed
 from kdpipe.data import Encoded, batches
 from kdpipe.errors import ConfigError, ModelError, TrainingDivergedError
-from kdpipe.losses.objective import Objective
+from kdpipe.losses.objective import Objective, StepLoss
 from kdpipe.models import KDOutputs, attention_dropout_off, attention_row_sums, forward_kd
 
 if TYPE_CHECKING:
@@ -28,7 +31,13 @@ class Device:
 
     @property
     def precision(self) -> str:
-        return "bf16" if self.amp_dtype is not None else "fp32"
+        import torch
+
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+    @property
+    def cuda(self) -> bool:
+        return self.torch_device == "cuda"
 
     def autocast(self) -> Any:
         import torch
@@ -45,8 +54,12 @@ def pick_device(device: str = "auto", precision: str = "auto") -> Device:
     if device == "cuda" and not cuda:
         raise ConfigError("distill.device=cuda but torch sees no CUDA device", "use device: auto or cpu")
     dev = "cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu"
-    want_bf16 = precision == "bf16" or (precision == "auto" and dev == "cuda")
-    return Device(dev, torch.bfloat16 if want_bf16 else None)
+    if precision == "fp32" or (precision == "auto" and dev == "cpu"):
+        return Device(dev, None)
+    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
+        # fp16 autocast trains with a gradient scaler (kdpipe.train._setup); bf16 needs none
+        return Device(dev, torch.float16)
+    return Device(dev, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,7 @@ class TrainResult:
     schedule_events: list[dict[str, Any]] = field(default_factory=list)
     # modules whose attention-probability dropout was off while training (attention loss terms)
     attention_dropout_off: list[str] = field(default_factory=list)
+    resumed_from: int | None = None  # the step a resumed run continued from
 
 
 def _diverged(description: str, what: str, step: int, epoch: int, loss: float | None, lr_setting: str) -> Exception:
@@ -124,6 +138,11 @@ class TrainPlan:
     seed: int = 0
     description: str = "train"
     lr_setting: str = "distill.lr"  # what a divergence error tells the user to lower
+    checkpoint: Path | None = None  # resume checkpoint file (None: no checkpoints)
+    checkpoint_every: int = 200  # steps between checkpoints (0: epoch ends only); every epoch end writes one too
+    resume: bool = False  # continue from `checkpoint` when it exists
+    accumulate: int = 1  # micro-batches per optimiser step (gradient accumulation)
+    compile: bool = False  # torch.compile the student (nn.Module.compile: the state-dict keys stay)
 
 
 @dataclass
@@ -136,7 +155,7 @@ class _Loop:
     total: int
     seen: int = 0
     ema: float | None = None
-    student_ids: Any = None  # (V_teacher,) teacher id -> student id, for a pruned-vocabulary student
+    scaler: Any = None  # fp16 autocast: torch.amp.GradScaler
 
 
 def train(
@@ -151,6 +170,7 @@ def train(
     val_data: Encoded | None = None,
     console: Console | None = None,
     student_ids: torch.Tensor | None = None,
+    cache: Any = None,
 ) -> TrainResult:
     """Train `model` on the weighted sum of `objective`'s terms; teachers in eval mode, no grad (the first is
     the teacher, the others its fellow ensemble members). `data` is an Encoded split or a data-free set.
@@ -159,20 +179,32 @@ def train(
     trains (restored afterwards), so the maps it gives the losses are softmax probabilities whose
     rows sum to 1; the first step checks that. Stops with TrainingDivergedError on a non-finite
     loss or gradient norm (every step) or non-finite weights (every epoch end and at the end).
-    `student_ids` (V_teacher,): a pruned-vocabulary student reads `student_ids[input_ids]` of the teacher's ids."""
+    `student_ids` (V_teacher,): a pruned-vocabulary student reads `student_ids[input_ids]` of the teacher's ids.
+    `cache` (kdpipe.cache.TeacherCache): the teacher's outputs are read from it instead of running the teacher.
+
+    With `plan.checkpoint`, the whole state (weights, optimiser, scheduler, the loss terms' own modules and
+    schedule, every RNG, the data position, the loss history) is written atomically every
+    `plan.checkpoint_every` steps and at every epoch end; with `plan.resume` a run continues from it and ends
+    bit-identical (on CPU) to one never interrupted. Under torchrun the student trains under DDP (kdpipe.
+    distributed): each process takes its share of every global batch."""
     off: AbstractContextManager[list[str]] = (
         attention_dropout_off(model) if objective.needs_attentions else nullcontext([])
     )
     with off as changed:
         result = _train(
-            model, objective, data, plan, device, param_groups, list(teachers), val_data, console, student_ids
+            model, objective, data, plan, device, param_groups, list(teachers), val_data, console, student_ids, cache
         )
         result.attention_dropout_off = list(changed)
     return result
 
 
 def _setup(
-    model: torch.nn.Module, objective: Objective, plan: TrainPlan, groups: list[dict[str, Any]], steps_per_epoch: int
+    model: torch.nn.Module,
+    objective: Objective,
+    plan: TrainPlan,
+    groups: list[dict[str, Any]],
+    steps_per_epoch: int,
+    device: Device,
 ) -> _Loop:
     import torch
 
@@ -186,11 +218,14 @@ def _setup(
     trained = [(names.get(id(p), "parameter"), p) for g in groups for p in g["params"]]
     total = max(1, math.ceil(plan.epochs * steps_per_epoch))
     warmup = int(plan.warmup_ratio * total)
-    opt = torch.optim.AdamW(groups, weight_decay=plan.weight_decay)
+    # fused AdamW: one kernel for every parameter on CUDA (the CPU keeps the default for-each path)
+    opt = torch.optim.AdamW(groups, weight_decay=plan.weight_decay, fused=True if device.cuda else None)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
     )
-    return _Loop(opt=opt, sched=sched, trained=trained, total=total)
+    fp16 = device.amp_dtype is torch.float16
+    scaler = torch.amp.GradScaler(device.torch_device) if fp16 else None
+    return _Loop(opt=opt, sched=sched, trained=trained, total=total, scaler=scaler)
 
 
 def _progress(console: Console | None) -> Any:
@@ -233,63 +268,135 @@ def with_targets(
     return replace(s_out, labels=y), replace(t_out, labels=y, ensemble_logits=ensemble)
 
 
-def _forward(
-    model: torch.nn.Module,
-    objective: Objective,
-    teachers: list[torch.nn.Module],
-    batch: dict[str, Any],
-    student_ids: torch.Tensor | None = None,
-) -> tuple[KDOutputs, KDOutputs | None]:
-    """Student outputs with grad; teacher (and ensemble) outputs without, as the objective needs them. A student
-    with a pruned vocabulary reads the same tokens through `student_ids` (teacher id -> its id)."""
+class _Trainee(nn.Module):
+    """What trains, as one module: the student and the loss terms' own modules (projections, regressors).
+    Its forward is the student's forward plus the objective, so that DDP sees the loss as the output and finds
+    exactly the parameters a step used (a PID/SID schedule leaves some without a gradient)."""
+
+    def __init__(self, model: nn.Module, objective: Objective, student_ids: Any = None) -> None:
+        super().__init__()
+        self.model, self.objective = model, objective
+        self.student_ids = student_ids  # (V_teacher,) teacher id -> student id, for a pruned-vocabulary student
+        self.last: StepLoss | None = None
+
+    def forward(
+        self, batch: dict[str, Any], t_out: KDOutputs | None, ensemble: tuple[Any, ...], check_rows: bool
+    ) -> torch.Tensor:
+        hidden, attentions = self.objective.needs_hidden, self.objective.needs_attentions
+        if self.student_ids is not None and "input_ids" in batch:
+            batch = {**batch, "input_ids": self.student_ids[batch["input_ids"]]}
+        s_out = forward_kd(self.model, batch, hidden, attentions)
+        if check_rows and s_out.attentions is not None:
+            _check_attention_rows(s_out.attentions, self.model)
+        s_out, t_out = with_targets(s_out, t_out, ensemble)
+        self.last = self.objective(s_out, t_out)
+        return self.last.total
+
+
+def _teacher_outputs(
+    teachers: list[torch.nn.Module], objective: Objective, batch: dict[str, Any], cache: Any, device: Device
+) -> tuple[KDOutputs | None, tuple[Any, ...]]:
+    """The teacher's (and ensemble's) outputs on `batch`: read from the cache, or one forward in inference mode
+    (cloned out of it, so the losses may save them for backward). None when nothing reads them."""
     import torch
 
-    hidden, attentions = objective.needs_hidden, objective.needs_attentions
     labels = batch.get("labels")
     unlabeled = labels is None or bool((labels < 0).any())  # then the teacher labels them, even for a `ce` recipe
-    t_out, ensemble = None, tuple[Any, ...]()
-    if teachers and (objective.needs_teacher or unlabeled):
-        with torch.no_grad():
-            t_out = forward_kd(teachers[0], batch, hidden, attentions)
-            ensemble = tuple(forward_kd(m, batch).logits for m in teachers[1:])
-    if student_ids is not None and "input_ids" in batch:
-        batch = {**batch, "input_ids": student_ids[batch["input_ids"]]}
-    return with_targets(forward_kd(model, batch, hidden, attentions), t_out, ensemble)
+    if not teachers and cache is None:
+        return None, ()
+    if not (objective.needs_teacher or unlabeled):
+        return None, ()
+    if cache is not None:
+        return cache.outputs(batch["index"], batch["attention_mask"], labels, device.torch_device), ()
+    with torch.inference_mode():
+        t_out = forward_kd(teachers[0], batch, objective.needs_hidden, objective.needs_attentions)
+        ensemble = tuple(forward_kd(m, batch).logits for m in teachers[1:])
+    return _out_of_inference(t_out), tuple(e.clone() for e in ensemble)
+
+
+def _out_of_inference(out: KDOutputs) -> KDOutputs:
+    def tup(x: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+        return None if x is None else tuple(t.clone() for t in x)
+
+    return replace(out, logits=out.logits.clone(), hidden_states=tup(out.hidden_states), attentions=tup(out.attentions))
+
+
+def _rows(batch: dict[str, Any], part: slice) -> dict[str, Any]:
+    return {k: v[part] for k, v in batch.items()}
+
+
+def _micro(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+    """`batch` split into at most `parts` micro-batches of near-equal size."""
+    n = len(batch["attention_mask"])
+    bounds = np.linspace(0, n, min(parts, n) + 1).astype(int)
+    return [_rows(batch, slice(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _step(
     loop: _Loop,
-    model: torch.nn.Module,
-    objective: Objective,
+    runner: Any,
+    trainee: _Trainee,
     teachers: list[torch.nn.Module],
     batch: dict[str, Any],
     plan: TrainPlan,
     device: Device,
     step: int,
     epoch: int,
+    cache: Any,
 ) -> tuple[float, dict[str, float]]:
-    """One optimiser step; a non-finite loss or gradient norm stops training."""
+    """One optimiser step on a global batch: this process's share of it, in `plan.accumulate` micro-batches,
+    each loss weighted by its share of the global batch (so the step's gradient is that of the global mean,
+    whatever the split); a non-finite loss or gradient norm stops training."""
     import torch
 
-    with device.autocast():
-        s_out, t_out = _forward(model, objective, teachers, batch, loop.student_ids)
-        if step == 1 and s_out.attentions is not None:
-            _check_attention_rows(s_out.attentions, model)
-        out = objective(s_out, t_out)
-    loss = out.total
-    value = float(loss.detach())
+    w = distributed.world()
+    n_global = len(batch["attention_mask"])
+    local = _rows(batch, distributed.shard(n_global, w)) if w.distributed else batch
+    objective = trainee.objective
+    loop.opt.zero_grad(set_to_none=True)
+    micro = _micro(local, plan.accumulate) if len(local["attention_mask"]) else []
+    sums: list[float] = []
+    names: list[str] = []
+    layer = 0.0
+    for i, mb in enumerate(micro):
+        n = len(mb["attention_mask"])
+        t_out, ensemble = _teacher_outputs(teachers, objective, mb, cache, device)
+        sync = nullcontext() if i == len(micro) - 1 or not w.distributed else runner.no_sync()
+        with sync:
+            with device.autocast():
+                loss = runner(mb, t_out, ensemble, step == 1 and i == 0)
+            out = trainee.last
+            assert out is not None
+            if not loss.requires_grad and w.distributed:  # a schedule step with no term: DDP still needs a backward
+                loss = loss + 0.0 * sum(p.sum() for _, p in loop.trained)
+            share = n * w.size / n_global  # the loss is a mean over the micro-batch; DDP averages over processes
+            if loss.requires_grad:
+                scaled = loss * share
+                (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
+        names = list(out.values)
+        values = [float(loss.detach()), *out.values.values()]
+        sums = [a + n * b for a, b in zip(sums or [0.0] * len(values), values, strict=True)]
+        layer += n * (out.layer_loss if out.layer_loss is not None else float("nan"))
+    # the global batch's mean of the loss, of every term and of the schedule's layer loss, on every process
+    total = distributed.all_sum([*sums, layer], device.torch_device) if w.distributed else [*sums, layer]
+    value, *term_values, layer_sum = [v / n_global for v in total]
+    layer_loss = None if math.isnan(layer_sum) else layer_sum
     if not math.isfinite(value):
         raise _diverged(plan.description, f"the loss is {value}", step, epoch, None, plan.lr_setting)
-    loop.opt.zero_grad(set_to_none=True)
-    if loss.requires_grad:  # a schedule step may leave no term with a gradient
-        loss.backward()
+    if loop.scaler is not None:
+        loop.scaler.unscale_(loop.opt)
     norm = torch.nn.utils.clip_grad_norm_([p for _, p in loop.trained], plan.grad_clip)
-    if not bool(torch.isfinite(norm)):
-        raise _diverged(plan.description, f"the gradient norm is {float(norm)}", step, epoch, value, plan.lr_setting)
-    loop.opt.step()
+    if loop.scaler is not None:
+        loop.scaler.step(loop.opt)  # skips the step when fp16 overflowed, and lowers the scale
+        loop.scaler.update()
+    else:
+        if not bool(torch.isfinite(norm)):
+            what = f"the gradient norm is {float(norm)}"
+            raise _diverged(plan.description, what, step, epoch, value, plan.lr_setting)
+        loop.opt.step()
     loop.sched.step()
-    objective.after_step(step, out.layer_loss)
-    return value, out.values
+    objective.after_step(step, layer_loss)
+    return value, dict(zip(names, term_values, strict=True))
 
 
 def _train(
@@ -303,31 +410,56 @@ def _train(
     val_data: Encoded | None,
     console: Console | None,
     student_ids: torch.Tensor | None,
+    cache: Any,
 ) -> TrainResult:
     import torch
 
+    w = distributed.join(device.torch_device)
     torch.manual_seed(plan.seed)
     model.to(device.torch_device).train()
     for t in teachers:
         t.to(device.torch_device).eval()
+        if device.cuda and device.amp_dtype is not None:
+            t.to(device.amp_dtype)  # the teacher only infers: half the memory, and its matmuls run in bf16 anyway
     objective.to(device.torch_device)
+    if plan.compile:
+        model.compile()
     groups = param_groups or [{"params": list(model.parameters()), "lr": plan.lr}]
-    loop = _setup(model, objective, plan, groups, math.ceil(len(data) / plan.batch_size))
-    loop.student_ids = None if student_ids is None else student_ids.to(device.torch_device)
+    loop = _setup(model, objective, plan, groups, math.ceil(len(data) / plan.batch_size), device)
+    ids = None if student_ids is None else student_ids.to(device.torch_device)
+    trainee = _Trainee(model, objective, ids)
+    runner: Any = trainee
+    if w.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(trainee, find_unused_parameters=True)
     result = TrainResult(steps=0, seconds=0.0, samples_per_second=0.0, final_loss=float("nan"))
-    start = time.perf_counter()
+    epoch, skip = 0, 0
+    if plan.checkpoint is not None and plan.resume and plan.checkpoint.is_file():
+        epoch, skip = checkpoints.restore(plan.checkpoint, trainee, loop, result, w)
+        if console is not None:
+            console.print(f"{plan.description}: resumed from step {result.steps} of {loop.total} ({plan.checkpoint})")
+    result.resumed_from = result.steps if result.steps else None
+    start = time.perf_counter() - result.seconds
+    pin = device.cuda
     with _progress(console) as progress:
-        task = progress.add_task(plan.description, total=loop.total, loss=float("nan"), speed=0.0)
-        epoch = 0
+        task = progress.add_task(
+            plan.description, total=loop.total, completed=result.steps, loss=loop.ema or float("nan"), speed=0.0
+        )
         while result.steps < loop.total:
-            for batch in batches(data, plan.batch_size, shuffle=True, seed=plan.seed + epoch):
+            order = batches(data, plan.batch_size, shuffle=True, seed=plan.seed + epoch, with_index=True, skip=skip)
+            for batch in order:
                 if result.steps >= loop.total:
                     break
-                batch = {k: v.to(device.torch_device) for k, v in batch.items()}
+                batch = {
+                    k: (v.pin_memory() if pin else v).to(device.torch_device, non_blocking=pin)
+                    for k, v in batch.items()
+                }
                 value, values = _step(
-                    loop, model, objective, teachers, batch, plan, device, result.steps + 1, epoch + 1
+                    loop, runner, trainee, teachers, batch, plan, device, result.steps + 1, epoch + 1, cache
                 )
                 result.steps += 1
+                skip += 1
                 loop.seen += len(batch["attention_mask"])
                 loop.ema = value if loop.ema is None else 0.9 * loop.ema + 0.1 * value
                 _report(progress, task, loop, result.steps, plan.description, time.perf_counter() - start)
@@ -335,11 +467,16 @@ def _train(
                 if val_data is not None and plan.eval_every and result.steps % plan.eval_every == 0:
                     record["val_accuracy"] = _validate(model, val_data, device, plan, result, progress)
                 result.history.append(record)
-            epoch += 1
+                if plan.checkpoint is not None and plan.checkpoint_every and result.steps % plan.checkpoint_every == 0:
+                    _require_finite_weights(loop, plan, result.steps, epoch + 1)
+                    result.seconds = time.perf_counter() - start
+                    checkpoints.save(plan.checkpoint, trainee, loop, result, epoch, skip, w)
+            epoch, skip = epoch + 1, 0
             # at every epoch's end, the last (possibly partial) one included: one pass over the weights
-            if bad := _first_nonfinite(loop.trained):
-                what = f"weights of {bad} are not finite (NaN/inf)"
-                raise _diverged(plan.description, what, result.steps, epoch, loop.ema, plan.lr_setting)
+            _require_finite_weights(loop, plan, result.steps, epoch)
+            if plan.checkpoint is not None:
+                result.seconds = time.perf_counter() - start
+                checkpoints.save(plan.checkpoint, trainee, loop, result, epoch, 0, w)
     result.seconds = time.perf_counter() - start
     result.schedule_events = list(objective.schedule.events)
     result.samples_per_second = loop.seen / result.seconds if result.seconds else 0.0
@@ -348,6 +485,12 @@ def _train(
         _restore_best(model, val_data, device, result)
     model.eval()
     return result
+
+
+def _require_finite_weights(loop: _Loop, plan: TrainPlan, step: int, epoch: int) -> None:
+    if bad := _first_nonfinite(loop.trained):
+        what = f"weights of {bad} are not finite (NaN/inf)"
+        raise _diverged(plan.description, what, step, epoch, loop.ema, plan.lr_setting)
 
 
 def _report(progress: Any, task: Any, loop: _Loop, steps: int, description: str, elapsed: float) -> None:
