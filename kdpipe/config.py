@@ -395,6 +395,26 @@ class DistillConfig(_Strict):
     compile: bool = Field(
         False, description="torch.compile the student (measured slower on the 2-core CPU here; try it on a GPU)."
     )
+    teacher_device: Literal["auto", "cpu"] = Field(
+        "auto",
+        description="Where the teacher runs: 'auto' beside the student; 'cpu' keeps it in host memory (a teacher "
+        "too big for the GPU: with the cache it runs once on the CPU and never touches the GPU).",
+    )
+    teacher_shard: bool = Field(
+        False,
+        description="Under torchrun: split the teacher's weights across the processes (FSDP2 fully_shard, each "
+        "holds 1/N) for online KD; needs distill.cache.use: false (rank 0 builds the cache alone).",
+    )
+
+    @model_validator(mode="after")
+    def _shard_without_cache(self) -> DistillConfig:
+        if self.teacher_shard and self.cache.use:
+            raise ValueError(
+                "teacher_shard splits the teacher across processes, but the teacher-output cache is built by rank 0 "
+                "alone: set distill.cache.use: false (online KD), or build the cache on the CPU with "
+                "distill.teacher_device: cpu instead of sharding"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- export stage

@@ -4,7 +4,7 @@ process group (gloo on CPU, NCCL on CUDA) and trains the student under Distribut
 Each global batch is the one a single process would draw (same seed, same order); rank r takes its contiguous
 share of the rows, scales its loss by its share of the examples, and DDP's gradient averaging then gives exactly
 the gradient of the global batch's mean loss, so 2 processes follow 1 process's loss curve at the same global
-batch (docs/methods.md §6). Only rank 0 writes artifacts and checkpoints; the others train into a scratch
+batch (docs/methods.md §7.3). Only rank 0 writes artifacts and checkpoints; the others train into a scratch
 directory that is thrown away.
 """
 
@@ -91,6 +91,23 @@ def shard(n: int, w: World) -> slice:
     base, extra = divmod(n, w.size)
     lo = w.rank * base + min(w.rank, extra)
     return slice(lo, lo + base + (1 if w.rank < extra else 0))
+
+
+def shard_teacher(model: Any) -> dict[str, int]:
+    """Split the teacher's weights across the processes with FSDP2 (`fully_shard` on each transformer block, then
+    the root): each process keeps 1/N of every weight and all-gathers a block's weights only while that block
+    runs. Every process must then call the teacher's forward in lockstep (they do: each on its share of the
+    batch). Returns the teacher's weight bytes in all and on this process."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    for block in max(lists, key=len) if lists else []:  # the transformer layers: the longest ModuleList
+        fully_shard(block)
+    fully_shard(model)
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    return {"teacher_weight_bytes": full, "teacher_weight_bytes_per_process": local}
 
 
 def launch(nproc: int, argv: list[str]) -> int:

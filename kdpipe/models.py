@@ -88,14 +88,17 @@ def load_config(path: Path, trust_remote_code: bool = False) -> Any:
         ) from None
 
 
-def load_classifier(path: Path, label_names: list[str] | None = None, trust_remote_code: bool = False) -> Any:
+def load_classifier(
+    path: Path, label_names: list[str] | None = None, trust_remote_code: bool = False, attn: str = "eager"
+) -> Any:
     """A sequence classifier from a local directory; a new head when `label_names` are given and the
-    checkpoint has none (or a different one)."""
-    return load_classifier_with_head(path, label_names, trust_remote_code)[0]
+    checkpoint has none (or a different one). attn: "eager" (attention maps can be returned) or "sdpa"
+    (torch's fused scaled-dot-product attention: the GPU path when no term reads attention maps)."""
+    return load_classifier_with_head(path, label_names, trust_remote_code, attn)[0]
 
 
 def load_classifier_with_head(
-    path: Path, label_names: list[str] | None = None, trust_remote_code: bool = False
+    path: Path, label_names: list[str] | None = None, trust_remote_code: bool = False, attn: str = "eager"
 ) -> tuple[Any, set[str]]:
     """`load_classifier`, and the names of the parameters the checkpoint did not have (the new head), which
     the teacher fine-tune gives their own learning rate."""
@@ -117,10 +120,12 @@ def load_classifier_with_head(
             local_files_only=True,
             trust_remote_code=trust_remote_code,
             ignore_mismatched_sizes=label_names is not None,
-            attn_implementation="eager",
+            attn_implementation=attn,
             output_loading_info=True,
         )
     except (OSError, ValueError, KeyError) as e:
+        if attn != "eager" and "attn" in str(e).lower():  # an architecture without SDPA: the eager kernels
+            return load_classifier_with_head(path, label_names, trust_remote_code, "eager")
         raise ModelError(
             f"{path}: cannot load a sequence-classification model ({str(e).splitlines()[0]})",
             "use an encoder checkpoint that AutoModelForSequenceClassification supports",

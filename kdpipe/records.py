@@ -136,6 +136,8 @@ class DistillRecord(Record):
     resumed_from: int | None = None  # the KD run continued from this step's checkpoint
     processes: int = 1  # torchrun processes (DDP)
     accumulate: int = 1  # micro-batches per optimiser step
+    teacher_memory: dict[str, int] | None = None  # teacher_shard: the teacher's weight bytes in all / per process
+    attention: str = "eager"  # the attention implementation the models trained with (sdpa on the GPU path)
 
 
 class ModelSource(Record):

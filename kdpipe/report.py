@@ -63,8 +63,31 @@ def _training_lines(run: Run) -> list[str]:
         f"- distillation: loss = {losses}; {run.distill_rec.train_examples} examples x "
         f"{dcfg['epochs']:g} epoch(s), batch {dcfg['batch_size']}, lr {dcfg['lr']:g}, "
         f"on {run.distill_rec.device} ({run.distill_rec.precision}), {d.metric('train_seconds')} s "
-        f"({d.metric('train_samples_per_second')} samples/s).",
+        f"({d.metric('train_samples_per_second')} samples/s)"
+        + (f" on {run.distill_rec.processes} DDP processes" if run.distill_rec.processes > 1 else "")
+        + (f", resumed from step {run.distill_rec.resumed_from}" if run.distill_rec.resumed_from else "")
+        + ".",
+        *_cache_line(run.distill_rec.teacher_cache),
         "",
+    ]
+
+
+def _cache_line(info: dict[str, Any] | None) -> list[str]:
+    """What the teacher-output cache did for the distillation, in one line."""
+    if not info:
+        return []
+    if info["status"] == "bypassed":
+        return [f"- teacher outputs: not cached ({info['reason']})."]
+    what = "full logits" if info["contents"]["top_k"] is None else f"top-{info['contents']['top_k']} logits"
+    if info["contents"]["hidden"]:
+        what += f", hidden states {info['contents']['hidden']}"
+    if info["contents"]["attentions"]:
+        what += f", attention maps {info['contents']['attentions']}"
+    how = "computed now" if info["status"] == "miss" else "reused from an earlier run (cache hit)"
+    where = info["dir"].removeprefix("../")  # recorded relative to the distill stage, shown relative to the run
+    return [
+        f"- teacher outputs: {how}, `{where}` ({what}; {info['bytes_per_example']:,.0f} bytes/example over "
+        f"{info['examples']} examples)."
     ]
 
 

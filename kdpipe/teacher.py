@@ -211,9 +211,12 @@ def write_logit_stats(logits: np.ndarray, labels: list[int], names: list[str], p
 
 
 def identity(cfg: TeacherConfig, ctx: RunContext) -> dict[str, Any]:
-    """`seeded`, without the task fields for a classification teacher: its run id is what it was before them."""
+    """`seeded`, without the task fields for a classification teacher and without an unset posterior: its run id
+    is what it was before them."""
     ident = seeded(cfg, ctx)
     ident.pop("checkpoint_every", None)  # how often a resume point is written does not change the teacher
+    if ident.get("posterior") is None:  # no posterior: the run id of a teacher from before the field
+        ident.pop("posterior", None)
     if cfg.task == "classification":
         ident.pop("task", None)
         ident.pop("translation", None)

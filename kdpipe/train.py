@@ -143,6 +143,7 @@ class TrainPlan:
     resume: bool = False  # continue from `checkpoint` when it exists
     accumulate: int = 1  # micro-batches per optimiser step (gradient accumulation)
     compile: bool = False  # torch.compile the student (nn.Module.compile: the state-dict keys stay)
+    teacher_device: str | None = None  # where the teachers run (None: beside the student)
 
 
 @dataclass
@@ -308,17 +309,34 @@ def _teacher_outputs(
         return None, ()
     if cache is not None:
         return cache.outputs(batch["index"], batch["attention_mask"], labels, device.torch_device), ()
+    t_dev = _device_of(teachers[0])
+    t_batch = batch if t_dev == batch["attention_mask"].device else {k: v.to(t_dev) for k, v in batch.items()}
     with torch.inference_mode():
-        t_out = forward_kd(teachers[0], batch, objective.needs_hidden, objective.needs_attentions)
-        ensemble = tuple(forward_kd(m, batch).logits for m in teachers[1:])
-    return _out_of_inference(t_out), tuple(e.clone() for e in ensemble)
+        t_out = forward_kd(teachers[0], t_batch, objective.needs_hidden, objective.needs_attentions)
+        ensemble = tuple(forward_kd(m, t_batch).logits for m in teachers[1:])
+    dev = batch["attention_mask"].device
+    return _out_of_inference(t_out, dev, batch), tuple(e.to(dev).clone() for e in ensemble)
 
 
-def _out_of_inference(out: KDOutputs) -> KDOutputs:
+def _device_of(model: torch.nn.Module) -> Any:
+    p = next(model.parameters())
+    return p.device
+
+
+def _out_of_inference(out: KDOutputs, device: Any, batch: dict[str, Any]) -> KDOutputs:
+    """Teacher outputs as ordinary tensors on the student's device (cloned out of inference mode)."""
+
     def tup(x: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
-        return None if x is None else tuple(t.clone() for t in x)
+        return None if x is None else tuple(t.to(device).clone() for t in x)
 
-    return replace(out, logits=out.logits.clone(), hidden_states=tup(out.hidden_states), attentions=tup(out.attentions))
+    return replace(
+        out,
+        logits=out.logits.to(device).clone(),
+        hidden_states=tup(out.hidden_states),
+        attentions=tup(out.attentions),
+        attention_mask=batch.get("attention_mask"),
+        labels=batch.get("labels"),
+    )
 
 
 def _rows(batch: dict[str, Any], part: slice) -> dict[str, Any]:
@@ -351,34 +369,9 @@ def _step(
 
     w = distributed.world()
     n_global = len(batch["attention_mask"])
-    local = _rows(batch, distributed.shard(n_global, w)) if w.distributed else batch
-    objective = trainee.objective
-    loop.opt.zero_grad(set_to_none=True)
-    micro = _micro(local, plan.accumulate) if len(local["attention_mask"]) else []
-    sums: list[float] = []
-    names: list[str] = []
-    layer = 0.0
-    for i, mb in enumerate(micro):
-        n = len(mb["attention_mask"])
-        t_out, ensemble = _teacher_outputs(teachers, objective, mb, cache, device)
-        sync = nullcontext() if i == len(micro) - 1 or not w.distributed else runner.no_sync()
-        with sync:
-            with device.autocast():
-                loss = runner(mb, t_out, ensemble, step == 1 and i == 0)
-            out = trainee.last
-            assert out is not None
-            if not loss.requires_grad and w.distributed:  # a schedule step with no term: DDP still needs a backward
-                loss = loss + 0.0 * sum(p.sum() for _, p in loop.trained)
-            share = n * w.size / n_global  # the loss is a mean over the micro-batch; DDP averages over processes
-            if loss.requires_grad:
-                scaled = loss * share
-                (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
-        names = list(out.values)
-        values = [float(loss.detach()), *out.values.values()]
-        sums = [a + n * b for a, b in zip(sums or [0.0] * len(values), values, strict=True)]
-        layer += n * (out.layer_loss if out.layer_loss is not None else float("nan"))
+    names, sums = _backward(loop, runner, trainee, teachers, batch, plan, device, step, cache, w)
     # the global batch's mean of the loss, of every term and of the schedule's layer loss, on every process
-    total = distributed.all_sum([*sums, layer], device.torch_device) if w.distributed else [*sums, layer]
+    total = distributed.all_sum(sums, device.torch_device) if w.distributed else sums
     value, *term_values, layer_sum = [v / n_global for v in total]
     layer_loss = None if math.isnan(layer_sum) else layer_sum
     if not math.isfinite(value):
@@ -395,8 +388,53 @@ def _step(
             raise _diverged(plan.description, what, step, epoch, value, plan.lr_setting)
         loop.opt.step()
     loop.sched.step()
-    objective.after_step(step, layer_loss)
+    trainee.objective.after_step(step, layer_loss)
     return value, dict(zip(names, term_values, strict=True))
+
+
+def _backward(
+    loop: _Loop,
+    runner: Any,
+    trainee: _Trainee,
+    teachers: list[torch.nn.Module],
+    batch: dict[str, Any],
+    plan: TrainPlan,
+    device: Device,
+    step: int,
+    cache: Any,
+    w: distributed.World,
+) -> tuple[list[str], list[float]]:
+    """Forward and backward of this process's rows of the global batch, micro-batch by micro-batch; returns the
+    term names and the row-weighted sums of [loss, *terms, layer loss] over those rows."""
+    n_global = len(batch["attention_mask"])
+    local = _rows(batch, distributed.shard(n_global, w)) if w.distributed else batch
+    empty = len(local["attention_mask"]) == 0  # a last batch with fewer rows than processes
+    if empty:  # DDP needs every process's backward: one row, weighted 0
+        local = _rows(batch, slice(0, 1))
+    loop.opt.zero_grad(set_to_none=True)
+    micro = _micro(local, plan.accumulate)
+    sums: list[float] = []
+    names: list[str] = []
+    for i, mb in enumerate(micro):
+        n = 0 if empty else len(mb["attention_mask"])
+        t_out, ensemble = _teacher_outputs(teachers, trainee.objective, mb, cache, device)
+        sync = nullcontext() if i == len(micro) - 1 or not w.distributed else runner.no_sync()
+        with sync:
+            with device.autocast():
+                loss = runner(mb, t_out, ensemble, step == 1 and i == 0)
+            out = trainee.last
+            assert out is not None
+            if not loss.requires_grad and w.distributed:  # a schedule step with no term: DDP still needs a backward
+                loss = loss + 0.0 * sum(p.sum() for _, p in loop.trained)
+            share = n * w.size / n_global  # the loss is a mean over the micro-batch; DDP averages over processes
+            if loss.requires_grad:
+                scaled = loss * share
+                (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
+        names = list(out.values)
+        layer = out.layer_loss if out.layer_loss is not None else float("nan")
+        values = [float(loss.detach()), *out.values.values(), layer]
+        sums = [a + n * b for a, b in zip(sums or [0.0] * len(values), values, strict=True)]
+    return names, sums
 
 
 def _train(
@@ -412,27 +450,8 @@ def _train(
     student_ids: torch.Tensor | None,
     cache: Any,
 ) -> TrainResult:
-    import torch
-
     w = distributed.join(device.torch_device)
-    torch.manual_seed(plan.seed)
-    model.to(device.torch_device).train()
-    for t in teachers:
-        t.to(device.torch_device).eval()
-        if device.cuda and device.amp_dtype is not None:
-            t.to(device.amp_dtype)  # the teacher only infers: half the memory, and its matmuls run in bf16 anyway
-    objective.to(device.torch_device)
-    if plan.compile:
-        model.compile()
-    groups = param_groups or [{"params": list(model.parameters()), "lr": plan.lr}]
-    loop = _setup(model, objective, plan, groups, math.ceil(len(data) / plan.batch_size), device)
-    ids = None if student_ids is None else student_ids.to(device.torch_device)
-    trainee = _Trainee(model, objective, ids)
-    runner: Any = trainee
-    if w.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        runner = DistributedDataParallel(trainee, find_unused_parameters=True)
+    loop, trainee, runner = _prepare(model, objective, data, plan, device, param_groups, teachers, student_ids, w)
     result = TrainResult(steps=0, seconds=0.0, samples_per_second=0.0, final_loss=float("nan"))
     epoch, skip = 0, 0
     if plan.checkpoint is not None and plan.resume and plan.checkpoint.is_file():
@@ -441,7 +460,6 @@ def _train(
             console.print(f"{plan.description}: resumed from step {result.steps} of {loop.total} ({plan.checkpoint})")
     result.resumed_from = result.steps if result.steps else None
     start = time.perf_counter() - result.seconds
-    pin = device.cuda
     with _progress(console) as progress:
         task = progress.add_task(
             plan.description, total=loop.total, completed=result.steps, loss=loop.ema or float("nan"), speed=0.0
@@ -451,10 +469,7 @@ def _train(
             for batch in order:
                 if result.steps >= loop.total:
                     break
-                batch = {
-                    k: (v.pin_memory() if pin else v).to(device.torch_device, non_blocking=pin)
-                    for k, v in batch.items()
-                }
+                batch = _to_device(batch, device)
                 value, values = _step(
                     loop, runner, trainee, teachers, batch, plan, device, result.steps + 1, epoch + 1, cache
                 )
@@ -468,15 +483,12 @@ def _train(
                     record["val_accuracy"] = _validate(model, val_data, device, plan, result, progress)
                 result.history.append(record)
                 if plan.checkpoint is not None and plan.checkpoint_every and result.steps % plan.checkpoint_every == 0:
-                    _require_finite_weights(loop, plan, result.steps, epoch + 1)
-                    result.seconds = time.perf_counter() - start
-                    checkpoints.save(plan.checkpoint, trainee, loop, result, epoch, skip, w)
+                    _checkpoint(plan, trainee, loop, result, epoch, skip, w, time.perf_counter() - start)
             epoch, skip = epoch + 1, 0
             # at every epoch's end, the last (possibly partial) one included: one pass over the weights
             _require_finite_weights(loop, plan, result.steps, epoch)
             if plan.checkpoint is not None:
-                result.seconds = time.perf_counter() - start
-                checkpoints.save(plan.checkpoint, trainee, loop, result, epoch, 0, w)
+                _checkpoint(plan, trainee, loop, result, epoch, 0, w, time.perf_counter() - start)
     result.seconds = time.perf_counter() - start
     result.schedule_events = list(objective.schedule.events)
     result.samples_per_second = loop.seen / result.seconds if result.seconds else 0.0
@@ -485,6 +497,70 @@ def _train(
         _restore_best(model, val_data, device, result)
     model.eval()
     return result
+
+
+def _to_device(batch: dict[str, Any], device: Device) -> dict[str, Any]:
+    """A batch on the training device; on CUDA from pinned memory, without blocking."""
+    pin = device.cuda
+    return {k: (v.pin_memory() if pin else v).to(device.torch_device, non_blocking=pin) for k, v in batch.items()}
+
+
+def _checkpoint(
+    plan: TrainPlan,
+    trainee: _Trainee,
+    loop: _Loop,
+    result: TrainResult,
+    epoch: int,
+    skip: int,
+    w: distributed.World,
+    elapsed: float,
+) -> None:
+    """A resume point after `result.steps` steps (never of non-finite weights)."""
+    assert plan.checkpoint is not None
+    _require_finite_weights(loop, plan, result.steps, epoch + (1 if skip else 0))
+    result.seconds = elapsed
+    checkpoints.save(plan.checkpoint, trainee, loop, result, epoch, skip, w)
+
+
+def _prepare(
+    model: torch.nn.Module,
+    objective: Objective,
+    data: Any,
+    plan: TrainPlan,
+    device: Device,
+    param_groups: list[dict[str, Any]] | None,
+    teachers: list[torch.nn.Module],
+    student_ids: torch.Tensor | None,
+    w: distributed.World,
+) -> tuple[_Loop, _Trainee, Any]:
+    """Models on their devices, the optimiser, and what trains: the student + the terms' modules, under DDP when
+    there are several processes."""
+    import torch
+
+    torch.manual_seed(plan.seed)
+    model.to(device.torch_device).train()
+    for t in teachers:
+        sharded = _is_sharded(t)
+        t.to(plan.teacher_device or device.torch_device).eval()
+        if device.cuda and device.amp_dtype is not None and plan.teacher_device in (None, "cuda") and not sharded:
+            t.to(device.amp_dtype)  # the teacher only infers: half the memory, and its matmuls run in bf16 anyway
+    objective.to(device.torch_device)
+    if plan.compile:
+        model.compile()
+    groups = param_groups or [{"params": list(model.parameters()), "lr": plan.lr}]
+    loop = _setup(model, objective, plan, groups, math.ceil(len(data) / plan.batch_size), device)
+    ids = None if student_ids is None else student_ids.to(device.torch_device)
+    trainee = _Trainee(model, objective, ids)
+    if not w.distributed:
+        return loop, trainee, trainee
+    from torch.nn.parallel import DistributedDataParallel
+
+    return loop, trainee, DistributedDataParallel(trainee, find_unused_parameters=True)
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 split the model's weights across processes (kdpipe.distributed.shard_teacher)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def _require_finite_weights(loop: _Loop, plan: TrainPlan, step: int, epoch: int) -> None:

@@ -126,3 +126,39 @@ def test_gradient_accumulation_takes_the_same_steps() -> None:
         assert torch.allclose(p, q, atol=1e-5), k
     fresh = _bert(layers=2, seed=2, hidden_dropout=0.0)
     assert not torch.allclose(fresh.classifier.weight, m1.classifier.weight)  # it trained: the check is not vacuous
+
+
+def test_kdpipe_run_resumes_an_interrupted_teacher_by_default(tmp_path: Path, tiny_dir: Path, tiny_csv: Path) -> None:
+    """Ctrl-C in the teacher's fine-tuning: no teacher stage on disk, its checkpoints kept; `kdpipe run` again
+    resumes it (the default) and the teacher is bit-identical to one trained without a break."""
+    import numpy as np
+    from conftest import invoke, write_recipe
+
+    settings = {"teacher__epochs": 4, "teacher__checkpoint_every": 5, "distill__epochs": 1}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_dir, tiny_csv, tmp_path / "runs", **settings)
+    ref = write_recipe(tmp_path / "ref.yaml", tiny_dir, tiny_csv, tmp_path / "ref", **settings)
+    assert invoke("teacher", "-r", ref)[0] == 0
+
+    real, calls = train_mod._step, [0]
+
+    def dying(*args: Any, **kw: Any) -> Any:
+        calls[0] += 1
+        if calls[0] > 12:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    train_mod._step = dying  # type: ignore[assignment]
+    try:
+        code, out = invoke("run", recipe)
+    finally:
+        train_mod._step = real  # type: ignore[assignment]
+    assert code == 130, out
+    runs = tmp_path / "runs"
+    assert not (runs / "teacher" / "manifest.json").exists()
+    assert (runs / ".checkpoints" / "teacher" / "fine-tune.pt").is_file()
+    code, out = invoke("run", recipe)
+    assert code == 0, out
+    assert "resuming" in out and "resumed from step 10" in out
+    a, b = np.load(runs / "teacher" / "test_logits.npy"), np.load(tmp_path / "ref" / "teacher" / "test_logits.npy")
+    assert np.array_equal(a, b)
+    assert not (runs / ".checkpoints" / "teacher").exists()

@@ -176,3 +176,50 @@ def test_a_distillation_step_runs_on_cuda_in_bf16() -> None:
     plan = TrainPlan(epochs=1, batch_size=4, lr=1e-3)
     result = train(copy.deepcopy(teacher), obj, data, plan, device, teachers=[teacher])
     assert result.steps == 2 and math.isfinite(result.final_loss)
+
+
+def test_fp16_autocast_trains_with_a_gradient_scaler() -> None:
+    """The fp16 path (GPUs without bf16) on the CPU: the scaler unscales before clipping and steps; finite."""
+    device = pick_device("cpu", "fp16")
+    assert device.precision == "fp16"
+    teacher = _bert().eval()
+    student = copy.deepcopy(teacher)
+    before = student.classifier.weight.detach().clone()
+    obj = build_objective([_cfg("hinton")], _ctx())
+    result = train(student, obj, _data(8), TrainPlan(epochs=2, batch_size=4, lr=1e-3), device, teachers=[teacher])
+    assert result.steps == 4 and math.isfinite(result.final_loss)
+    assert not torch.equal(before, student.classifier.weight)  # the scaler did step the optimiser
+
+
+@pytest.mark.gpu
+def test_the_gpu_path_fp16_accumulation_cache_and_sdpa(tmp_path: Path) -> None:
+    """On CUDA: fp16 + scaler with accumulation, a teacher cast for inference, KD from a cache built on the GPU,
+    and SDPA attention giving the eager logits."""
+    from conftest import make_model_dir
+
+    from kdpipe import cache as tcache
+    from kdpipe.config import CacheConfig
+    from kdpipe.models import load_classifier
+
+    device = pick_device("cuda", "fp16")
+    teacher = _bert().eval()
+    obj = build_objective([_cfg("hinton")], _ctx())
+    plan = TrainPlan(epochs=2, batch_size=4, lr=1e-3, accumulate=2)
+    result = train(copy.deepcopy(teacher), obj, _data(8), plan, device, teachers=[teacher])
+    assert result.steps == 4 and math.isfinite(result.final_loss)
+    assert next(teacher.parameters()).dtype == torch.float16  # the teacher only infers: cast to half
+
+    bf16 = pick_device("cuda", "bf16")
+    data = _data(8)
+    spec = tcache.plan(CacheConfig(), 3, (), (), bf16.precision)
+    key = tcache.cache_key("t", tcache.data_sha256(data), spec)
+    found = tcache.build_cache(tmp_path, key, _bert().eval().cuda(), data, spec, bf16)
+    result = train(copy.deepcopy(teacher).float(), obj, data, TrainPlan(epochs=1, batch_size=4), bf16, cache=found)
+    assert math.isfinite(result.final_loss)
+
+    model_dir = make_model_dir(tmp_path / "m")
+    eager, sdpa = load_classifier(model_dir).cuda().eval(), load_classifier(model_dir, attn="sdpa").cuda().eval()
+    ids = torch.tensor([[2, 7, 8, 9, 3]], device="cuda")
+    with torch.no_grad():
+        a, b = eager(input_ids=ids).logits, sdpa(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
