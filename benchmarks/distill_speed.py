@@ -60,15 +60,16 @@ def worker(args: argparse.Namespace) -> None:
     sets.append(f"distill.cache.use={'false' if mode == 'b' else 'true'}")
     recipe, _ = load_recipe(args.recipe, sets)
     cfg = recipe.distill
-    if args.threads or cfg.threads:
-        torch.set_num_threads(args.threads or cfg.threads)
+    threads = args.threads or cfg.threads
+    if threads:
+        torch.set_num_threads(int(threads))
     device = pick_device(cfg.device, cfg.precision)
     w = distributed.join(device.torch_device)
     console = Console(stderr=True, quiet=not w.main)
     ctx = RunContext(recipe.seed, console, load_profile(recipe.profile), cache_root=Path(args.cache_root))
     pair = distill._load_pair(cfg, read_manifest(Path(args.base) / "student", "student"))
     data = subset(pair.splits["train"], args.examples)
-    losses = [CELoss()] if mode == "a" else list(cfg.losses)
+    losses: list[Any] = [CELoss()] if mode == "a" else list(cfg.losses)
     objective = build_objective(losses, pair.loss_ctx, cfg.schedule)
     cache, info = None, None
     if mode in ("c", "ddp"):
@@ -82,7 +83,7 @@ def worker(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - start)
         return out
 
-    train_mod._step = timed  # type: ignore[assignment]
+    train_mod._step = timed
     _, result, test = distill._train_student(MODES[mode], losses, cfg, pair, data, device, ctx, f"bench-{mode}", cache)
     if w.main:
         out = {
@@ -121,10 +122,21 @@ def run_mode(mode: str, args: argparse.Namespace, cache_root: Path, tmp: Path) -
     return result
 
 
+def _pooled(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's rounds: every step time pooled, the median round's wall time and throughput, the last round's
+    loss and accuracy (the same in every round: same seed, same data)."""
+    out = dict(rs[-1])
+    out["step_seconds"] = [t for r in rs for t in r["step_seconds"]]
+    out["epoch_seconds"] = statistics.median(r["epoch_seconds"] for r in rs)
+    out["samples_per_second"] = statistics.median(r["samples_per_second"] for r in rs)
+    out["rounds"] = len(rs)
+    return out
+
+
 def table(results: dict[str, dict[str, Any]], build: dict[str, Any] | None) -> str:
     med = {m: statistics.median(r["step_seconds"]) for m, r in results.items()}
     lines = [
-        "| mode | processes x threads | median step (ms) | epoch (s) | samples/s | vs (a), median step | "
+        "| mode | processes x threads | median step (ms) | wall s per pass | samples/s | vs (a), median step | "
         "final loss | test accuracy |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -163,6 +175,7 @@ def main() -> None:
     ap.add_argument("--recipe", default="default", help="recipe whose distill settings are timed")
     ap.add_argument("--examples", type=int, default=None, help="first N train examples (default: the whole split)")
     ap.add_argument("--modes", default="a,b,c,ddp", help="comma-separated subset of a,b,c,ddp")
+    ap.add_argument("--rounds", type=int, default=1, help="run every mode this many times, interleaved")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distill-speed.md"))
     ap.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
@@ -174,19 +187,23 @@ def main() -> None:
     if args.worker:
         return worker(args)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    results: dict[str, dict[str, Any]] = {}
+    rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory(prefix="kdpipe-speed-") as tmp:
-        cache_root = Path(tmp) / "cache"  # a fresh cache: (c) builds it (timed apart), ddp reads it
-        for mode in modes:
-            results[mode] = run_mode(mode, args, cache_root, Path(tmp))
-    build = results.get("c", {}).get("cache")
+        cache_root = Path(tmp) / "cache"  # a fresh cache: the first (c) builds it (timed apart), the rest read it
+        for r in range(args.rounds):  # interleaved, so that a slow spell of the machine hits every mode alike
+            print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+            for mode in modes:
+                rounds[mode].append(run_mode(mode, args, cache_root, Path(tmp)))
+    results = {m: _pooled(rs) for m, rs in rounds.items()}
+    build = rounds["c"][0]["cache"] if "c" in rounds else None
     text = table(results, build)
     command = "python benchmarks/distill_speed.py " + " ".join(sys.argv[1:])
     header = (
         "# Distillation speed: plain training vs online KD vs KD from the teacher-output cache vs DDP\n\n"
         f"Command: `{command}` ({platform.machine()}, {os.cpu_count()} cores, "
-        f"{time.strftime('%Y-%m-%d')}). One epoch each, every mode in its own process, through the distill "
-        "stage's code; ratios of median step times.\n\n"
+        f"{time.strftime('%Y-%m-%d')}). Every mode in its own process, through the distill stage's code, "
+        f"{args.rounds} interleaved round(s) of one pass over {results[modes[0]]['examples']} examples each; ratios "
+        "of the median step times over all rounds, wall time and samples/s the median round's.\n\n"
     )
     Path(args.out).write_text(header + text + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=1))

@@ -24,7 +24,7 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import chdir, contextmanager
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -116,8 +116,10 @@ def quantize_int8(src: Path, dst: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # the quantizer leaves temporary files in the working directory when it fails: keep it in a temp dir
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
+    # the quantizer leaves temporary files (<uuid>.data) in the WORKING directory when it fails (an LSTM graph):
+    # run it from inside a temporary directory (so the paths are made absolute first)
+    src, dst = src.resolve(), dst.resolve()
+    with tempfile.TemporaryDirectory() as tmp, _quiet(), chdir(tmp):
         staged = Path(tmp) / "model.onnx"
         staged.write_bytes(src.read_bytes())
         quantize_dynamic(

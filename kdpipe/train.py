@@ -311,7 +311,9 @@ def _teacher_outputs(
         return cache.outputs(batch["index"], batch["attention_mask"], labels, device.torch_device), ()
     t_dev = _device_of(teachers[0])
     t_batch = batch if t_dev == batch["attention_mask"].device else {k: v.to(t_dev) for k, v in batch.items()}
-    with torch.inference_mode():
+    # autocast as the student (softmax / layer norm stay fp32 under it), unless the teacher runs on the host
+    amp = device.autocast() if t_dev.type == device.torch_device else nullcontext()
+    with torch.inference_mode(), amp:
         t_out = forward_kd(teachers[0], t_batch, objective.needs_hidden, objective.needs_attentions)
         ensemble = tuple(forward_kd(m, t_batch).logits for m in teachers[1:])
     dev = batch["attention_mask"].device

@@ -162,3 +162,24 @@ def test_kdpipe_run_resumes_an_interrupted_teacher_by_default(tmp_path: Path, ti
     a, b = np.load(runs / "teacher" / "test_logits.npy"), np.load(tmp_path / "ref" / "teacher" / "test_logits.npy")
     assert np.array_equal(a, b)
     assert not (runs / ".checkpoints" / "teacher").exists()
+
+
+def test_operational_fields_do_not_change_run_ids() -> None:
+    """How often checkpoints are written changes no result, and a teacher without a posterior keeps the run id it
+    had before the field existed: neither may re-run a finished (possibly 40-minute) stage."""
+    from kdpipe import distill, teacher
+    from kdpipe.config import load_recipe
+    from kdpipe.pipeline import context
+
+    cfg, _ = load_recipe("default", [])
+    ctx = context(cfg)
+    t_ident = teacher.identity(cfg.teacher, ctx)
+    assert "posterior" not in t_ident and "checkpoint_every" not in t_ident
+    other, _ = load_recipe("default", ["teacher.checkpoint_every=7", "distill.checkpoint_every=9"])
+    assert teacher.identity(other.teacher, ctx) == t_ident
+    assert distill.identity(other.distill, ctx) == distill.identity(cfg.distill, ctx)
+    with_posterior, _ = load_recipe("default", ["teacher.posterior={kind: diagonal}"])
+    assert teacher.identity(with_posterior.teacher, ctx)["posterior"]["kind"] == "diagonal"
+    assert distill.identity(cfg.distill, ctx) != distill.identity(
+        load_recipe("default", ["distill.cache.use=false"])[0].distill, ctx
+    )
