@@ -116,8 +116,8 @@ def quantize_int8(src: Path, dst: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # the quantizer leaves temporary files (<uuid>.data) in the WORKING directory when it fails (an LSTM graph):
-    # run it from inside a temporary directory (so the paths are made absolute first)
+    # the quantizer can leave temporary files in the working directory when it fails: run it from inside a
+    # temporary directory (so the paths are made absolute first)
     src, dst = src.resolve(), dst.resolve()
     with tempfile.TemporaryDirectory() as tmp, _quiet(), chdir(tmp):
         staged = Path(tmp) / "model.onnx"

@@ -111,7 +111,16 @@ def _infer_shapes(model: Any, batch: int, seq: int, with_ort: bool) -> dict[str,
     """Tensor shapes at (batch, seq): onnx shape inference (with data propagation) on a concrete-input copy;
     `with_ort` fills what is left unknown from onnxruntime's symbolic shape inference, which also knows the
     contrib ops (com.microsoft) and resolves Shape->Gather->Slice chains onnx's data propagation sometimes
-    drops (seen with batch 1 on torch-exported BERT)."""
+    drops (seen with batch 1 on torch-exported BERT). Both run from inside a temporary working directory: on a
+    graph with an LSTM one of them writes <uuid>.data files into the working directory."""
+    import tempfile
+    from contextlib import chdir
+
+    with tempfile.TemporaryDirectory() as tmp, chdir(tmp):
+        return _infer_shapes_here(model, batch, seq, with_ort)
+
+
+def _infer_shapes_here(model: Any, batch: int, seq: int, with_ort: bool) -> dict[str, Dims]:
     import onnx
 
     concrete = _concrete_copy(model, batch, seq)
