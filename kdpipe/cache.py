@@ -697,16 +697,8 @@ def _bar(console: Console | None, total: int) -> Iterator[Callable[[int], None]]
     if console is None:
         yield lambda k: None
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from kdpipe.train import _progress
 
-    columns = (TextColumn("[bold]teacher cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False) as progress:
+    with _progress(console, training=False) as progress:
         task = progress.add_task("teacher cache", total=total)
         yield lambda k: progress.advance(task, k)

@@ -229,7 +229,8 @@ def _setup(
     return _Loop(opt=opt, sched=sched, trained=trained, total=total, scaler=scaler)
 
 
-def _progress(console: Console | None) -> Any:
+def _progress(console: Console | None, training: bool = True) -> Any:
+    """The house progress bar; `training`: with the loss and samples/s fields a training loop updates."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -239,12 +240,12 @@ def _progress(console: Console | None) -> Any:
         TimeRemainingColumn,
     )
 
+    fields = (TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:.1f} samples/s"))
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[speed]:.1f} samples/s"),
+        *(fields if training else ()),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
@@ -488,9 +489,10 @@ def _train(
                     _checkpoint(plan, trainee, loop, result, epoch, skip, w, time.perf_counter() - start)
             epoch, skip = epoch + 1, 0
             # at every epoch's end, the last (possibly partial) one included: one pass over the weights
-            _require_finite_weights(loop, plan, result.steps, epoch)
-            if plan.checkpoint is not None:
+            if plan.checkpoint is not None:  # it checks the weights first
                 _checkpoint(plan, trainee, loop, result, epoch, 0, w, time.perf_counter() - start)
+            else:
+                _require_finite_weights(loop, plan, result.steps, epoch)
     result.seconds = time.perf_counter() - start
     result.schedule_events = list(objective.schedule.events)
     result.samples_per_second = loop.seen / result.seconds if result.seconds else 0.0
