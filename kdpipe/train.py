@@ -488,11 +488,8 @@ def _train(
                 if plan.checkpoint is not None and plan.checkpoint_every and result.steps % plan.checkpoint_every == 0:
                     _checkpoint(plan, trainee, loop, result, epoch, skip, w, time.perf_counter() - start)
             epoch, skip = epoch + 1, 0
-            # at every epoch's end, the last (possibly partial) one included: one pass over the weights
-            if plan.checkpoint is not None:  # it checks the weights first
-                _checkpoint(plan, trainee, loop, result, epoch, 0, w, time.perf_counter() - start)
-            else:
-                _require_finite_weights(loop, plan, result.steps, epoch)
+            # at every epoch's end, the last (possibly partial) one included: one pass over the weights, and a resume point
+            _checkpoint(plan, trainee, loop, result, epoch, 0, w, time.perf_counter() - start)
     result.seconds = time.perf_counter() - start
     result.schedule_events = list(objective.schedule.events)
     result.samples_per_second = loop.seen / result.seconds if result.seconds else 0.0
@@ -519,9 +516,11 @@ def _checkpoint(
     w: distributed.World,
     elapsed: float,
 ) -> None:
-    """A resume point after `result.steps` steps (never of non-finite weights)."""
-    assert plan.checkpoint is not None
+    """One pass over the weights (non-finite ones stop training), then, when the plan has a checkpoint file, a
+    resume point after `result.steps` steps."""
     _require_finite_weights(loop, plan, result.steps, epoch + (1 if skip else 0))
+    if plan.checkpoint is None:
+        return
     result.seconds = elapsed
     checkpoints.save(plan.checkpoint, trainee, loop, result, epoch, skip, w)
 
