@@ -488,7 +488,7 @@ def _train(
                 if plan.checkpoint is not None and plan.checkpoint_every and result.steps % plan.checkpoint_every == 0:
                     _checkpoint(plan, trainee, loop, result, epoch, skip, w, time.perf_counter() - start)
             epoch, skip = epoch + 1, 0
-            # at every epoch's end, the last (possibly partial) one included: one pass over the weights, and a resume point
+            # every epoch's end, the last (possibly partial) one included: the weights checked, a resume point
             _checkpoint(plan, trainee, loop, result, epoch, 0, w, time.perf_counter() - start)
     result.seconds = time.perf_counter() - start
     result.schedule_events = list(objective.schedule.events)
