@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe import __version__
-from kdpipe.errors import ArtifactError
+from kdpipe.errors import ArtifactError, DiskFullError, disk_full
 
 SCHEMA_VERSION = 2  # 2: `extra` became the stage's typed `record` (kdpipe.records)
 MANIFEST = "manifest.json"
@@ -88,6 +88,11 @@ class Manifest:
     def from_file(cls, path: Path) -> Manifest:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ArtifactError(
+                    f"{path}: not a valid kdpipe manifest (a JSON {type(data).__name__}, not an object)",
+                    "re-run the stage that wrote it (--force)",
+                )
             if data.get("schema_version") != SCHEMA_VERSION:
                 raise ArtifactError(
                     f"{path}: schema_version {data.get('schema_version')} is not {SCHEMA_VERSION}",
@@ -97,7 +102,7 @@ class Manifest:
             data["outputs"] = [FileRecord(**r) for r in data["outputs"]]
             data["metrics"] = {k: Metric(**m) for k, m in data.get("metrics", {}).items()}
             return cls(**data, dir=path.parent)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ArtifactError(
                 f"{path}: not a valid kdpipe manifest ({e.__class__.__name__}: {e})",
                 "re-run the stage that wrote it (--force)",
@@ -110,6 +115,30 @@ class Manifest:
                 f"{self.dir}: the {self.stage} manifest lists no file '{name}'", "re-run the stage with --force"
             )
         return self.dir / name
+
+    def directory(self, name: str) -> Path:
+        """An output directory of this stage (a model: config, weights, tokenizer), to hand to a loader that
+        opens whatever it finds there. Every file in it must be a recorded output (read_manifest has checked
+        their bytes), so a file the manifest does not list is never loaded unverified."""
+        listed = {r.path for r in self.outputs if r.path.startswith(f"{name}/")}
+        root = self.dir / name
+        if not listed or not root.is_dir():
+            raise ArtifactError(
+                f"{self.dir}: the {self.stage} manifest lists no directory '{name}'", "re-run the stage with --force"
+            )
+        unlisted = sorted(
+            rel
+            for p in root.rglob("*")
+            if (p.is_file() or p.is_symlink()) and (rel := p.relative_to(self.dir).as_posix()) not in listed
+        )
+        if unlisted:
+            more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+            raise ArtifactError(
+                f"{self.dir / unlisted[0]}: not among the {self.stage} manifest's outputs{more}, so it is not "
+                "verified; a stage opens only the files its upstream manifest lists",
+                f"the artifact was modified after it was written: re-run `kdpipe {self.stage} --force`",
+            )
+        return root
 
     def has(self, name: str) -> bool:
         """Whether this stage recorded an output file `name`."""
@@ -192,8 +221,14 @@ def list_outputs(work: Path) -> list[FileRecord]:
 
 def write_json_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if disk_full(e):
+            raise DiskFullError(path.parent) from None
+        raise
 
 
 def pid_alive(pid: int) -> bool:
@@ -232,8 +267,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e) and not isinstance(e, DiskFullError):  # torch / safetensors word it as a RuntimeError
+            raise DiskFullError(final.parent) from None
         raise
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():

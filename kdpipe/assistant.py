@@ -35,7 +35,7 @@ def run_assistant(cfg: StudentConfig, upstream: Manifest | None, work: Path, ctx
     assert upstream is not None  # STAGE names a distill upstream: the assistant's own distillation
     built, teacher = upstream.upstream("student"), upstream.upstream("teacher")
     t_rec = record(teacher, TeacherRecord)
-    shutil.copytree(upstream.path("model/config.json").parent, work / "model")
+    shutil.copytree(upstream.directory("model"), work / "model")
     shutil.copyfile(upstream.path("test_logits.npy"), work / "test_logits.npy")
     (work / "data").mkdir()
     for split in SPLITS:

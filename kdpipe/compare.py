@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.errors import ArtifactError
+from kdpipe.figures import SCHEMA
 
 SLOWER = 1.10  # p50 more than 10% above the old run's: machine noise is about +-10% run to run
 BIGGER = 1.02
@@ -14,15 +15,48 @@ LESS_ACCURATE = 0.005  # half an accuracy point
 
 
 def load_figures(path: Path) -> dict[str, Any]:
-    """report.json of a run root (`<root>/profile/report.json`) or of a profile directory."""
-    for candidate in (path / "profile" / "report.json", path / "report.json", path):
-        if candidate.is_file():
-            data: dict[str, Any] = json.loads(candidate.read_text(encoding="utf-8"))
-            return data
-    raise ArtifactError(
-        f"{path}: no report.json (neither {path / 'profile' / 'report.json'} nor {path / 'report.json'})",
-        "give a run directory (or its profile directory) written by this kdpipe version",
-    )
+    """report.json of a run root (`<root>/profile/report.json`), of a profile directory, or the file itself.
+
+    Anything else is an error, never an empty comparison: a comparison against nothing would print "no
+    regression" for every run."""
+    candidates = [path / "profile" / "report.json", path / "report.json"] if path.is_dir() else [path]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        where = f"neither {candidates[0]} nor {candidates[1]}" if path.is_dir() else "no such file"
+        raise ArtifactError(f"--compare {path}: no report.json ({where})", _HINT)
+    try:
+        data = json.loads(found.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"--compare {found}: not a kdpipe report.json ({type(e).__name__}: {e})", _HINT) from None
+    problem = _shape_problem(data)
+    if problem:
+        raise ArtifactError(f"--compare {found}: not a kdpipe report.json ({problem})", _HINT)
+    figures: dict[str, Any] = data
+    return figures
+
+
+_HINT = "give a run directory (or its profile directory, or its profile/report.json) written by kdpipe profile"
+
+
+def _shape_problem(data: Any) -> str | None:
+    """Why `data` is not report.json's figures (kdpipe.figures), or None: the keys the comparison reads."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    if data.get("schema") != SCHEMA:
+        return f"schema {data.get('schema')!r}, expected {SCHEMA}" if "schema" in data else "no 'schema' field"
+    models = data.get("models")
+    if not isinstance(models, dict) or not models:
+        return "no models"
+    for name, m in models.items():
+        if not isinstance(m, dict) or not isinstance(m.get("latency"), dict):
+            return f"model {name!r} has no latency table"
+        for shape, st in m["latency"].items():
+            if not isinstance(st, dict) or not isinstance(st.get("p50_ms"), int | float):
+                return f"model {name!r} has no p50_ms at {shape}"
+        for key in ("bytes", "accuracy"):
+            if m.get(key) is not None and not isinstance(m[key], int | float):
+                return f"model {name!r}: {key} is {m[key]!r}, not a number"
+    return None
 
 
 def regressions(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -45,8 +79,16 @@ def regressions(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def compare_runs(old: Path, new_profile_dir: Path) -> list[str]:
     """The lines `--compare` prints: a header, then each regression (or that there is none)."""
-    found = regressions(load_figures(old), load_figures(new_profile_dir))
-    head = f"compared with {old}:"
+    before, after = load_figures(old), load_figures(new_profile_dir)
+    shared = sorted(set(before["models"]) & set(after["models"]))
+    if not shared:
+        raise ArtifactError(
+            f"--compare {old}: it has no model of this run ({', '.join(sorted(before['models']))} vs "
+            f"{', '.join(sorted(after['models']))}), so there is nothing to compare",
+            "compare runs of the same recipe (their export stages name the same models)",
+        )
+    found = regressions(before, after)
+    head = f"compared with {old} ({len(shared)} model(s): {', '.join(shared)}):"
     if not found:
         return [
             f"{head} no regression (p50 within {SLOWER - 1:.0%}, size within {BIGGER - 1:.0%}, accuracy within "

@@ -155,7 +155,7 @@ class Pair:
 
 def _load_pair(cfg: DistillConfig, upstream: Manifest) -> Pair:
     t_manifest = upstream.upstream("teacher")
-    t_dir, s_dir = t_manifest.path("model/config.json").parent, upstream.path("model/config.json").parent
+    t_dir, s_dir = t_manifest.directory("model"), upstream.directory("model")
     s_rec, t_rec = record(upstream, StudentRecord), record(t_manifest, TeacherRecord)
     t_conf, s_conf = json.loads((t_dir / "config.json").read_text()), json.loads((s_dir / "config.json").read_text())
     ctx = loss_context(t_conf, s_conf, s_rec.layer_map)
@@ -443,8 +443,9 @@ def _teacher_cache(
     root = ctx.cache_root / "teacher-outputs"
     w = distributed.world()
     found = tcache.open_cache(root, key) if w.main else None
-    status, seconds = "hit", 0.0
+    status, seconds, rebuilt = "hit", 0.0, None
     if w.main and found is None:
+        rebuilt = _rebuild_reason(root, key, work, ctx)
         start = time.perf_counter()
         found = tcache.build_cache(root, key, teacher.to(t_device.torch_device), data, spec, t_device, ctx.console)
         status, seconds = "miss", time.perf_counter() - start
@@ -466,8 +467,22 @@ def _teacher_cache(
         "bytes_per_example": round(found.bytes_per_example, 1),
         "contents": spec.as_dict(),
         "build_seconds": round(seconds, 2),
+        **({"rebuilt_because": rebuilt} if rebuilt else {}),
         "tail_mass": None if found.tail_mass is None else [round(float(v), 6) for v in found.tail_mass],
     }
+
+
+def _rebuild_reason(root: Path, key: str, work: Path, ctx: RunContext) -> str | None:
+    """Why an existing cache for `key` cannot be used (said on the console; for the manifest with its path relative
+    to the stage), or None when there is none to rebuild (a plain miss)."""
+    import os
+
+    here = root / key[:16]
+    if not here.exists():
+        return None
+    why = tcache.cache_problem(root, key) or f"{here}: unreadable"
+    ctx.console.print(f"[yellow]teacher cache rebuilt[/]: {why}")
+    return why.replace(str(here), os.path.relpath(here.resolve(), work.resolve()))
 
 
 def _topk_warning(cfg: DistillConfig, cache: Any) -> str | None:

@@ -47,3 +47,31 @@ def did_you_mean(name: str, valid: list[str]) -> str:
 
 class BudgetError(KdpipeError):
     """The deployed variant missed a budget of the target profile (`--strict`)."""
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a full disk: OSError ENOSPC, or the message torch's zip writer and
+    safetensors' Rust writer turn it into (they raise RuntimeError / SafetensorError, not OSError)."""
+    import errno
+
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(cur)
+        if any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded", "os error 28")):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+class DiskFullError(KdpipeError):
+    """The disk filled up while kdpipe wrote a file; the partial file was removed."""
+
+    def __init__(self, directory: object) -> None:
+        super().__init__(
+            f"no space left on {directory} (the partial file was removed; nothing was marked finished)",
+            "free some space (or use --out on another disk) and run the same command again",
+        )

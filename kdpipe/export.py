@@ -184,7 +184,7 @@ def run_export(cfg: ExportConfig, upstream: Manifest | None, work: Path, ctx: Ru
 
 
 def _model_dir(manifest: Manifest, source: ModelSource) -> Path:
-    return manifest.path(f"{source.dir}/config.json").parent
+    return manifest.directory(source.dir)
 
 
 def _student_variants(

@@ -70,7 +70,7 @@ def profile_torch(model_dir: Path, prof: TargetProfile, vocab_size: int) -> dict
 def model_source(export: Manifest, info: ExportedModel) -> Path:
     """The PyTorch model an ONNX file was exported from, found through the run's lineage (relative
     paths), so a moved or copied run profiles its own models."""
-    return export.upstream(info.source.stage).path(f"{info.source.dir}/config.json").parent
+    return export.upstream(info.source.stage).directory(info.source.dir)
 
 
 def run_profile(prof: TargetProfile, upstream: Manifest | None, work: Path, ctx: RunContext) -> StageOutput:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,15 @@ def _verdict(s_acc: float, b_acc: float, s_f1: float, b_f1: float) -> str:
     return verdict + f" Macro-F1: KD {'+' if f1_gap >= 0 else ''}{f1_gap:.2f} points vs no KD."
 
 
+def _retention(acc: float | None, t_acc: float | None) -> str:
+    """Student accuracy / teacher accuracy; undefined (said, not divided) for a teacher that scored 0 or NaN."""
+    if acc is None or t_acc is None or not math.isfinite(t_acc) or not math.isfinite(acc):
+        return "n/a"
+    if t_acc <= 0:
+        return "undefined (teacher accuracy 0)"
+    return f"{100 * acc / t_acc:.1f}%"
+
+
 def _quality_lines(run: Run) -> list[str]:
     t, d = run.teacher, run.distill
     t_acc, t_layers, t_params = t.metric("test_accuracy"), t.metric("layers"), t.metric("params")
@@ -110,7 +120,7 @@ def _quality_lines(run: Run) -> list[str]:
     s_acc, b_acc = d.metric("test_accuracy"), d.metric("baseline_test_accuracy")
 
     def row(name: str, layers: Any, params: Any, acc: Any, f1: Any, agreement: str) -> str:
-        retention = "100%" if name == "teacher" else f"{100 * acc / t_acc:.1f}%"
+        retention = "100%" if name == "teacher" else _retention(acc, t_acc)
         return f"| {name} | {layers} | {params:,} | {_pct(acc)} | {_pct(f1)} | {retention} | {agreement} |"
 
     lines = [

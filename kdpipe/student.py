@@ -114,7 +114,7 @@ def run_student(cfg: StudentConfig, upstream: Manifest | None, work: Path, ctx: 
     assert upstream is not None  # STAGE names a teacher upstream; the runner reads and verifies it
     if translation.is_translation(upstream):
         return translation.run_student(cfg, upstream, work, ctx)
-    t_dir = upstream.path("model/config.json").parent
+    t_dir = upstream.directory("model")
     teacher = load_classifier(t_dir)
     t_tok = load_tokenizer(t_dir)
     n_teacher = int(teacher.config.num_hidden_layers)

@@ -426,7 +426,7 @@ def run_student(cfg: StudentConfig, upstream: Manifest, work: Path, ctx: RunCont
 
     check_student(cfg)
     t_rec = record(upstream, TeacherRecord)
-    teacher, tok = seq2seq.load_seq2seq(upstream.path(f"{MODEL_DIR}/config.json").parent)
+    teacher, tok = seq2seq.load_seq2seq(upstream.directory(MODEL_DIR))
     keep = surgery.parse_keep(cfg.layers, surgery.stacks(teacher))
     prior: PriorInfo | None = None
     if cfg.init == "bayes":
@@ -503,8 +503,8 @@ def run_distill(cfg: DistillConfig, upstream: Manifest, work: Path, ctx: RunCont
     data = read_splits(t_manifest)
     if cfg.train_limit:
         data = replace(data, train=data.train[: cfg.train_limit])
-    teacher, _ = seq2seq.load_seq2seq(t_manifest.path(f"{MODEL_DIR}/config.json").parent)
-    s_dir = upstream.path(f"{MODEL_DIR}/config.json").parent
+    teacher, _ = seq2seq.load_seq2seq(t_manifest.directory(MODEL_DIR))
+    s_dir = upstream.directory(MODEL_DIR)
     prior = upstream.path(s_rec.prior.file) if s_rec.prior is not None else None
     terms = ", ".join(f"{c.weight:g} x {c.name}" for c in cfg.losses)
     kd = plan_kd.kd
@@ -555,7 +555,7 @@ def run_export(cfg: ExportConfig, upstream: Manifest, work: Path, ctx: RunContex
     metrics: dict[str, Metric] = {}
     failures = []
     for name, (manifest, source) in sources.items():
-        src = manifest.path(f"{source.dir}/config.json").parent
+        src = manifest.directory(source.dir)
         spec = seq2seq.export_seq2seq_onnx(src, work / name, cfg.opset)
         check = seq2seq.seq2seq_parity(src, work / name, sentences, info.max_new_tokens, cfg.atol)
         size = sum((work / name / f).stat().st_size for f in spec["files"])
@@ -655,10 +655,11 @@ def run_profile(
                                "max_new_tokens": info.max_new_tokens, "onnxruntime": {}, "torch_eager": {}}  # fmt: skip
     ctx.console.print(f"profiling greedy generation of {len(sentences)} real test sentences on {prof.name} ...")
     for name, m in export.models.items():
-        src = upstream.upstream(m.source.stage).path(f"{m.source.dir}/config.json").parent
+        src = upstream.upstream(m.source.stage).directory(m.source.dir)
         model, tok = seq2seq.load_seq2seq(src)
+        onnx_dir = upstream.directory(Path(m.onnx).parent.as_posix())  # every file in it listed and verified
         onnx = ORTModelForSeq2SeqLM.from_pretrained(
-            str(upstream.path(m.onnx).parent), use_cache=True, use_merged=False, providers=providers,
+            str(onnx_dir), use_cache=True, use_merged=False, providers=providers,
             session_options=_session_options(prof),
         )  # fmt: skip
         results["onnxruntime"][name] = time_generation(onnx, tok, sentences, info.max_new_tokens, prof)
