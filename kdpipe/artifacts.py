@@ -290,7 +290,13 @@ def locked(root: Path) -> Iterator[None]:
     A second kdpipe on the same output root is refused with the holder's PID instead of racing it
     (each would clear the other's temporary stage directory). A lock left by a process that no
     longer exists is stale and taken over. Re-entrant within one process."""
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArtifactError(
+            f"{root}: cannot create the output directory ({e.strerror or type(e).__name__})",
+            "give --out a directory you can write to",
+        ) from None
     path = (root / LOCK).resolve()
     if path in _held:
         _held[path] += 1
