@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import codecs
+import csv
+import errno
 import importlib.util
 import io
+import json
 import math
 import numbers
+import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -18,7 +23,7 @@ import numpy as np
 
 from kdpipe.config import DataConfig
 from kdpipe.errors import DataError
-from kdpipe.textcodec import encoding_problem
+from kdpipe.textcodec import binary_kind, encoding_problem, printable, utf16_without_bom
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
 SPLITS = ("train", "val", "test")
 _SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 _FORMATS = "CSV/TSV/JSON/JSONL/parquet"
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")
 _MISSING_LABELS = {"", "nan", "null", "none", "<na>"}
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 # the embedded tweets are Mac OS Roman, not UTF-8 (0xD1 is an em dash, 0xD5 a right quote)
@@ -64,17 +70,114 @@ def describe_source(cfg: DataConfig) -> str:
 def source_path(cfg: DataConfig) -> Path:
     if cfg.source == "default":
         return default_data_path()
+    if not cfg.source.strip():  # Path("") is ".", which would be reported as a missing file named "."
+        raise DataError(
+            "teacher.data.source is empty; give a data file path or 'default'",
+            "e.g. --data reviews.csv, or --set teacher.data.source=default (the embedded tweets)",
+        )
     path = Path(cfg.source)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file", f"set teacher.data.source (--data) to a {_FORMATS} file")
+    check_file(
+        path,
+        "data file",
+        f"set teacher.data.source (--data) to a {_FORMATS} file",
+        "a file is expected; a directory (such as a Hugging Face `datasets` save) is not read today",
+    )
     if path.suffix.lower() not in _SUFFIXES:
-        raise DataError(f"{path}: unsupported data format '{path.suffix}'", f"use one of {', '.join(_SUFFIXES)}")
+        compressed = "decompress it first (e.g. `gzip -dk FILE`); " if path.suffix.lower() in _COMPRESSED else ""
+        raise DataError(
+            f"{shown(path)}: unsupported data format '{printable(path.suffix)}'",
+            f"{compressed}use one of {', '.join(_SUFFIXES)}",
+        )
     return path
 
 
 def source_encoding(cfg: DataConfig) -> str:
     """`teacher.data.encoding`, with 'auto' on the embedded default meaning its real encoding."""
     return _DEFAULT_ENCODING if cfg.source == "default" and cfg.encoding == "auto" else cfg.encoding
+
+
+# --------------------------------------------------------------------------- files
+def shown(path: Path) -> str:
+    """A path as an error message names it: a newline or an escape in a file name would garble the line."""
+    return printable(str(path))
+
+
+_SPECIAL = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_file(path: Path, what: str, hint: str, directory: str = "a file is expected, not a directory") -> None:
+    """A DataError unless `path` is a regular file (or a symlink to one) that this process may read, with
+    what it is instead: missing, a directory, a symlink loop or to nothing, a pipe or device, unreadable.
+    `hint` says which file to give; `directory` what to say to a directory."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise _stat_error(path, what, hint, e) from None
+    if stat.S_ISDIR(mode):
+        named = f" (despite its '{printable(path.suffix)}' name)" if path.suffix.lower() in _SUFFIXES else ""
+        raise DataError(
+            f"{shown(path)}: is a directory, not a {what}{named}", _directory_hint(path, f"{directory}: {hint}")
+        )
+    special = next((name for test, name in _SPECIAL if test(mode)), None)
+    if special:  # the data is read twice (the CLI's check, then the stage): a pipe would be empty the second time
+        raise DataError(f"{shown(path)}: is {special}, not a regular file", f"write the data to a file first; {hint}")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"permission denied: {shown(path)}", _PERMISSION_HINT)
+
+
+_PERMISSION_HINT = "check its permissions (`ls -l`; e.g. `chmod u+r FILE`), or run as a user who may read it"
+
+
+def _stat_error(path: Path, what: str, hint: str, e: OSError) -> DataError:
+    if e.errno == errno.ELOOP:
+        return DataError(
+            f"{shown(path)}: symlink loop (the link leads, directly or through others, back to itself)",
+            f"point the link at the real file (see `ls -l {shown(path)}`), or give the file itself; {hint}",
+        )
+    if isinstance(e, PermissionError):  # a directory on the way that may not be searched
+        return DataError(f"permission denied: {shown(path)}", _PERMISSION_HINT)
+    if isinstance(e, NotADirectoryError):
+        file = next((p for p in reversed(path.parents) if p.is_file()), None)
+        where = f" ({shown(file)} is a file, not a directory)" if file else ""
+        return DataError(f"{shown(path)}: no such {what}{where}", hint)
+    if isinstance(e, FileNotFoundError):
+        if path.is_symlink():
+            target = printable(os.readlink(path))
+            return DataError(f"{shown(path)}: a symlink to {target}, which does not exist", hint)
+        tilde = (
+            " ('~' is not expanded inside a recipe or --set: write the full path)" if str(path).startswith("~") else ""
+        )
+        return DataError(f"{shown(path)}: no such {what}", hint + tilde)
+    return DataError(f"{shown(path)}: cannot be opened ({printable(e.strerror or str(e))})", hint)
+
+
+def _directory_hint(path: Path, hint: str) -> str:
+    """`hint`, and the data files inside the directory (the user may have meant one)."""
+    try:
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _SUFFIXES and p.is_file())
+    except OSError:
+        inside = []
+    example = f" (in it: {', '.join(printable(str(path / n)) for n in inside[:3])})" if inside else ""
+    return hint + example
+
+
+def read_file_bytes(path: Path) -> bytes:
+    """The file's bytes; a permission problem (or another read error) as a DataError naming it."""
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise DataError(f"permission denied: {shown(path)}", _PERMISSION_HINT) from None
+    except IsADirectoryError:
+        raise DataError(f"{shown(path)}: is a directory, not a file", "give a file") from None
+    except OSError as e:
+        raise DataError(
+            f"{shown(path)}: cannot be read ({printable(e.strerror or str(e))})", "check the file"
+        ) from None
 
 
 # --------------------------------------------------------------------------- decoding
@@ -98,8 +201,10 @@ def _guess_encoding(data: bytes) -> str | None:
 
 def decode_bytes(data: bytes, path: Path, encoding: str = "auto", fix: str = "") -> str:
     """Strict decoding. 'auto': UTF-8, or UTF-8 / UTF-16 by their byte-order mark. An undecodable byte
-    is a DataError naming the file and its 1-based line, with a guess at the real encoding in the hint.
-    `fix` is how to name an encoding for this file (default: the --encoding option)."""
+    is a DataError naming the file and its 1-based line, with a guess at the real encoding in the hint;
+    so is a compressed or binary file, or UTF-16 without a byte-order mark (its NULs would otherwise
+    decode and end up in a column name). `fix` is how to name an encoding for this file (default: the
+    --encoding option)."""
     if encoding == "auto":
         if data.startswith(codecs.BOM_UTF8):
             codec = "utf-8-sig"
@@ -109,20 +214,44 @@ def decode_bytes(data: bytes, path: Path, encoding: str = "auto", fix: str = "")
             codec = "utf-8"
     else:
         codec = check_encoding(encoding)
+    if not codecs.lookup(codec).name.startswith(("utf-16", "utf-32")):
+        _check_text_bytes(data, path, fix)
     try:
         text = data.decode(codec)
     except UnicodeDecodeError as e:
-        line = data[: e.start].decode(codec, errors="replace").count("\n") + 1
-        guess = _guess_encoding(data)
-        how = fix or "pass --encoding {enc} (teacher.data.encoding)"
-        if guess is not None and guess.replace("_", "-") != codec.replace("_", "-"):
-            hint = f"this looks like {guess}: " + how.format(enc=guess)
-        else:
-            hint = "find the file's encoding (e.g. `file -i`) and " + how.format(enc="NAME")
-        raise DataError(
-            f"{path}: line {line}: byte 0x{data[e.start]:02x} is not valid {codec} ({e.reason})", hint
-        ) from None
+        raise _decode_error(data, path, codec, fix, e) from None
     return text.removeprefix("\ufeff")  # a byte-order mark left by an explicit utf-8 / utf-16-le
+
+
+def _check_text_bytes(data: bytes, path: Path, fix: str) -> None:
+    """A DataError for bytes that are no text in a one-byte or UTF-8 codec: a known binary format by its
+    leading bytes, UTF-16 without a byte-order mark, any other NUL byte."""
+    kind = binary_kind(data)
+    if kind is not None:
+        raise DataError(f"{shown(path)}: is {kind[0]}, not text", kind[1])
+    if b"\0" not in data:
+        return
+    utf16 = utf16_without_bom(data)
+    if utf16 is not None:
+        other = "utf-16-be" if utf16 == "utf-16-le" else "utf-16-le"
+        hint = fix.format(enc=utf16) if fix else f"pass --encoding {utf16} (or {other}) / set teacher.data.encoding"
+        raise DataError(f"{shown(path)}: looks like UTF-16 without a byte-order mark", hint)
+    line = data[: data.index(b"\0")].count(b"\n") + 1
+    raise DataError(
+        f"{shown(path)}: line {line}: a NUL byte: a binary file, not text",
+        "give the data as a text file (UTF-8); a spreadsheet or database has to be exported as CSV first",
+    )
+
+
+def _decode_error(data: bytes, path: Path, codec: str, fix: str, e: UnicodeDecodeError) -> DataError:
+    line = data[: e.start].decode(codec, errors="replace").count("\n") + 1
+    guess = _guess_encoding(data)
+    how = fix or "pass --encoding {enc} (teacher.data.encoding)"
+    if guess is not None and guess.replace("_", "-") != codec.replace("_", "-"):
+        hint = f"this looks like {guess}: " + how.format(enc=guess)
+    else:
+        hint = "find the file's encoding (e.g. `file -i`) and " + how.format(enc="NAME")
+    return DataError(f"{shown(path)}: line {line}: byte 0x{data[e.start]:02x} is not valid {codec} ({e.reason})", hint)
 
 
 def check_encoding(name: str) -> str:
@@ -236,39 +365,10 @@ def read_counted(
     """`read_table` and how many rows were read and dropped, by reason."""
     import pandas as pd
 
-    suffix = path.suffix.lower()
     if encoding == "auto" and _is_default(path):
         encoding = _DEFAULT_ENCODING
-    sep = ","
-    try:
-        if suffix == ".parquet":
-            df = pd.read_parquet(path)
-        else:
-            text = decode_bytes(path.read_bytes(), path, encoding)
-            if not text.strip():
-                raise DataError(f"{path}: the file is empty", f"give a {_FORMATS} file with a header and rows")
-            if suffix in (".json", ".jsonl"):
-                df = _read_json(text, suffix == ".jsonl")
-            else:
-                sep = _csv_separator(text, suffix)
-                df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
-    except (ValueError, OSError, pd.errors.ParserError) as e:
-        raise DataError(f"{path}: cannot be read as {suffix[1:]} ({e})", "check the file's format") from None
-    missing = [c for c in (text_column, label_column) if c not in df.columns]
-    if missing:
-        hint = "name the right columns with --text-column / --label-column (teacher.data.text_column / label_column)"
-        other = _looks_separated(df, sep) if suffix in (".csv", ".tsv") else None
-        if other == "tab":
-            hint = f"the file looks tab-separated: save it as .tsv (or comma-separated as .csv); or {hint}"
-        elif other is not None:
-            hint = (
-                f"the file looks {other}-separated: save it as .csv (the separator of a .csv header is "
-                f"detected: ',', ';', tab or '|'); or {hint}"
-            )
-        raise DataError(
-            f"{path}: no column {', '.join(repr(c) for c in missing)} (columns: {', '.join(map(str, df.columns))})",
-            hint,
-        )
+    df, sep = _read_frame(path, encoding, (text_column, label_column))
+    _check_columns(df, path, sep, (text_column, label_column))
     texts = [_text(x) for x in df[text_column].tolist()]
     labels = [_label(x) for x in df[label_column].tolist()]
     empty_text = [not t.strip() for t in texts]
@@ -285,18 +385,157 @@ def read_counted(
     return out.reset_index(drop=True), counts
 
 
-def _read_json(text: str, lines: bool) -> pd.DataFrame:
-    """Records (`[{...}, ...]`) or one record per line; JSON Lines under a .json name works too."""
+def _read_frame(path: Path, encoding: str, columns: tuple[str, str]) -> tuple[pd.DataFrame, str]:
+    """The whole table as read (CSV / TSV cells as str), and the separator a CSV was split at."""
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    data = read_file_bytes(path)
+    sep = ","
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(io.BytesIO(data)), sep
+        text = decode_bytes(data, path, encoding)
+        if not text.strip():
+            what = "the file is empty" if not text else "the file holds only blank lines / whitespace"
+            raise DataError(f"{shown(path)}: {what}", f"give a {_FORMATS} file with a header and rows")
+        if suffix in (".json", ".jsonl"):
+            return _read_json(text, path, suffix == ".jsonl"), sep
+        sep = _csv_separator(text, suffix)
+        return _read_csv(text, path, sep, columns), sep
+    except (ValueError, OSError) as e:
+        raise _format_error(path, suffix, e) from None
+
+
+def _read_csv(text: str, path: Path, sep: str, columns: tuple[str, str]) -> pd.DataFrame:
+    """A CSV / TSV, every cell a str. A row with more fields than the header is a DataError naming its line:
+    pandas would make the surplus leading fields the index when every row has them (shifting each column
+    onto the next one's values), and give a character-level parser error when only some do."""
+    import pandas as pd
+
+    _check_csv_header(text, path, sep, columns)
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+    except pd.errors.ParserError as e:
+        raise _ragged_error(text, path, sep) or _format_error(path, path.suffix.lower(), e) from None
+    if not isinstance(df.index, pd.RangeIndex):
+        shifted = ValueError(f"{df.index.nlevels} more field(s) in each row than in the header")
+        raise _ragged_error(text, path, sep) or _format_error(path, path.suffix.lower(), shifted)
+    return df
+
+
+def _format_error(path: Path, suffix: str, e: Exception) -> DataError:
+    return DataError(
+        f"{shown(path)}: cannot be read as {suffix[1:]} ({printable(str(e).strip(), 300)})", "check the file's format"
+    )
+
+
+def _check_columns(df: pd.DataFrame, path: Path, sep: str, columns: tuple[str, str]) -> None:
+    """A DataError naming the columns there are when one of `columns` is not among them."""
+    missing = [c for c in columns if c not in df.columns]
+    if not missing:
+        return
+    hint = "name the right columns with --text-column / --label-column (teacher.data.text_column / label_column)"
+    other = _looks_separated(df, sep) if path.suffix.lower() in (".csv", ".tsv") else None
+    if other == "tab":
+        hint = f"the file looks tab-separated: save it as .tsv (or comma-separated as .csv); or {hint}"
+    elif other is not None:
+        hint = (
+            f"the file looks {other}-separated: save it as .csv (the separator of a .csv header is "
+            f"detected: ',', ';', tab or '|'); or {hint}"
+        )
+    names = printable(", ".join(map(str, df.columns)), 300)  # a wrong file's header may hold anything
+    raise DataError(f"{shown(path)}: no column {', '.join(repr(c) for c in missing)} (columns: {names})", hint)
+
+
+_SEP_NAMES = {",": "comma", "\t": "tab", ";": "';'", "|": "'|'"}
+
+
+def _csv_rows(text: str, sep: str) -> Iterator[tuple[int, list[str]]]:
+    """(1-based line a record starts on, its fields) for every non-blank record, the header first; nothing
+    when Python's csv module cannot split the text (pandas' own error then stands)."""
+    reader = csv.reader(io.StringIO(text), delimiter=sep)
+    start = 1
+    try:
+        for row in reader:
+            if row:
+                yield start, row
+            start = reader.line_num + 1
+    except csv.Error:  # e.g. a field over csv's size limit: pandas splits it
+        return
+
+
+def _check_csv_header(text: str, path: Path, sep: str, columns: tuple[str, str]) -> None:
+    """A DataError when the header names the text or label column twice (pandas would silently read the
+    first and rename the second 'label.1')."""
+    line, header = next(_csv_rows(text, sep), (1, []))
+    for name in dict.fromkeys(columns):
+        fields = [i + 1 for i, h in enumerate(header) if h == name]
+        if len(fields) > 1:
+            raise DataError(
+                f"{shown(path)}: line {line}: the header names column {name!r} {len(fields)} times "
+                f"(fields {', '.join(map(str, fields))})",
+                "rename or delete the extra column(s) so that the name is unique",
+            )
+
+
+def _ragged_error(text: str, path: Path, sep: str) -> DataError | None:
+    """The first row with more fields than the header, as a DataError (None if csv finds none)."""
+    rows = _csv_rows(text, sep)
+    _, header = next(rows, (1, []))
+    for line, row in rows:
+        if len(row) > len(header):
+            name = _SEP_NAMES.get(sep, repr(sep))
+            return DataError(
+                f"{shown(path)}: line {line} has {len(row)} fields, the header has {len(header)} "
+                f"(an unquoted {name} in a text?)",
+                f"put a text that holds a {name} in double quotes (a spreadsheet's CSV export does); if the file "
+                "uses another separator, the header has to use it too (a tab-separated file: save it as .tsv)",
+            )
+    return None
+
+
+def _read_json(text: str, path: Path, lines: bool) -> pd.DataFrame:
+    """Records (`[{...}, ...]`) or one record per line; JSON Lines under a .json name works too. Invalid
+    JSON is a DataError with its line (pandas only gives a character offset)."""
     import pandas as pd
 
     kwargs: dict[str, Any] = {"dtype": False, "convert_dates": False}
+    try:
+        if not lines:
+            try:
+                return pd.read_json(io.StringIO(text), **kwargs)
+            except ValueError:
+                if not text.lstrip().startswith("{"):
+                    raise
+        return pd.read_json(io.StringIO(text), lines=True, **kwargs)
+    except ValueError as e:
+        problem = _json_problem(text, lines)
+        if problem is None:
+            raise
+        raise DataError(
+            f"{shown(path)}: line {problem[0]}: not valid JSON ({problem[1]})",
+            "write one JSON object per line (JSON Lines), or one JSON array of objects",
+        ) from e
+
+
+def _json_problem(text: str, lines: bool) -> tuple[int, str] | None:
+    """(1-based line, what is wrong) of the first syntax error, as a whole document or, for JSON Lines
+    (or a .json file of them), line by line; None when the JSON is valid (pandas refused its shape)."""
     if not lines:
         try:
-            return pd.read_json(io.StringIO(text), **kwargs)
-        except ValueError:
-            if not text.lstrip().startswith("{"):
-                raise
-    return pd.read_json(io.StringIO(text), lines=True, **kwargs)
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as e:
+            if not (e.msg == "Extra data" and text.lstrip().startswith("{")):  # else: JSON Lines under .json
+                return e.lineno, f"{e.msg}, column {e.colno}"
+    for n, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                return n, f"{e.msg}, column {e.colno}"
+    return None
 
 
 def _is_default(path: Path) -> bool:
@@ -313,26 +552,43 @@ def load_source(cfg: DataConfig, finetune: bool = True) -> tuple[Path, pd.DataFr
     df, counts = read_counted(path, cfg.text_column, cfg.label_column, source_encoding(cfg))
     need = cfg.test_size + cfg.val_size + 2
     if len(df) < need:
-        why = (
-            f" ({counts.dropped} of {counts.read} rows dropped: {counts.dropped_empty_text} with an empty text, "
-            f"{counts.dropped_missing_label} with a missing label)"
-            if counts.dropped
-            else ""
-        )
         raise DataError(
-            f"{path}: {len(df)} usable rows; need at least test_size + val_size + 2 = {need}{why}",
-            "give more rows, or lower teacher.data.test_size / val_size "
-            "(--set teacher.data.test_size=N --set teacher.data.val_size=M)",
+            f"{shown(path)}: {len(df)} usable rows; need at least test_size + val_size + 2 = {need}{_why(counts)}",
+            _too_few_hint(counts, cfg.label_column),
         )
     if finetune:
         names = sorted(set(df.label))
         if len(names) < 2:
             raise DataError(
-                f"{path}: the label column '{cfg.label_column}' has {len(names)} distinct value(s) "
+                f"{shown(path)}: the label column '{cfg.label_column}' has {len(names)} distinct value(s) "
                 f"({', '.join(repr(n) for n in names[:3])}) in {len(df)} rows; classification needs >= 2",
                 "check --label-column (teacher.data.label_column)",
             )
     return path, df, counts
+
+
+def _why(counts: RowCounts) -> str:
+    if counts.read == 0:
+        return " (the file has a header but no rows)"
+    if not counts.dropped:
+        return ""
+    return (
+        f" ({counts.dropped} of {counts.read} rows dropped: {counts.dropped_empty_text} with an empty text, "
+        f"{counts.dropped_missing_label} with a missing label)"
+    )
+
+
+def _too_few_hint(counts: RowCounts, label_column: str) -> str:
+    hint = (
+        "give more rows, or lower teacher.data.test_size / val_size "
+        "(--set teacher.data.test_size=N --set teacher.data.val_size=M)"
+    )
+    if counts.read and counts.dropped_missing_label == counts.read:  # not a small file: the wrong column
+        return (
+            f"every row's label (column {label_column!r}) is missing (empty, NaN or null): "
+            f"check --label-column (teacher.data.label_column); or {hint}"
+        )
+    return hint
 
 
 def check_source(cfg: DataConfig, finetune: bool = True) -> None:
@@ -468,12 +724,16 @@ def subset(data: Encoded, n: int | None) -> Encoded:
 
 def read_transfer(path: Path) -> Split:
     """Unlabeled transfer data: a text file, one example per non-empty line."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such transfer file (distill.transfer)", "give a text file, one example per line")
+    check_file(path, "transfer file (distill.transfer)", "give a text file, one example per line")
     text = decode_bytes(
-        path.read_bytes(), path, "auto", fix="re-save it as UTF-8, e.g. `iconv -f {enc} -t utf-8` (distill.transfer)"
+        read_file_bytes(path),
+        path,
+        "auto",
+        fix="re-save it as UTF-8, e.g. `iconv -f {enc} -t utf-8` (distill.transfer)",
     )
     texts = [line.strip() for line in text.splitlines() if line.strip()]
     if not texts:
-        raise DataError(f"{path}: no non-empty lines (distill.transfer)", "give a text file, one example per line")
+        raise DataError(
+            f"{shown(path)}: no non-empty lines (distill.transfer)", "give a text file, one example per line"
+        )
     return Split(texts=texts, labels=None)

@@ -36,6 +36,7 @@ from kdpipe.config import (
     TeacherConfig,
     TranslationConfig,
 )
+from kdpipe.data import check_file
 from kdpipe.errors import ConfigError, DataError, ExportToleranceError, ModelError
 from kdpipe.records import (
     DistillRecord,
@@ -174,11 +175,14 @@ def pairs_path(t: TranslationConfig) -> Path:
     """The pair file: the shipped ru->en pairs for 'default'."""
     if t.source == "default":
         return parallel.default_pairs_path()
-    path = Path(t.source)
-    if not path.is_file():
+    if not t.source.strip():  # Path("") is ".", which would be reported as a missing file named "."
         raise DataError(
-            f"teacher.translation.source: {path}: no such pair file", "give a .tsv, .csv or .jsonl (optionally .gz)"
+            "teacher.translation.source is empty; give a pair file path or 'default'",
+            "give a .tsv, .csv or .jsonl (optionally .gz)",
         )
+    path = Path(t.source)
+    # data.check_file: a directory, a symlink loop or an unreadable file each said as such, not "no such file"
+    check_file(path, "pair file (teacher.translation.source)", "give a .tsv, .csv or .jsonl (optionally .gz)")
     return path
 
 
