@@ -100,6 +100,11 @@ class Manifest:
                 )
             data["inputs"] = [FileRecord(**r) for r in data["inputs"]]
             data["outputs"] = [FileRecord(**r) for r in data["outputs"]]
+            if escaped := [r.path for r in data["outputs"] if not _inside(r.path)]:
+                raise ArtifactError(
+                    f"{path}: output {escaped[0]!r} is not a path inside the stage directory",
+                    "re-run the stage that wrote it (--force); outputs are relative paths inside their stage",
+                )
             data["metrics"] = {k: Metric(**m) for k, m in data.get("metrics", {}).items()}
             return cls(**data, dir=path.parent)
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
@@ -156,6 +161,14 @@ class Manifest:
                 "run the pipeline from the teacher stage on",
             )
         return read_manifest(self.dir / self.lineage[stage], stage)
+
+
+def _inside(rel: object) -> bool:
+    """Whether a recorded output path stays inside its stage directory (relative, no '..', not empty)."""
+    if not isinstance(rel, str) or not rel or "\\" in rel:
+        return False
+    parts = Path(rel).parts
+    return not Path(rel).is_absolute() and ".." not in parts and rel not in (".", MANIFEST)
 
 
 def verify_outputs(m: Manifest) -> list[str]:
