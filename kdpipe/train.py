@@ -456,11 +456,7 @@ def _train(
     w = distributed.join(device.torch_device)
     loop, trainee, runner = _prepare(model, objective, data, plan, device, param_groups, teachers, student_ids, w)
     result = TrainResult(steps=0, seconds=0.0, samples_per_second=0.0, final_loss=float("nan"))
-    epoch, skip = 0, 0
-    if plan.checkpoint is not None and plan.resume and plan.checkpoint.is_file():
-        epoch, skip = checkpoints.restore(plan.checkpoint, trainee, loop, result, w)
-        if console is not None:
-            console.print(f"{plan.description}: resumed from step {result.steps} of {loop.total} ({plan.checkpoint})")
+    epoch, skip = _resume(plan, trainee, loop, result, w, console)
     result.resumed_from = result.steps if result.steps else None
     start = time.perf_counter() - result.seconds
     with _progress(console) as progress:
@@ -498,6 +494,25 @@ def _train(
         _restore_best(model, val_data, device, result)
     model.eval()
     return result
+
+
+def _resume(
+    plan: TrainPlan, trainee: _Trainee, loop: _Loop, result: TrainResult, w: distributed.World, console: Console | None
+) -> tuple[int, int]:
+    """(epoch, skip) where training starts: the checkpoint's when resuming from one that passes its integrity
+    check, (0, 0) otherwise (a damaged one is discarded, saying so: the run is then a fresh one)."""
+    if plan.checkpoint is None or not plan.resume or not plan.checkpoint.is_file():
+        return 0, 0
+    try:
+        epoch, skip = checkpoints.restore(plan.checkpoint, trainee, loop, result, w)
+    except checkpoints.UntrustedCheckpoint as e:
+        if console is not None:
+            line = f"{plan.description}: {e.message}, training {plan.description} from step 0"
+            console.print(line, markup=False, soft_wrap=True)
+        return 0, 0
+    if console is not None:
+        console.print(f"{plan.description}: resumed from step {result.steps} of {loop.total} ({plan.checkpoint})")
+    return epoch, skip
 
 
 def _to_device(batch: dict[str, Any], device: Device) -> dict[str, Any]:

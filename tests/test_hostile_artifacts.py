@@ -173,7 +173,8 @@ def test_a_really_full_disk_during_a_stage(finished, tmp_path) -> None:  # type:
         assert not [p for p in mnt.iterdir() if p.name.startswith(".student")], list(mnt.iterdir())
         assert not (mnt / "student").exists()
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        # lazy: the teacher's weights may still be memory-mapped by this process; the mount goes once they are not
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 # ----------------------------------------------------------------------------- the teacher-output cache
@@ -191,3 +192,48 @@ def test_a_rebuilt_teacher_cache_says_why(finished, tmp_path) -> None:  # type: 
     rec = json.loads((run / "distill" / "manifest.json").read_text())["record"]["teacher_cache"]
     assert rec["status"] == "miss" and "logits.npy: changed since it was written" in rec["rebuilt_because"]
     assert str(run) not in rec["rebuilt_because"]  # paths in a manifest are relative to the run
+
+
+# ----------------------------------------------------------------------------- output roots that cannot be made
+def test_an_out_root_below_a_file_is_one_line(tiny_recipe, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, out = invoke("student", "-r", tiny_recipe, "-o", blocker / "runs")
+    assert_one_line_error(code, out, "cannot be created", "a-file is not a directory")
+
+
+def test_an_out_root_the_os_refuses_is_one_line(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from kdpipe.artifacts import locked
+    from kdpipe.errors import ArtifactError
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    refused = pytest.raises(ArtifactError, match="cannot create the output directory \\(Permission denied\\)")
+    with refused, locked(tmp_path / "runs"):
+        pass
+
+
+def test_compare_on_a_run_without_report_json_says_so(finished, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kdpipe.compare import compare_runs
+    from kdpipe.errors import ArtifactError
+
+    _, run = _copy(finished, tmp_path)
+    (run / "profile" / "report.json").unlink()  # as a translation run's profile writes none
+    with pytest.raises(ArtifactError, match="wrote no report.json"):
+        compare_runs(run, run / "profile")
+
+
+@pytest.mark.parametrize("bad", ["../teacher/model/model.safetensors", "/etc/passwd", "", "model/../../x", "a\\b"])
+def test_a_manifest_output_outside_its_stage_is_refused(finished, tmp_path, bad) -> None:  # type: ignore[no-untyped-def]
+    from kdpipe.artifacts import read_manifest
+    from kdpipe.errors import ArtifactError
+
+    _, run = _copy(finished, tmp_path)
+    mpath = run / "distill" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["outputs"][0]["path"] = bad
+    write_json_atomic(mpath, json.dumps(m))
+    with pytest.raises(ArtifactError, match="is not a path inside the stage directory"):
+        read_manifest(run / "distill", "distill")

@@ -1,8 +1,10 @@
 """Resume: a run interrupted at any step and continued from its checkpoint ends bit-identical to one that never
-stopped; gradient accumulation gives the same steps as the whole batch; a damaged checkpoint is one clear error."""
+stopped; gradient accumulation gives the same steps as the whole batch; a damaged checkpoint is discarded."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 from test_wiring import CPU, _bert, _cfg, _ctx, _data, _Sched
 
+from kdpipe import checkpoints
 from kdpipe import train as train_mod
 from kdpipe.errors import ArtifactError
 from kdpipe.losses.objective import build_objective
@@ -94,9 +97,20 @@ def test_the_schedule_position_resumes(tmp_path: Path) -> None:
     _same(model, whole_model)
 
 
-def test_a_damaged_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
+def test_a_damaged_checkpoint_is_discarded_and_training_starts_over(tmp_path: Path) -> None:
+    """Bytes no integrity record vouches for are never read (tests/test_checkpoint_integrity.py has the rest)."""
     ckpt = tmp_path / "kd.pt"
     ckpt.write_bytes(b"not a checkpoint")
+    fresh, _ = _run(ckpt, resume=True)
+    assert fresh.resumed_from is None and len(fresh.history) == 15
+    assert ckpt.read_bytes() != b"not a checkpoint"  # replaced by the new run's own
+
+
+def test_a_vouched_for_checkpoint_that_does_not_load_is_one_clear_error(tmp_path: Path) -> None:
+    ckpt = tmp_path / "kd.pt"
+    ckpt.write_bytes(b"not a checkpoint")
+    entry = {"sha256": hashlib.sha256(b"not a checkpoint").hexdigest(), "size": 16}
+    checkpoints.record_path(ckpt).write_text(json.dumps({"version": 1, "accept": [entry]}))
     with pytest.raises(ArtifactError) as e:
         _run(ckpt, resume=True)
     assert "kd.pt" in e.value.message and "delete it" in (e.value.hint or "")
