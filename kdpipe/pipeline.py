@@ -154,8 +154,12 @@ def _checkpoint_dir(out_root: Path, final: Path, rid: str, ctx: RunContext) -> P
     """<out>/.checkpoints/<stage>/: kept for this very run when resuming, cleared otherwise (saying so)."""
     d = out_root / CHECKPOINTS / final.name
     marker = d / "run_id"
+    for p in (d.parent, d):
+        if p.is_symlink() or (p.exists() and not p.is_dir()):  # not ours as it stands: never follow or resume it
+            ctx.console.print(f"[yellow]removed[/] {p}: not a checkpoint directory")
+            p.unlink()
     if d.exists():
-        same = marker.is_file() and marker.read_text(encoding="utf-8").strip() == rid
+        same = _marker(marker) == rid
         found = sorted(p.stem for p in d.glob("*.pt"))
         if same and ctx.resume and found:
             ctx.console.print(f"[yellow]resuming[/] {final.name} from its checkpoints ({', '.join(found)})")
@@ -167,6 +171,14 @@ def _checkpoint_dir(out_root: Path, final: Path, rid: str, ctx: RunContext) -> P
     d.mkdir(parents=True, exist_ok=True)
     marker.write_text(rid + "\n", encoding="utf-8")
     return d
+
+
+def _marker(path: Path) -> str | None:
+    """The run id a checkpoint directory records; None when it is missing or not a run id (damaged: start over)."""
+    try:
+        return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _up_to_date(final: Path, rid: str, identity: dict[str, Any], force: bool, console: Console) -> Manifest | None:

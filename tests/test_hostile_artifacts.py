@@ -237,3 +237,25 @@ def test_a_manifest_output_outside_its_stage_is_refused(finished, tmp_path, bad)
     write_json_atomic(mpath, json.dumps(m))
     with pytest.raises(ArtifactError, match="is not a path inside the stage directory"):
         read_manifest(run / "distill", "distill")
+
+
+# ----------------------------------------------------------------------------- checkpoint directories
+@pytest.mark.parametrize("plant", ["binary-run-id", "run-id-dir", "dir-is-a-file"])
+def test_a_damaged_checkpoint_directory_starts_the_stage_over(finished, tmp_path, plant) -> None:  # type: ignore[no-untyped-def]
+    recipe, run = _copy(finished, tmp_path)
+    d = run / ".checkpoints" / "distill"
+    if plant == "dir-is-a-file":
+        d.parent.mkdir(exist_ok=True)
+        d.write_bytes(b"\x00junk")
+    else:
+        d.mkdir(parents=True)
+        (d / "kd.pt").write_bytes(b"\x00" * 32)
+        if plant == "binary-run-id":
+            (d / "run_id").write_bytes(b"\xff\xfe\x00\x01")
+        else:
+            (d / "run_id").mkdir()
+    code, out = invoke("distill", "-r", recipe, "-o", run, "--force", "--resume", "--no-baseline")
+    assert code == 0, out
+    assert "unexpected" not in out and "resuming" not in out
+    assert ("starting distill over" in out) or ("not a checkpoint directory" in out), out
+    assert not (run / ".checkpoints" / "distill").exists()  # deleted once the stage finished
