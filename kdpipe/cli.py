@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -106,21 +108,39 @@ def _stage(
 
 
 def _out_root(out: Path | None, recipe_out: str) -> Path:
+    what = "--out" if out is not None else "out (the recipe's output directory)"
     root = out if out is not None else Path(recipe_out)
     if root.exists() and not root.is_dir():
-        what = "--out" if out is not None else "out (the recipe's output directory)"
         raise ConfigError(f"{what} {root}: is a file, not a directory", "give a directory (it is created if missing)")
+    # the nearest existing ancestor decides whether the directory can be made (before any model loads)
+    above = next((a for a in root.absolute().parents if a.exists()), None)
+    if not root.exists() and above is not None and (not above.is_dir() or not os.access(above, os.W_OK | os.X_OK)):
+        why = "is not a directory" if not above.is_dir() else "is not writable"
+        raise ConfigError(f"{what} {root}: cannot be created: {above} {why}", "give a directory you can write to")
     return root
 
 
-def _opt(sets: list[str], key: str, value: object) -> list[str]:
+def _opt(sets: list[str], key: str, value: object, flag: str, typed: str | None = None, raw: bool = False) -> list[str]:
+    """The option `flag` (given as `value`; None: not given) as a `key=value` override in front of the --set ones,
+    which win. It remembers the option, so that an error names `--opset 99`, what the user typed, and not a
+    `--set export.opset=99` they never wrote. A string is quoted (a path like `data #1.csv` or `on: 2.csv` is a
+    string, not YAML) unless `raw` (the --layers list); `typed` is the text shown when it differs from value."""
+    from kdpipe.config import Override
+
     if value is None:
         return sets
+    origin = flag if isinstance(value, bool) else f"{flag} {value if typed is None else typed}"
     if isinstance(value, list | tuple):
-        value = "[" + ",".join(str(v) for v in value) + "]"
+        text = "[" + ",".join(str(v) for v in value) + "]"
     elif isinstance(value, bool):
-        value = str(value).lower()
-    return [f"{key}={value}", *sets]
+        text = str(value).lower()
+    elif isinstance(value, float):
+        text = repr(value) if math.isfinite(value) else {"inf": ".inf", "-inf": "-.inf"}.get(str(value), ".nan")
+    elif isinstance(value, str) and not raw:
+        text = json.dumps(value)  # a JSON string is a YAML double-quoted string
+    else:
+        text = str(value)
+    return [Override(f"{key}={text}", origin), *sets]
 
 
 @app.command()
@@ -143,7 +163,7 @@ def run(
         from kdpipe.config import load_recipe
         from kdpipe.data import check_source
 
-        cfg, path = load_recipe(recipe, _opt(sets, "profile", profile))
+        cfg, path = load_recipe(recipe, _opt(sets, "profile", profile, "--profile"))
         check_source(cfg.teacher.data, finetune=cfg.teacher.finetune)  # data errors first, before torch loads
         root = _out_root(out, cfg.out)
         from kdpipe.pipeline import run_all  # imports torch: after the checks that need none
@@ -179,13 +199,13 @@ def teacher(
 ) -> None:
     """Load a teacher, fine-tune a classification head on the train split, record test metrics."""
     with _guard():
-        s = _opt(sets, "teacher.model", model)
-        s = _opt(s, "teacher.data.source", data)
-        s = _opt(s, "teacher.data.encoding", encoding)
-        s = _opt(s, "teacher.data.text_column", text_column)
-        s = _opt(s, "teacher.data.label_column", label_column)
-        s = _opt(s, "teacher.epochs", epochs)
-        s = _opt(s, "teacher.finetune", False if no_finetune else None)
+        s = _opt(sets, "teacher.model", model, "--model")
+        s = _opt(s, "teacher.data.source", data, "--data")
+        s = _opt(s, "teacher.data.encoding", encoding, "--encoding")
+        s = _opt(s, "teacher.data.text_column", text_column, "--text-column")
+        s = _opt(s, "teacher.data.label_column", label_column, "--label-column")
+        s = _opt(s, "teacher.epochs", epochs, "--epochs")
+        s = _opt(s, "teacher.finetune", False if no_finetune else None, "--no-finetune")
         _stage("teacher", recipe, s, out, None, force, resume=resume)
 
 
@@ -227,10 +247,10 @@ def student(
     with _guard():
         s = sets
         if layers is not None:
-            s = _opt(s, "student.layers", _layers(layers))
-        s = _opt(s, "student.k", k)
-        s = _opt(s, "student.init", init)
-        s = _opt(s, "student.pretrained", pretrained)
+            s = _opt(s, "student.layers", _layers(layers), "--layers", typed=layers, raw=True)
+        s = _opt(s, "student.k", k, "-k")
+        s = _opt(s, "student.init", init, "--init")
+        s = _opt(s, "student.pretrained", pretrained, "--pretrained")
         _stage("student", recipe, s, out, teacher_dir, force)
 
 
@@ -263,9 +283,9 @@ def distill(
             from kdpipe.distributed import launch
 
             raise typer.Exit(launch(nproc, sys.argv[1:]))
-        s = _opt(sets, "distill.epochs", epochs)
-        s = _opt(s, "distill.device", device)
-        s = _opt(s, "distill.baseline", False if no_baseline else None)
+        s = _opt(sets, "distill.epochs", epochs, "--epochs")
+        s = _opt(s, "distill.device", device, "--device")
+        s = _opt(s, "distill.baseline", False if no_baseline else None, "--no-baseline")
         _stage("distill", recipe, s, out, student_dir, force, temperature=temperature, resume=resume)
 
 
@@ -281,8 +301,8 @@ def export(
 ) -> None:
     """Export student and teacher to ONNX (dynamic batch/sequence) and check parity on real inputs."""
     with _guard():
-        s = _opt(sets, "export.opset", opset)
-        s = _opt(s, "export.atol", atol)
+        s = _opt(sets, "export.opset", opset, "--opset")
+        s = _opt(s, "export.atol", atol, "--atol")
         _stage("export", recipe, s, out, distill_dir, force)
 
 
@@ -300,7 +320,7 @@ def profile(
     """Time every student variant and the teacher (each in its own processes), check the profile's budgets,
     write latency.json, report.json (the figures) and report.md with a Pareto chart."""
     with _guard():
-        done = _stage("profile", recipe, _opt(sets, "profile", target), out, export_dir, force)
+        done = _stage("profile", recipe, _opt(sets, "profile", target, "--profile"), out, export_dir, force)
         typer.echo(f"report: {done / 'report.md'}")
         _after_profile(done, strict, compare)
 
@@ -331,13 +351,13 @@ def _after_profile(profile_dir: Path, strict: bool, compare: Path | None) -> Non
 def validate(files: list[Path] = typer.Argument(..., help="Recipe or profile YAML files to check.")) -> None:
     """Check recipes and profiles without running anything."""
     from kdpipe.validate import validate_file
+    from kdpipe.yamlio import check_file
 
     failed = 0
     for f in files:
         try:
             with _guard():
-                if not f.is_file():
-                    raise ConfigError(f"{f}: no such file", "give the path of a recipe or profile YAML file")
+                check_file(f)  # the true reason: no such file, a directory, a symlink loop, permissions
                 kind = validate_file(f)
                 typer.echo(f"ok: {f} ({kind})")
                 if kind == "profile":

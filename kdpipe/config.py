@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kdpipe.errors import ConfigError, did_you_mean
 from kdpipe.losses.terms import HintonLoss, LossConfig
 from kdpipe.textcodec import encoding_problem
+from kdpipe.yamlio import available as available
+from kdpipe.yamlio import parse_yaml
+from kdpipe.yamlio import read_yaml as read_yaml
+from kdpipe.yamlio import resolve as resolve
 
 
 class _Strict(BaseModel):
@@ -28,6 +31,13 @@ class _Strict(BaseModel):
 
 SEED_MAX = 2**32 - 1  # numpy's RandomState takes seeds in [0, 2**32 - 1]
 MAX_ROWS = 10**9
+
+
+def _not_blank(v: str, what: str) -> str:
+    # Path("") is ".": an empty source would be read as the working directory
+    if not v.strip():
+        raise ValueError(f"is empty; give {what} or 'default'")
+    return v
 
 
 # --------------------------------------------------------------------------- teacher stage
@@ -51,6 +61,11 @@ class DataConfig(_Strict):
     val_size: int = Field(500, ge=0, le=MAX_ROWS, description="Rows held out for model selection during training.")
     test_size: int = Field(2000, gt=0, le=MAX_ROWS, description="Rows held out for the final test metrics.")
     max_length: int = Field(64, ge=8, le=512, description="Tokens per example after truncation.")
+
+    @field_validator("source")
+    @classmethod
+    def _source_given(cls, v: str) -> str:
+        return _not_blank(v, "a data file path")
 
     @field_validator("encoding")
     @classmethod
@@ -84,6 +99,19 @@ class PosteriorConfig(_Strict):
         "float16", description="Storage type of the low-rank factor (float16 halves the file)."
     )
 
+    @model_validator(mode="after")
+    def _enough_iterates(self) -> PosteriorConfig:
+        # kdpipe.bayes.swag collects the iterate at every step divisible by collect_every and refuses fewer than
+        # max(2, rank) of them, but only after the teacher has trained: the same count, checked here
+        iterates = self.steps // self.collect_every
+        if self.kind == "swag" and iterates < max(2, self.rank):
+            raise ValueError(
+                f"swag collects steps // collect_every = {self.steps} // {self.collect_every} = {iterates} iterates, "
+                f"fewer than the rank {self.rank} of the factor it builds from them: raise steps to at least "
+                f"{max(2, self.rank) * self.collect_every}, or lower collect_every or rank"
+            )
+        return self
+
 
 class TranslationConfig(_Strict):
     """teacher.task: translation (seq2seq, kdpipe.seq2seq): the pairs, the tokenizer and the from-scratch model."""
@@ -94,6 +122,12 @@ class TranslationConfig(_Strict):
         ".tsv / .csv / .jsonl file (optionally .gz) with one pair per row.",
     )
     source_column: str = Field("ru", description="Column holding the source sentence.")
+
+    @field_validator("source")
+    @classmethod
+    def _source_given(cls, v: str) -> str:
+        return _not_blank(v, "a pair file path")
+
     target_column: str = Field("en", description="Column holding the reference translation.")
     test_size: int = Field(1000, gt=0, le=MAX_ROWS, description="Pairs held out for the final test BLEU.")
     val_size: int = Field(300, gt=0, le=MAX_ROWS, description="Pairs held out for the per-epoch validation BLEU.")
@@ -578,95 +612,31 @@ class Recipe(_Strict):
     @field_validator("out")
     @classmethod
     def _out_not_empty(cls, v: str) -> str:
-        if not v.strip():
+        if not v.strip() or "\x00" in v:  # no file system takes a NUL byte in a path
             raise ValueError("must be a directory path")
         return v
 
 
 # --------------------------------------------------------------------------- loading
-def _search_dirs(kind: str) -> list[Path]:
-    """Where recipe / profile names are looked up: ./<kind>, the source checkout, the wheel copy."""
-    pkg = Path(__file__).resolve().parent
-    dirs = [Path.cwd() / kind, pkg.parent / kind, pkg / "_bundled" / kind]
-    seen: list[Path] = []
-    for d in dirs:
-        if d.is_dir() and d.resolve() not in seen:
-            seen.append(d.resolve())
-    return seen
+class Override(str):
+    """A `key=value` override the CLI made from one of its options (`--opset 99`): errors name the option the
+    user typed (`origin`), not a `--set` they never wrote."""
+
+    origin: str
+
+    def __new__(cls, item: str, origin: str) -> Override:
+        self = super().__new__(cls, item)
+        self.origin = origin
+        return self
 
 
-def available(kind: str) -> list[str]:
-    """Names of the recipes ('stages') or profiles ('profiles') that can be given by name."""
-    return sorted({p.stem for d in _search_dirs(kind) for p in d.glob("*.yaml")})
+def _short(text: str) -> str:
+    return text if len(text) <= 100 else text[:80] + "..."
 
 
-def resolve(kind: str, name_or_path: str | Path) -> Path:
-    """A recipe/profile name ('default', 'cpu') or a path -> an existing YAML file."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise ConfigError(
-                f"{p}: no such file", f"give an existing YAML file, or a name ({did_you_mean(p.stem, available(kind))})"
-            )
-        return p
-    for d in _search_dirs(kind):
-        cand = d / f"{name_or_path}.yaml"
-        if cand.is_file():
-            return cand
-    what = "recipe" if kind == "stages" else "profile"
-    raise ConfigError(f"unknown {what} '{name_or_path}'", did_you_mean(str(name_or_path), available(kind)))
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML with 1.2 floats: `lr: 2e-5` is a number (PyYAML's YAML 1.1 needs `2.0e-5`), since configs are
-    validated strictly and a float field does not take a string."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a directory", "give the path of a recipe or profile YAML file")
-    raw = path.read_bytes()
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise ConfigError(f"{path}: UTF-16 text, not UTF-8", "save the file as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); is it a binary file?",
-            "a recipe or profile is a YAML text file saved as UTF-8",
-        ) from None
-    if "\x00" in text:
-        raise ConfigError(
-            f"{path}: contains NUL bytes; is it a binary file?", "a recipe or profile is a YAML text file"
-        )
-    try:
-        data = _yaml(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})", "fix the YAML syntax") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level", "write key: value pairs")
-    return data
+def _shown(item: str) -> str:
+    """How an override is named in an error: its CLI option, or `--set key=value` (shortened when huge)."""
+    return item.origin if isinstance(item, Override) else f"--set {_short(item)}"
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -676,21 +646,21 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         parts = [p.strip() for p in key.split(".")]
         if not sep or not all(parts):
-            raise ConfigError(f"--set {item}: expected key=value with a dotted key", "e.g. --set distill.epochs=3")
+            raise ConfigError(f"{_shown(item)}: expected key=value with a dotted key", "e.g. --set distill.epochs=3")
         try:
-            value = _yaml(raw) if raw.strip() else ""
+            value = parse_yaml(raw, _shown(item)) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(
-                f"--set {item}: the value is not valid YAML ({e.__class__.__name__})",
+                f"{_shown(item)}: the value is not valid YAML ({getattr(e, 'problem', None) or e.__class__.__name__})",
                 "quote strings and write lists as [a, b], e.g. --set student.layers=[0,2]",
             ) from None
         node = out
         for i, part in enumerate(parts[:-1]):
             nxt = node.setdefault(part, {})
             if not isinstance(nxt, dict):
-                where = ".".join(parts[: i + 1])
+                where = _short(".".join(parts[: i + 1]))
                 raise ConfigError(
-                    f"--set {item}: {where} was already set to a value, not a section", "drop one of them"
+                    f"{_shown(item)}: {where} was already set to a value, not a section", "drop one of them"
                 )
             node = nxt
         node[parts[-1]] = value
@@ -698,12 +668,12 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 def _override_source(overrides: list[str] | None, loc: tuple[Any, ...]) -> str | None:
-    """The `--set key=value` a validation error at `loc` comes from, if any (the last one wins)."""
+    """The `--set key=value` (or CLI option) a validation error at `loc` comes from, if any (the last one wins)."""
     path = [str(p) for p in loc]
     for item in reversed(overrides or []):
         parts = [p.strip() for p in item.partition("=")[0].split(".")]
         if path[: len(parts)] == parts or parts[: len(path)] == path:
-            return f"--set {item}"
+            return _shown(item)
     return None
 
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import codecs
 import csv
-import errno
 import importlib.util
 import io
 import json
 import math
 import numbers
-import os
 import re
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -23,6 +20,7 @@ import numpy as np
 
 from kdpipe.config import DataConfig
 from kdpipe.errors import DataError
+from kdpipe.files import PERMISSION_HINT, message, path_problem, shown
 from kdpipe.textcodec import binary_kind, encoding_problem, printable, utf16_without_bom
 
 if TYPE_CHECKING:
@@ -97,63 +95,23 @@ def source_encoding(cfg: DataConfig) -> str:
 
 
 # --------------------------------------------------------------------------- files
-def shown(path: Path) -> str:
-    """A path as an error message names it: a newline or an escape in a file name would garble the line."""
-    return printable(str(path))
-
-
-_SPECIAL = (
-    (stat.S_ISFIFO, "a named pipe (FIFO)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
 def check_file(path: Path, what: str, hint: str, directory: str = "a file is expected, not a directory") -> None:
     """A DataError unless `path` is a regular file (or a symlink to one) that this process may read, with
-    what it is instead: missing, a directory, a symlink loop or to nothing, a pipe or device, unreadable.
-    `hint` says which file to give; `directory` what to say to a directory."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as e:
-        raise _stat_error(path, what, hint, e) from None
-    if stat.S_ISDIR(mode):
+    what it is instead (kdpipe.files: missing, a directory, a symlink loop or to nothing, a pipe or device,
+    unreadable). `hint` says which file to give; `directory` what to say to a directory."""
+    problem = path_problem(path, what)
+    if problem is None:
+        return
+    text = message(path, problem)
+    if problem.kind == "directory":
         named = f" (despite its '{printable(path.suffix)}' name)" if path.suffix.lower() in _SUFFIXES else ""
-        raise DataError(
-            f"{shown(path)}: is a directory, not a {what}{named}", _directory_hint(path, f"{directory}: {hint}")
-        )
-    special = next((name for test, name in _SPECIAL if test(mode)), None)
-    if special:  # the data is read twice (the CLI's check, then the stage): a pipe would be empty the second time
-        raise DataError(f"{shown(path)}: is {special}, not a regular file", f"write the data to a file first; {hint}")
-    if not os.access(path, os.R_OK):
-        raise DataError(f"permission denied: {shown(path)}", _PERMISSION_HINT)
-
-
-_PERMISSION_HINT = "check its permissions (`ls -l`; e.g. `chmod u+r FILE`), or run as a user who may read it"
-
-
-def _stat_error(path: Path, what: str, hint: str, e: OSError) -> DataError:
-    if e.errno == errno.ELOOP:
-        return DataError(
-            f"{shown(path)}: symlink loop (the link leads, directly or through others, back to itself)",
-            f"point the link at the real file (see `ls -l {shown(path)}`), or give the file itself; {hint}",
-        )
-    if isinstance(e, PermissionError):  # a directory on the way that may not be searched
-        return DataError(f"permission denied: {shown(path)}", _PERMISSION_HINT)
-    if isinstance(e, NotADirectoryError):
-        file = next((p for p in reversed(path.parents) if p.is_file()), None)
-        where = f" ({shown(file)} is a file, not a directory)" if file else ""
-        return DataError(f"{shown(path)}: no such {what}{where}", hint)
-    if isinstance(e, FileNotFoundError):
-        if path.is_symlink():
-            target = printable(os.readlink(path))
-            return DataError(f"{shown(path)}: a symlink to {target}, which does not exist", hint)
-        tilde = (
-            " ('~' is not expanded inside a recipe or --set: write the full path)" if str(path).startswith("~") else ""
-        )
-        return DataError(f"{shown(path)}: no such {what}", hint + tilde)
-    return DataError(f"{shown(path)}: cannot be opened ({printable(e.strerror or str(e))})", hint)
+        raise DataError(text + named, _directory_hint(path, f"{directory}: {hint}"))
+    hints = {
+        "special": f"write the data to a file first; {hint}",
+        "loop": f"point the link at the real file (see `ls -l {shown(path)}`), or give the file itself; {hint}",
+        "permission": PERMISSION_HINT,
+    }
+    raise DataError(text, hints.get(problem.kind, hint))
 
 
 def _directory_hint(path: Path, hint: str) -> str:
@@ -171,7 +129,7 @@ def read_file_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except PermissionError:
-        raise DataError(f"permission denied: {shown(path)}", _PERMISSION_HINT) from None
+        raise DataError(f"permission denied: {shown(path)}", PERMISSION_HINT) from None
     except IsADirectoryError:
         raise DataError(f"{shown(path)}: is a directory, not a file", "give a file") from None
     except OSError as e:

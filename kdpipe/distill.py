@@ -87,16 +87,37 @@ def check_losses(recipe: Recipe) -> None:
         t_dir = resolve_model_dir(recipe.teacher.model)
     except ModelError:
         return
-    t_conf = json.loads((t_dir / "config.json").read_text())
+    t_conf = _sizes(json.loads((t_dir / "config.json").read_text()))
+    if t_conf is None:  # an architecture whose config names its sizes otherwise: the student stage checks it
+        return
     if recipe.student.pretrained is not None:
-        s_conf = json.loads(
-            (resolve_model_dir(recipe.student.pretrained, "student.pretrained") / "config.json").read_text()
+        s_conf = _sizes(
+            json.loads((resolve_model_dir(recipe.student.pretrained, "student.pretrained") / "config.json").read_text())
         )
+        if s_conf is None:
+            return
         kept = uniform_layers(int(s_conf["num_hidden_layers"]), int(t_conf["num_hidden_layers"]))
     else:
         kept = select_layers(recipe.student, int(t_conf["num_hidden_layers"]))
         s_conf = {**t_conf, "num_hidden_layers": len(kept)}
     check_objective(recipe.distill, loss_context(t_conf, s_conf, layer_map(kept)))
+
+
+_SIZE_ALIASES = {"num_hidden_layers": ("n_layer", "num_layers", "encoder_layers"), "hidden_size": ("n_embd", "d_model")}
+
+
+def _sizes(conf: Any) -> dict[str, Any] | None:
+    """A config.json dict with `num_hidden_layers` and `hidden_size` under those names (GPT-2 says n_layer / n_embd,
+    BART encoder_layers / d_model), or None when it names neither."""
+    if not isinstance(conf, dict):
+        return None
+    out = dict(conf)
+    for key, aliases in _SIZE_ALIASES.items():
+        value = next((conf[k] for k in (key, *aliases) if isinstance(conf.get(k), int)), None)
+        if value is None:
+            return None
+        out[key] = value
+    return out
 
 
 def _check_bayes(recipe: Recipe) -> None:

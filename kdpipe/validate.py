@@ -9,7 +9,8 @@ from pydantic import BaseModel, ValidationError
 
 from kdpipe.config import Recipe, TargetProfile, format_validation_error, load_profile, read_yaml
 from kdpipe.distill import check_losses
-from kdpipe.errors import ConfigError
+from kdpipe.errors import ConfigError, KdpipeError
+from kdpipe.recipecheck import check_layers
 
 
 def file_kind(path: Path, data: dict[str, Any]) -> str:
@@ -45,15 +46,25 @@ def validate_file(path: Path) -> str:
         raise err from None
     if kind == "recipe":
         recipe = Recipe.model_validate(data)
-        load_profile(recipe.profile)
-        check_recipe(recipe)
+        try:
+            load_profile(recipe.profile)
+            check_recipe(recipe)
+        except KdpipeError as e:  # the recipe's own fields are at fault: name the file, as its schema errors do
+            e.message = "\n".join(_named(str(path), line) for line in e.message.splitlines())
+            raise
     return kind
+
+
+def _named(source: str, line: str) -> str:
+    return line if line.startswith(source) else f"{source}: {line}"
 
 
 def check_recipe(recipe: Recipe) -> None:
     """Every cross-check of a recipe that needs no trained model, run by `kdpipe run` before the teacher
     trains and by `kdpipe validate`: input files and directories exist, the device is there, the loss
-    terms fit the layer maps and widths (from the teacher's config.json when it is on this machine)."""
+    terms fit the layer maps and widths (from the teacher's config.json when it is on this machine), the layers
+    every student keeps exist in the stacks it is cut from, and SWAG collects enough iterates (the config)."""
+    check_layers(recipe)
     d = recipe.distill
     if d.transfer is not None and not Path(d.transfer).is_file():
         raise ConfigError(f"distill.transfer: {d.transfer}: no such file", "give a text file, one example per line")

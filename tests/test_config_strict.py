@@ -247,3 +247,40 @@ def test_validate_notes_a_provider_this_machine_lacks(tmp_path: Path) -> None:
     code, out = invoke("validate", p)
     assert code == 0, out
     assert "CUDAExecutionProvider not available on this machine" in " ".join(out.split()), out
+
+
+# --------------------------------------------------------------------------- CLI options are named as typed
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["export", "--opset", "99"], "--opset 99: export.opset: Input should be less than or equal to 21"),
+        (["export", "--atol", "5"], "--atol 5.0: export.atol:"),
+        (["teacher", "--epochs", "-1"], "--epochs -1.0: teacher.epochs:"),
+        (["teacher", "--epochs", "inf"], "--epochs inf: teacher.epochs: Input should be a finite number"),
+        (["teacher", "--encoding", "no-such-codec"], "--encoding no-such-codec: teacher.data.encoding:"),
+        (["student", "-k", "0"], "-k 0: student.k:"),
+        (["student", "--init", "bogus"], "--init bogus: student.init:"),
+        (["distill", "--device", "tpu"], "--device tpu: distill.device:"),
+        (["distill", "--epochs", "0"], "--epochs 0.0: distill.epochs:"),
+    ],
+)
+def test_an_option_error_names_the_option_typed(args: list[str], needle: str) -> None:
+    code, out = invoke(*args, "-o", "/nonexistent-never-created")
+    assert_one_line_error(code, out, needle)
+    assert "--set" not in out, out  # the user never typed a --set
+    no_unexpected(out)
+
+
+def test_a_set_still_wins_over_the_option_and_is_named() -> None:
+    code, out = invoke("export", "--opset", "18", "--set", "export.opset=99", "-o", "/nonexistent-never-created")
+    assert_one_line_error(code, out, "--set export.opset=99: export.opset")
+    assert "--opset" not in out, out
+
+
+@pytest.mark.parametrize("name", ["a #1.csv", "on: 2.csv", "[x].csv", "null", "2024"])
+def test_an_option_value_is_a_string_not_yaml(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--data 'a #1.csv'` used to read the file 'a' (YAML drops the comment), `--data null` the default data
+    monkeypatch.chdir(tmp_path)
+    code, out = invoke("teacher", "--data", name, "-o", tmp_path / "runs")
+    assert_one_line_error(code, out, f"{name}: no such data file")
+    no_unexpected(out)

@@ -156,13 +156,19 @@ def test_binary_files_under_a_csv_name(tmp_path: Path, content: bytes, needle: s
 # --------------------------------------------------------------------------- 5. an empty source
 @pytest.mark.parametrize("source", ["", "  "])
 def test_an_empty_source_is_not_the_current_directory(source: str) -> None:
-    e = _error(source)
-    assert e.message == "teacher.data.source is empty; give a data file path or 'default'"
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="is empty; give a data file path or 'default'"):
+        DataConfig(source=source)  # the recipe refuses it ...
+    cfg = DataConfig.model_construct(source=source, encoding="auto")
+    with pytest.raises(DataError) as e:  # ... and the reader, should a config bypass validation
+        check_source(cfg)
+    assert e.value.message == "teacher.data.source is empty; give a data file path or 'default'"
 
 
 def test_an_empty_source_from_the_command_line(tmp_path: Path) -> None:
     code, out = invoke("teacher", "--set", "teacher.data.source=", "-o", tmp_path / "runs")
-    assert_one_line_error(code, out, "teacher.data.source is empty; give a data file path or 'default'")
+    assert_one_line_error(code, out, "teacher.data.source: Value error, is empty; give a data file path or 'default'")
     assert "no such" not in out
 
 
@@ -230,4 +236,6 @@ def test_a_directory_of_pairs_is_said_to_be_one(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"pairs.tsv: is a directory, not a pair file"):
         pairs_path(TranslationConfig(source=str(tmp_path / "pairs.tsv")))
     with pytest.raises(DataError, match=r"^teacher.translation.source is empty"):
-        pairs_path(TranslationConfig(source=""))
+        pairs_path(TranslationConfig.model_construct(source=""))  # the reader's backstop
+    with pytest.raises(ValueError, match="is empty; give a pair file path"):
+        TranslationConfig(source=" ")

@@ -1,11 +1,13 @@
 """Seeded mutations of every shipped recipe and profile through `kdpipe validate`: each is either
-accepted (and then passes the dry check a run would do first) or refused with a user error, never an
-"unexpected" one."""
+accepted (and then passes the dry check a run would do first, and the structural checks the stages make once
+the teacher has trained) or refused with a user error, never an "unexpected" one."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import json
 import math
 import random
 from pathlib import Path
@@ -14,9 +16,12 @@ from typing import Any
 import pytest
 import yaml
 
+from kdpipe import bayes, surgery, translation
 from kdpipe.config import Recipe, TargetProfile, load_profile
-from kdpipe.errors import KdpipeError
+from kdpipe.errors import KdpipeError, ModelError
+from kdpipe.models import resolve_model_dir
 from kdpipe.profile import resolve_providers
+from kdpipe.student import select_layers
 from kdpipe.validate import file_kind, validate_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +33,7 @@ VALUES: list[Any] = [
     float("inf"), float("-inf"), float("nan"), "", "x", "every-other", "last-k", "kept", "uniform",
     "pid", "cuda", "hinton", "CPUExecutionProvider", "MadeUpExecutionProvider", [], [0], [0, 0], [99],
     [-1, 2], [1, "a"], {}, {"a": 1}, {"name": "hinton"}, {"name": "nope"}, {"batch": 0, "seq": 8},
+    {"encoder": "all", "decoder": [0, 5]}, {"decodr": [0]}, {"bogus": [0, 2]}, {"decoder": [2, 0]}, "first-k",
 ]  # fmt: skip
 
 
@@ -70,13 +76,51 @@ def mutate(doc: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     return doc
 
 
+@functools.cache
+def _seq2seq(layers: int) -> Any:
+    """A stand-in translation teacher: the from-scratch architecture (kdpipe.seq2seq.small_config), tiny."""
+    from transformers import MBartForConditionalGeneration
+
+    from kdpipe.seq2seq import small_config
+
+    config = small_config(16, d_model=8, encoder_layers=layers, decoder_layers=layers, ffn_dim=8, heads=1)
+    return MBartForConditionalGeneration(config)
+
+
+def later_checks(recipe: Recipe) -> None:
+    """The structural checks the stages make once the teacher has trained, by the stages' own code: SWAG's
+    iterate count (kdpipe.bayes), the translation student's stacks (kdpipe.surgery.parse_keep on a teacher of
+    the recipe's shape), the classifier student's layers (kdpipe.student.select_layers, from the assistant's
+    when there is one). A teacher that is not on this machine fails at its own stage: nothing to check."""
+    post = recipe.teacher.posterior
+    if post is not None and post.kind == "swag":
+        bayes._check_swag(post.lr, post.steps, post.rank, post.collect_every, n_data=1)
+    t = recipe.teacher.translation
+    if t is not None:
+        if t.from_scratch:
+            translation.check_student(recipe.student)
+            surgery.parse_keep(recipe.student.layers, surgery.stacks(_seq2seq(t.layers)))
+        return
+    try:
+        n = json.loads((resolve_model_dir(recipe.teacher.model) / "config.json").read_text())["num_hidden_layers"]
+    except ModelError:
+        return
+    for cfg in (recipe.assistant, recipe.student):
+        if cfg is not None:
+            if cfg.arch != "teacher" or cfg.pretrained is not None:
+                return
+            n = len(select_layers(cfg, n))
+
+
 def dry_check(path: Path, kind: str) -> None:
-    """What an accepted file must survive: the recipe loads with its profile; a profile's providers resolve."""
+    """What an accepted file must survive: the recipe loads with its profile and passes the later structural
+    checks; a profile's providers resolve."""
     data = yaml.safe_load(path.read_text())
     if kind == "recipe":
         recipe = Recipe.model_validate(data)
         assert math.isfinite(recipe.distill.lr) and 0 <= recipe.seed < 2**32
         load_profile(recipe.profile)
+        later_checks(recipe)
     else:
         prof = TargetProfile.model_validate(data)
         # a provider this machine lacks: a clear refusal at profile time is the right answer
@@ -114,3 +158,76 @@ def test_mutated_recipes_and_profiles_never_fail_unexpectedly(tmp_path: Path) ->
 @pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.name)
 def test_every_shipped_file_validates(src: Path) -> None:
     assert validate_file(src) == ("profile" if src.parent.name == "profiles" else "recipe")
+
+
+STRUCTURAL = ["translation.yaml", "bayes.yaml", "teaching-assistant.yaml", "default.yaml"]
+
+
+def _layers(rng: random.Random) -> Any:
+    """A layer selection of any shape: named, a list of indices (sometimes valid), or per stack."""
+
+    def indices() -> list[int]:
+        raw = [rng.randint(-1, 6) for _ in range(rng.randint(0, 4))]
+        return sorted({i for i in raw if i >= 0}) if rng.random() < 0.5 else raw
+
+    kind = rng.randrange(4)
+    if kind == 0:
+        return rng.choice(["every-other", "last-k", "first-k"])
+    if kind == 1:
+        return indices()
+    keys = rng.sample(["encoder", "decoder", "decoder", "encoder", "decodr", "bogus"], rng.randint(1, 2))
+    return {k: rng.choice(["all", indices()]) for k in keys}
+
+
+def structural_mutation(doc: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """The fields the stages check against the teacher's shape: layers, k, the stack depth, SWAG's counts."""
+    doc = copy.deepcopy(doc)
+    for _ in range(rng.choice([1, 2, 3])):
+        field = rng.choice(["student.layers", "student.layers", "student.k", "assistant.layers", "posterior", "depth"])
+        if field == "posterior":
+            post = doc.setdefault("teacher", {}).setdefault("posterior", {"kind": "swag"})
+            post[rng.choice(["steps", "collect_every", "rank"])] = rng.choice([2, 3, 5, 8, 10, 20, 40, 80, 200])
+            post["kind"] = rng.choice(["swag", "swag", "diagonal"])
+        elif field == "depth":
+            if "translation" in doc.get("teacher", {}):
+                doc["teacher"]["translation"]["layers"] = rng.randint(1, 5)
+        elif field == "assistant.layers":
+            if "assistant" in doc:
+                doc["assistant"]["layers"] = _layers(rng)
+        else:
+            section, key = field.split(".")
+            doc.setdefault(section, {})[key] = _layers(rng) if key == "layers" else rng.randint(1, 7)
+    return doc
+
+
+def test_what_validate_accepts_the_stages_build(tmp_path: Path) -> None:
+    """Accepted => the stages' own structural checks pass; refused => they fail too, except for a stack name a
+    classifier's student stage takes on trust ({bogus: [0, 2]} builds today; validate refuses it on purpose)."""
+    rng = random.Random(16)
+    (tmp_path / "stages").mkdir()
+    counts = {"accepted": 0, "refused": 0}
+    for i in range(240):
+        src = ROOT / "stages" / STRUCTURAL[i % len(STRUCTURAL)]
+        doc = structural_mutation(yaml.safe_load(src.read_text()), rng)
+        path = tmp_path / "stages" / f"s{i}-{src.name}"
+        path.write_text(yaml.safe_dump(doc))
+        try:
+            validate_file(path)
+            refusal = None
+        except KdpipeError as e:
+            refusal = e.message
+        try:
+            recipe = Recipe.model_validate(doc)
+        except Exception:  # noqa: BLE001 - a schema error: no stage would start, nothing more to compare
+            assert refusal is not None, doc
+            continue
+        try:
+            later_checks(recipe)
+            later = None
+        except KdpipeError as e:
+            later = e.message
+        counts["accepted" if refusal is None else "refused"] += 1
+        assert refusal is not None or later is None, f"{src.name}: validate accepted {doc!r}; later: {later}"
+        if refusal is not None and later is None:
+            assert "has no stack" in refusal and recipe.teacher.task == "classification", (doc, refusal)
+    assert counts["accepted"] > 40 and counts["refused"] > 40, counts

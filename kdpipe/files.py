@@ -1,0 +1,91 @@
+"""Why a path is not a readable regular file, in words: one place for what the data readers (DataError) and the
+recipe / profile loader (ConfigError) tell a user, so a directory is never "no such file" and a permission
+problem never "check the file's format". Torch-free, stdlib only."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdpipe.textcodec import printable
+
+_SPECIAL = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+@dataclass(frozen=True)
+class PathProblem:
+    """`kind` for the caller's hint (missing, directory, loop, dangling, special, permission, invalid, other);
+    `text` what is wrong, to follow `<path>: ` (or, for permission, to be said as is)."""
+
+    kind: str
+    text: str
+
+
+def shown(path: Path | str) -> str:
+    """A path as an error message names it: a newline, an escape or a NUL in a file name would garble the line."""
+    return printable(str(path))
+
+
+def path_problem(path: Path, what: str = "file") -> PathProblem | None:
+    """Why `path` is not a regular file this process may read (None when it is one). `what` names the file
+    the user meant ("data file", "pair file"), for "no such ..."."""
+    try:
+        mode = path.stat().st_mode
+    except ValueError:  # an embedded NUL byte (from a --set value; a shell cannot pass one)
+        return PathProblem("invalid", "not a valid path (it contains a NUL byte)")
+    except OSError as e:
+        return _stat_problem(path, what, e)
+    if stat.S_ISDIR(mode):
+        return PathProblem("directory", f"is a directory, not a {what}")
+    special = next((name for test, name in _SPECIAL if test(mode)), None)
+    if special:  # kdpipe reads a file twice (the CLI's check, then the stage): a pipe would be empty the second time
+        return PathProblem("special", f"is {special}, not a regular file")
+    if not stat.S_ISREG(mode):
+        return PathProblem("special", "is not a regular file")
+    if not os.access(path, os.R_OK):
+        return PathProblem("permission", "permission denied")
+    return None
+
+
+def _stat_problem(path: Path, what: str, e: OSError) -> PathProblem:
+    if e.errno == errno.ELOOP:
+        return PathProblem("loop", "symlink loop (the link leads, directly or through others, back to itself)")
+    if isinstance(e, PermissionError):  # a directory on the way that may not be searched
+        return PathProblem("permission", "permission denied")
+    if isinstance(e, NotADirectoryError):
+        file = next((p for p in reversed(path.parents) if _is_file(p)), None)
+        where = f" ({shown(file)} is a file, not a directory)" if file else ""
+        return PathProblem("missing", f"no such {what}{where}")
+    if e.errno == errno.ENAMETOOLONG:
+        return PathProblem("invalid", "the path is too long")
+    if isinstance(e, FileNotFoundError):
+        if path.is_symlink():
+            return PathProblem("dangling", f"a symlink to {printable(os.readlink(path))}, which does not exist")
+        tilde = " ('~' is not expanded inside a recipe or --set: write the full path)" if str(path)[:1] == "~" else ""
+        return PathProblem("missing", f"no such {what}{tilde}")
+    return PathProblem("other", f"cannot be opened ({printable(e.strerror or str(e))})")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long for the file system: not there
+        return False
+
+
+def message(path: Path, problem: PathProblem) -> str:
+    """The error line: `permission denied: <path>` or `<path>: <what is wrong>`."""
+    if problem.kind == "permission":
+        return f"{problem.text}: {shown(path)}"
+    return f"{shown(path)}: {problem.text}"
+
+
+PERMISSION_HINT = "check its permissions (`ls -l`; e.g. `chmod u+r FILE`, and u+x on its directories)"
