@@ -49,10 +49,10 @@ def parse() -> argparse.Namespace:
 
 
 def load(args: argparse.Namespace) -> dict[str, Any]:
-    from kdpipe.artifacts import read_manifest
-    from kdpipe.data import encode, read_split
-    from kdpipe.models import load_classifier, load_tokenizer
-    from kdpipe.records import TeacherRecord, record
+    from kdpipe.artifacts.manifest import read_manifest
+    from kdpipe.artifacts.records import TeacherRecord, record
+    from kdpipe.data.tables import encode, read_split
+    from kdpipe.models.loading import load_classifier, load_tokenizer
 
     manifest = read_manifest(args.teacher, "teacher")
     rec = record(manifest, TeacherRecord)
@@ -67,8 +67,8 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
 def posterior(ctx: dict[str, Any], args: argparse.Namespace) -> Path:
     from rich.console import Console
 
-    from kdpipe.bayesinit import fit_posterior
     from kdpipe.config import PosteriorConfig
+    from kdpipe.methods.bayesinit import fit_posterior
 
     path = args.out / "posterior.safetensors"
     if not path.is_file():
@@ -80,9 +80,9 @@ def posterior(ctx: dict[str, Any], args: argparse.Namespace) -> Path:
 
 
 def student(init: str, ctx: dict[str, Any], post: Path, seed: int, kept: list[int], work: Path) -> tuple[Any, Any]:
-    from kdpipe.bayesinit import PriorPenalty, bayes_student
     from kdpipe.config import StudentConfig
-    from kdpipe.student import build_student
+    from kdpipe.methods.bayesinit import PriorPenalty, bayes_student
+    from kdpipe.pipeline.student import build_student
 
     if init in ("random", "copy"):
         return build_student(ctx["teacher"], StudentConfig(init=init), kept, seed), None
@@ -94,10 +94,10 @@ def student(init: str, ctx: dict[str, Any], post: Path, seed: int, kept: list[in
 def one(init: str, seed: int, ctx: dict[str, Any], post: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from kdpipe.layermaps import layer_map
     from kdpipe.losses.objective import LossContext, build_objective
     from kdpipe.losses.terms import HintonLoss, PriorLoss
-    from kdpipe.train import TrainPlan, evaluate, pick_device, train
+    from kdpipe.models.layermaps import layer_map
+    from kdpipe.train.loop import TrainPlan, evaluate, pick_device, train
 
     torch.manual_seed(seed)
     model, prior = student(init, ctx, post, seed, args.layers, args.out / f"{init}-{seed}")

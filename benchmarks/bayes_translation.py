@@ -64,7 +64,7 @@ class Data:
     """Splits, tokenizer and encodings, built once (the tokenizer is cached in <out>/tokenizer)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from kdpipe.parallel import default_pairs_path, encode_pairs, read_pairs, split_pairs, train_tokenizer
+        from kdpipe.data.pairs import default_pairs_path, encode_pairs, read_pairs, split_pairs, train_tokenizer
 
         pairs = read_pairs(default_pairs_path())
         self.train, self.val, self.test = split_pairs(pairs, args.test, args.val, seed=0)
@@ -80,7 +80,7 @@ class Data:
         self.args = args
 
     def batches(self, seed: int) -> Any:
-        from kdpipe.parallel import pair_batches
+        from kdpipe.data.pairs import pair_batches
 
         def fn(epoch: int) -> list[dict[str, Any]]:
             return list(pair_batches(self.enc, self.args.batch, shuffle=True, seed=seed * 1000 + epoch, bucket=True))
@@ -88,8 +88,8 @@ class Data:
         return fn
 
     def valset(self) -> Any:
-        from kdpipe.parallel import pair_batches
-        from kdpipe.seq2seq import ValSet
+        from kdpipe.data.pairs import pair_batches
+        from kdpipe.tasks.seq2seq import ValSet
 
         return ValSet(
             batches=list(pair_batches(self.val_enc, 64, shuffle=False)),
@@ -100,7 +100,7 @@ class Data:
         )
 
     def test_bleu(self, model: Any) -> float:
-        from kdpipe.seq2seq import bleu, translate
+        from kdpipe.tasks.seq2seq import bleu, translate
 
         hyps = translate(model, self.tok, [s for s, _ in self.test], max_new_tokens=self.args.max_length)
         return round(bleu(hyps, [t for _, t in self.test]), 2)
@@ -111,7 +111,7 @@ def teacher(data: Data, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     import torch
     from transformers import MBartForConditionalGeneration
 
-    from kdpipe.seq2seq import load_seq2seq, save_seq2seq, small_config, train_seq2seq
+    from kdpipe.tasks.seq2seq import load_seq2seq, save_seq2seq, small_config, train_seq2seq
 
     where = args.out / "teacher"
     if (where / "teacher.json").is_file():
@@ -158,7 +158,7 @@ def teacher(data: Data, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 def _copy_bleu(data: Data) -> float:
     """The trivial baseline: the Russian source copied as the 'translation' (identifiers and option names
     are shared by both sides, so this is not 0)."""
-    from kdpipe.seq2seq import bleu
+    from kdpipe.tasks.seq2seq import bleu
 
     return round(bleu([s for s, _ in data.test], [t for _, t in data.test]), 2)
 

@@ -6,7 +6,7 @@
   (d) (c) on 2 DDP processes (torchrun, gloo) at the same global batch, 1 thread each, against (c) in 1 process
       with every core.
 
-Each mode runs in its own process through the distill stage's own code (kdpipe.distill._train_student), timing
+Each mode runs in its own process through the distill stage's own code (kdpipe.pipeline.distill._train_student), timing
 every optimiser step; the ratios are of the median step times (the machine is noisy; medians travel), with the
 whole-epoch wall times beside them. Prints a Markdown table and writes it, with the command, to
 benchmarks/results/distill-speed.md (and .json).
@@ -45,15 +45,16 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from rich.console import Console
 
-    from kdpipe import distill, distributed
-    from kdpipe import train as train_mod
-    from kdpipe.artifacts import read_manifest
+    from kdpipe.artifacts.manifest import read_manifest
+    from kdpipe.artifacts.records import RunContext
     from kdpipe.config import load_profile, load_recipe
-    from kdpipe.data import subset
+    from kdpipe.data.tables import subset
     from kdpipe.losses.objective import build_objective
     from kdpipe.losses.terms import CELoss
-    from kdpipe.records import RunContext
-    from kdpipe.train import pick_device
+    from kdpipe.pipeline import distill
+    from kdpipe.train import distributed
+    from kdpipe.train import loop as train_mod
+    from kdpipe.train.loop import pick_device
 
     mode = args.worker
     sets = ["distill.epochs=1", "distill.baseline=false", "distill.cka_samples=0"]

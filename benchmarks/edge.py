@@ -3,7 +3,7 @@
     python benchmarks/edge.py --run runs/edge --baseline runs/default --threads 2 --rounds 3 \
         --out benchmarks/results/edge.json
 
-Every model is timed in its own fresh processes (kdpipe.timing), interleaved over rounds so that machine noise
+Every model is timed in its own fresh processes (kdpipe.profiling.timing), interleaved over rounds so that machine noise
 hits all of them alike: the teacher in PyTorch fp32 eager and as fp32 ONNX, and every gated student variant of
 the edge run (and of the --baseline run, a depth-only student, for the ablation). Sizes are the files on disk;
 accuracies are each variant's export gate on the whole test split. Prints the three ratios of the bar (speed-up
@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kdpipe.artifacts import read_manifest
-from kdpipe.records import ExportRecord, StudentRecord, record
-from kdpipe.timing import interleaved
+from kdpipe.artifacts.manifest import read_manifest
+from kdpipe.artifacts.records import ExportRecord, StudentRecord, record
+from kdpipe.profiling.timing import interleaved
 
 BAR = {"speedup": 10.0, "smaller": 8.0, "retention": 0.97}
 

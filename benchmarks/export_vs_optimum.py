@@ -7,9 +7,9 @@ preset that fits this CPU (avx512_vnni / avx512 / avx2, read from /proc/cpuinfo)
 O2 graph (a known failure with onnxruntime 1.32: "Unable to find data type for weight_name=..."), the error is
 reported verbatim and the fallback optimum users take (quantize the unoptimised export) is measured too.
 
-Every model is timed in a fresh process by kdpipe's worker (`kdpipe.timing.interleaved`), all of them interleaved
-over `--rounds` rounds so that machine noise hits all alike; accuracy is measured on the run's whole test split,
-agreement against kdpipe's fp32 PyTorch student. The script prints (and writes as JSON and Markdown) size, test
+Every model is timed in a fresh process by kdpipe's worker (`kdpipe.profiling.timing.interleaved`), all of them
+interleaved over `--rounds` rounds so that machine noise hits all alike; accuracy is measured on the run's whole test
+split, agreement against kdpipe's fp32 PyTorch student. The script prints (and writes as JSON and Markdown) size, test
 accuracy, agreement, p50 / p90 / CoV per shape, and the ratio optimum_best_p50 / kdpipe_best_p50 per shape
 (> 1: kdpipe is faster). "Best" is the fastest (geometric mean of p50 over the shapes) variant that passed
 kdpipe's gate; for optimum, the fastest that reaches the same accuracy budget.
@@ -133,9 +133,9 @@ def cpu_preset() -> tuple[str, str]:
 
 def kdpipe_rows(run: Path) -> RunInfo:
     """The run's student directory, test split, and one row per student ONNX variant kdpipe exported."""
-    from kdpipe.artifacts import read_manifest
-    from kdpipe.compress import VARIANTS
-    from kdpipe.records import ExportRecord, TeacherRecord, record
+    from kdpipe.artifacts.manifest import read_manifest
+    from kdpipe.artifacts.records import ExportRecord, TeacherRecord, record
+    from kdpipe.compress.quantize import VARIANTS
 
     teacher = read_manifest(run / "teacher", "teacher")
     student_dir = read_manifest(run / "distill", "distill").path("model/config.json").parent
@@ -242,7 +242,7 @@ def onnx_predictions(path: Path, enc: Any, threads: int) -> np.ndarray:
     token_type_ids the graph asks for)."""
     import onnxruntime as ort
 
-    from kdpipe.data import batches
+    from kdpipe.data.tables import batches
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
@@ -260,8 +260,8 @@ def torch_predictions(student_dir: Path, enc: Any, threads: int) -> np.ndarray:
     """Argmax classes of kdpipe's fp32 PyTorch student (the reference of kdpipe's gates)."""
     import torch
 
-    from kdpipe.data import batches
-    from kdpipe.models import load_classifier
+    from kdpipe.data.tables import batches
+    from kdpipe.models.loading import load_classifier
 
     torch.set_num_threads(threads)
     model = load_classifier(student_dir).eval()
@@ -275,8 +275,8 @@ def torch_predictions(student_dir: Path, enc: Any, threads: int) -> np.ndarray:
 
 def evaluate(rows: list[Row], info: RunInfo, threads: int) -> float:
     """Size, test accuracy and agreement with the PyTorch student of each row; returns the student's accuracy."""
-    from kdpipe.data import encode, read_split
-    from kdpipe.models import load_tokenizer, quiet_transformers
+    from kdpipe.data.tables import encode, read_split
+    from kdpipe.models.loading import load_tokenizer, quiet_transformers
 
     quiet_transformers()
     split = read_split(info.test_path)
@@ -302,7 +302,7 @@ def evaluate(rows: list[Row], info: RunInfo, threads: int) -> float:
 
 def time_rows(rows: list[Row], args: argparse.Namespace, vocab_size: int) -> None:
     """p50 / p90 / CoV per shape of every row that has a model, each in its own worker, interleaved."""
-    from kdpipe.timing import interleaved
+    from kdpipe.profiling.timing import interleaved
 
     base = {
         "engine": "onnxruntime",
@@ -427,7 +427,7 @@ def context(args: argparse.Namespace, preset: tuple[str, str], student_acc: floa
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from kdpipe.models import load_config
+    from kdpipe.models.loading import load_config
 
     info = kdpipe_rows(args.run)
     cfg = load_config(info.student_dir)

@@ -34,10 +34,10 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from kdpipe.artifacts import read_manifest
-    from kdpipe.models import load_classifier
-    from kdpipe.profile import model_source
-    from kdpipe.records import ExportRecord, record
+    from kdpipe.artifacts.manifest import read_manifest
+    from kdpipe.artifacts.records import ExportRecord, record
+    from kdpipe.models.loading import load_classifier
+    from kdpipe.pipeline.profile import model_source
 
     export = read_manifest(args.run_dir / "export", "export")
     torch.set_num_threads(args.threads)

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from kdpipe import distributed
-    from kdpipe.models import forward_kd, load_classifier, load_tokenizer
+    from kdpipe.models.loading import forward_kd, load_classifier, load_tokenizer
+    from kdpipe.train import distributed
 
     w = distributed.join("cpu")
     teacher = load_classifier(Path(args.teacher)).eval()

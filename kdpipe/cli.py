@@ -89,7 +89,7 @@ def _stage(
     resume: bool = False,
 ) -> Path:
     from kdpipe.config import load_recipe, with_temperature
-    from kdpipe.data import check_source
+    from kdpipe.data.tables import check_source
 
     cfg, _ = load_recipe(recipe, sets)
     if temperature is not None:
@@ -97,10 +97,10 @@ def _stage(
     if name == "teacher":  # a bad data file fails in a second, before torch is imported or a model hashed
         check_source(cfg.teacher.data, finetune=cfg.teacher.finetune)
     root = _out_root(out, cfg.out)
-    from kdpipe.pipeline import run_stage  # imports torch: after the checks that need none
+    from kdpipe.pipeline.runner import run_stage  # imports torch: after the checks that need none
 
     manifest = run_stage(name, cfg, root, upstream, force, err, resume)
-    from kdpipe.distributed import world
+    from kdpipe.train.distributed import world
 
     if world().main:  # under torchrun, rank 0 speaks for every process
         typer.echo(f"{name}: {manifest.dir}")
@@ -161,12 +161,12 @@ def run(
     """Run the whole chain teacher -> student -> distill -> export -> profile from a recipe."""
     with _guard():
         from kdpipe.config import load_recipe
-        from kdpipe.data import check_source
+        from kdpipe.data.tables import check_source
 
         cfg, path = load_recipe(recipe, _opt(sets, "profile", profile, "--profile"))
         check_source(cfg.teacher.data, finetune=cfg.teacher.finetune)  # data errors first, before torch loads
         root = _out_root(out, cfg.out)
-        from kdpipe.pipeline import run_all  # imports torch: after the checks that need none
+        from kdpipe.pipeline.runner import run_all  # imports torch: after the checks that need none
 
         err.print(f"recipe {path} -> {root}")
         last = run_all(cfg, root, force=force, console=err, resume=resume)
@@ -280,7 +280,7 @@ def distill(
         if nproc is not None:
             import sys
 
-            from kdpipe.distributed import launch
+            from kdpipe.train.distributed import launch
 
             raise typer.Exit(launch(nproc, sys.argv[1:]))
         s = _opt(sets, "distill.epochs", epochs, "--epochs")
@@ -328,11 +328,11 @@ def profile(
 def _after_profile(profile_dir: Path, strict: bool, compare: Path | None) -> None:
     """--compare prints regressions against an older run; --strict fails on a missed budget (edge CI). The
     report is written either way, so CI keeps it."""
-    from kdpipe.artifacts import read_manifest
-    from kdpipe.records import ProfileRecord, record
+    from kdpipe.artifacts.manifest import read_manifest
+    from kdpipe.artifacts.records import ProfileRecord, record
 
     if compare is not None:
-        from kdpipe.compare import compare_runs
+        from kdpipe.profiling.compare import compare_runs
 
         for line in compare_runs(compare, profile_dir):
             typer.echo(line)
@@ -350,7 +350,7 @@ def _after_profile(profile_dir: Path, strict: bool, compare: Path | None) -> Non
 @app.command()
 def validate(files: list[Path] = typer.Argument(..., help="Recipe or profile YAML files to check.")) -> None:
     """Check recipes and profiles without running anything."""
-    from kdpipe.validate import validate_file
+    from kdpipe.pipeline.validate import validate_file
     from kdpipe.yamlio import check_file
 
     failed = 0

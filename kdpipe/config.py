@@ -101,7 +101,7 @@ class PosteriorConfig(_Strict):
 
     @model_validator(mode="after")
     def _enough_iterates(self) -> PosteriorConfig:
-        # kdpipe.bayes.swag collects the iterate at every step divisible by collect_every and refuses fewer than
+        # kdpipe.methods.bayes.swag collects the iterate at every step divisible by collect_every and refuses fewer than
         # max(2, rank) of them, but only after the teacher has trained: the same count, checked here
         iterates = self.steps // self.collect_every
         if self.kind == "swag" and iterates < max(2, self.rank):
@@ -114,7 +114,8 @@ class PosteriorConfig(_Strict):
 
 
 class TranslationConfig(_Strict):
-    """teacher.task: translation (seq2seq, kdpipe.seq2seq): the pairs, the tokenizer and the from-scratch model."""
+    """teacher.task: translation (seq2seq, kdpipe.tasks.seq2seq): the pairs, the tokenizer and the from-scratch
+    model."""
 
     source: str = Field(
         "default",
@@ -135,7 +136,8 @@ class TranslationConfig(_Strict):
     vocab_size: int = Field(6000, ge=16, le=10**6, description="from_scratch: size of the shared ru+en tokenizer.")
     from_scratch: bool = Field(
         True,
-        description="True: train a new small pre-LN mBART-architecture model (kdpipe.seq2seq.small_config) with its "
+        description="True: train a new small pre-LN mBART-architecture model (kdpipe.tasks.seq2seq.small_config) "
+        "with its "
         "own tokenizer on the train pairs; False: fine-tune teacher.model, a local seq2seq HF directory with its "
         "tokenizer. Note teacher.lr: its default (5e-5) is for fine-tuning; from scratch needs about 1e-3.",
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_one_line_error, invoke
 
-from kdpipe.artifacts import (
+from kdpipe.artifacts.manifest import (
     LOCK,
     Manifest,
     Metric,
@@ -112,7 +112,7 @@ def test_sigterm_discards_the_stage_in_progress(tmp_path: Path) -> None:
     script = (
         "import time, sys\n"
         "from pathlib import Path\n"
-        "from kdpipe.artifacts import atomic_dir\n"
+        "from kdpipe.artifacts.manifest import atomic_dir\n"
         "from kdpipe import cli\n"
         "import signal\n"
         "signal.signal(signal.SIGTERM, cli._terminated)\n"

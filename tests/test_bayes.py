@@ -1,4 +1,4 @@
-"""kdpipe.bayes: posteriors, conditioning against the dense textbook formulas, the Woodbury penalty, files."""
+"""kdpipe.methods.bayes: posteriors, conditioning against the dense textbook formulas, the Woodbury penalty, files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kdpipe.bayes import (
+from kdpipe.errors import ConfigError, ModelError
+from kdpipe.methods.bayes import (
     Posterior,
     Prior,
     Slot,
@@ -18,7 +19,6 @@ from kdpipe.bayes import (
     student_slots,
     swag,
 )
-from kdpipe.errors import ConfigError, ModelError
 
 # ------------------------------------------------------------------------------------------------- toy Gaussians
 

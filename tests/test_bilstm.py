@@ -1,4 +1,5 @@
-"""The BiLSTM student (kdpipe.bilstm): HF save/reload, padding invariance, from_teacher, KD training, ONNX export."""
+"""The BiLSTM student (kdpipe.models.bilstm): HF save/reload, padding invariance, from_teacher, KD training, ONNX
+export."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from conftest import make_tokenizer
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-from kdpipe.bilstm import (
+from kdpipe.errors import ConfigError
+from kdpipe.losses.logits import hinton
+from kdpipe.models.bilstm import (
     MODEL_TYPE,
     BiLSTMConfig,
     BiLSTMForSequenceClassification,
@@ -24,8 +27,6 @@ from kdpipe.bilstm import (
     is_bilstm,
     register,
 )
-from kdpipe.errors import ConfigError
-from kdpipe.losses.logits import hinton
 
 VOCAB, PAD = 50, 0
 

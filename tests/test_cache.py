@@ -1,4 +1,4 @@
-"""The teacher-output cache (kdpipe.cache): every teacher term reads the same losses from it as from the live
+"""The teacher-output cache (kdpipe.train.cache): every teacher term reads the same losses from it as from the live
 teacher; a tampered, truncated or interrupted cache is never opened; top-k keeps its stated error bound."""
 
 from __future__ import annotations
@@ -19,7 +19,15 @@ from conftest import make_model_dir
 from pydantic import TypeAdapter
 from torch import Tensor, nn
 
-from kdpipe.cache import (
+from kdpipe.config import CacheConfig
+from kdpipe.data.tables import Encoded, batches
+from kdpipe.errors import ModelError
+from kdpipe.losses.logits import soft_kl
+from kdpipe.losses.objective import LossContext, Objective, Term, build_objective
+from kdpipe.losses.schedule import Schedule
+from kdpipe.losses.terms import LossConfig
+from kdpipe.models.loading import KDOutputs, forward_kd, load_classifier
+from kdpipe.train.cache import (
     CacheMissError,
     CacheSpec,
     TeacherCache,
@@ -34,15 +42,7 @@ from kdpipe.cache import (
     teacher_reads,
     topk_compress,
 )
-from kdpipe.config import CacheConfig
-from kdpipe.data import Encoded, batches
-from kdpipe.errors import ModelError
-from kdpipe.losses.logits import soft_kl
-from kdpipe.losses.objective import LossContext, Objective, Term, build_objective
-from kdpipe.losses.schedule import Schedule
-from kdpipe.losses.terms import LossConfig
-from kdpipe.models import KDOutputs, forward_kd, load_classifier
-from kdpipe.train import Device
+from kdpipe.train.loop import Device
 
 CPU = Device("cpu", None)
 CTX = LossContext(layer_map={0: 0, 1: 2, 2: 4}, n_student=2, n_teacher=4, d_student=32, d_teacher=32)

@@ -22,13 +22,14 @@ from rich.console import Console
 from test_resume import LOSSES, _same
 from test_wiring import CPU, _bert, _cfg, _ctx, _data
 
-from kdpipe import checkpoints, cli
-from kdpipe import train as train_mod
-from kdpipe.distributed import World
+from kdpipe import cli
 from kdpipe.errors import ArtifactError, DiskFullError
 from kdpipe.losses.objective import build_objective
 from kdpipe.losses.schedule import Schedule
-from kdpipe.train import TrainPlan, train
+from kdpipe.train import checkpoints
+from kdpipe.train import loop as train_mod
+from kdpipe.train.distributed import World
+from kdpipe.train.loop import TrainPlan, train
 
 
 def _run(ckpt: Path | None, resume: bool = False, stop_at: int | None = None) -> tuple[Any, Any, str]:

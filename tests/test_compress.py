@@ -1,4 +1,4 @@
-"""kdpipe.compress on a tiny BERT classifier exported in code: the int8-static, int4 and fp16 variants (files,
+"""kdpipe.compress.quantize on a tiny BERT classifier exported in code: the int8-static, int4 and fp16 variants (files,
 sizes, dynamic axes, agreement with fp32, what each records), their refusals, and the older variants unchanged."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import FILLER, WORDS, make_model_dir
 
-from kdpipe import compress
-from kdpipe.compress import FILES, VARIANTS, make_variant, op_counts
+from kdpipe.compress import quantize as compress
+from kdpipe.compress.quantize import FILES, VARIANTS, make_variant, op_counts
 from kdpipe.errors import ConfigError
 
 HEADS, HIDDEN, LABELS = 2, 32, 3
@@ -47,7 +47,7 @@ def _widen(model_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny classifier's fp32 export (dynamic batch and sequence axes): out/model.onnx."""
-    from kdpipe.export import export_onnx
+    from kdpipe.pipeline.export import export_onnx
 
     base = tmp_path_factory.mktemp("compress")
     model_dir = make_model_dir(base / "model")
@@ -281,7 +281,7 @@ def test_int4_without_onnx_ir_says_what_to_install(
 
 
 def test_existing_variants_unchanged(exported: Path, tmp_path: Path) -> None:
-    """Op counts and fusions of 'optimized' and 'int8-dynamic' as kdpipe/compress.py made them before
+    """Op counts and fusions of 'optimized' and 'int8-dynamic' as kdpipe/compress/quantize.py made them before
     int8-static / int4 / fp16 were added (commit c004484, onnxruntime 1.32.0, this test's model); the files
     were also byte-identical then."""
     fp32 = tmp_path / "model.onnx"

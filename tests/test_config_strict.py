@@ -9,7 +9,7 @@ import yaml
 from conftest import assert_one_line_error, invoke, write_profile
 
 import kdpipe.config as config
-import kdpipe.pipeline
+import kdpipe.pipeline.runner
 from kdpipe.config import DistillConfig, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,7 +183,7 @@ def test_temperature_option_keeps_every_term(monkeypatch: pytest.MonkeyPatch) ->
         seen.append(cfg)  # the distill stage sees its own section of the recipe
         raise SystemExit(0)
 
-    monkeypatch.setattr(kdpipe.pipeline, "execute", fake_execute)
+    monkeypatch.setattr(kdpipe.pipeline.runner, "execute", fake_execute)
     invoke("distill", "-r", ROOT / "stages" / "tinybert.yaml", "-T", "3", "-o", "/nonexistent")
     assert seen, "distill did not reach the stage"
     original, _ = load_recipe(ROOT / "stages" / "tinybert.yaml")

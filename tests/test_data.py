@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from kdpipe.config import DataConfig
-from kdpipe.data import collate, default_data_path, make_splits, read_table
+from kdpipe.data.tables import collate, default_data_path, make_splits, read_table
 from kdpipe.errors import DataError
 
 

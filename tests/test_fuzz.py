@@ -16,13 +16,15 @@ from typing import Any
 import pytest
 import yaml
 
-from kdpipe import bayes, surgery, translation
+from kdpipe.compress import surgery
 from kdpipe.config import Recipe, TargetProfile, load_profile
 from kdpipe.errors import KdpipeError, ModelError
-from kdpipe.models import resolve_model_dir
-from kdpipe.profile import resolve_providers
-from kdpipe.student import select_layers
-from kdpipe.validate import file_kind, validate_file
+from kdpipe.methods import bayes
+from kdpipe.models.loading import resolve_model_dir
+from kdpipe.pipeline.profile import resolve_providers
+from kdpipe.pipeline.student import select_layers
+from kdpipe.pipeline.validate import file_kind, validate_file
+from kdpipe.tasks import translation
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "stages").glob("*.yaml")) + sorted((ROOT / "profiles").glob("*.yaml"))
@@ -78,10 +80,10 @@ def mutate(doc: dict[str, Any], rng: random.Random) -> dict[str, Any]:
 
 @functools.cache
 def _seq2seq(layers: int) -> Any:
-    """A stand-in translation teacher: the from-scratch architecture (kdpipe.seq2seq.small_config), tiny."""
+    """A stand-in translation teacher: the from-scratch architecture (kdpipe.tasks.seq2seq.small_config), tiny."""
     from transformers import MBartForConditionalGeneration
 
-    from kdpipe.seq2seq import small_config
+    from kdpipe.tasks.seq2seq import small_config
 
     config = small_config(16, d_model=8, encoder_layers=layers, decoder_layers=layers, ffn_dim=8, heads=1)
     return MBartForConditionalGeneration(config)
@@ -89,9 +91,9 @@ def _seq2seq(layers: int) -> Any:
 
 def later_checks(recipe: Recipe) -> None:
     """The structural checks the stages make once the teacher has trained, by the stages' own code: SWAG's
-    iterate count (kdpipe.bayes), the translation student's stacks (kdpipe.surgery.parse_keep on a teacher of
-    the recipe's shape), the classifier student's layers (kdpipe.student.select_layers, from the assistant's
-    when there is one). A teacher that is not on this machine fails at its own stage: nothing to check."""
+    iterate count (kdpipe.methods.bayes), the translation student's stacks (kdpipe.compress.surgery.parse_keep on a
+    teacher of the recipe's shape), the classifier student's layers (kdpipe.pipeline.student.select_layers, from the
+    assistant's when there is one). A teacher that is not on this machine fails at its own stage: nothing to check."""
     post = recipe.teacher.posterior
     if post is not None and post.kind == "swag":
         bayes._check_swag(post.lr, post.steps, post.rank, post.collect_every, n_data=1)

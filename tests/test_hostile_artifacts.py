@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_one_line_error, invoke
 
-from kdpipe.artifacts import write_json_atomic
+from kdpipe.artifacts.manifest import write_json_atomic
 
 
 def _copy(finished: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
@@ -29,8 +29,8 @@ def _report(run: Path) -> dict:  # type: ignore[type-arg]
 
 
 def test_compare_against_a_manifest_or_junk_is_an_error_not_a_pass(finished, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from kdpipe.compare import compare_runs
     from kdpipe.errors import ArtifactError
+    from kdpipe.profiling.compare import compare_runs
 
     _, run = _copy(finished, tmp_path)
     new = run / "profile"
@@ -108,7 +108,7 @@ def test_a_file_the_manifest_does_not_list_is_never_loaded(finished, tmp_path) -
 
 
 def test_manifest_directory_lists_and_refuses() -> None:
-    from kdpipe.artifacts import FileRecord, Manifest
+    from kdpipe.artifacts.manifest import FileRecord, Manifest
     from kdpipe.errors import ArtifactError
 
     m = Manifest("distill", "r", {}, "h", [], [FileRecord("model/config.json", "0", 1)], {})
@@ -130,7 +130,7 @@ def test_a_teacher_with_zero_accuracy_gets_a_report_not_a_zero_division(finished
 
 
 def test_retention_is_never_a_division_by_zero_or_nan() -> None:
-    from kdpipe.report import _retention
+    from kdpipe.reporting.report import _retention
 
     assert _retention(0.78, 0.80) == "97.5%"
     assert _retention(0.5, 0.0) == "undefined (teacher accuracy 0)"
@@ -203,7 +203,7 @@ def test_an_out_root_below_a_file_is_one_line(tiny_recipe, tmp_path) -> None:  #
 
 
 def test_an_out_root_the_os_refuses_is_one_line(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from kdpipe.artifacts import locked
+    from kdpipe.artifacts.manifest import locked
     from kdpipe.errors import ArtifactError
 
     def refuse(self: Path, *args: object, **kwargs: object) -> None:
@@ -216,8 +216,8 @@ def test_an_out_root_the_os_refuses_is_one_line(tmp_path, monkeypatch) -> None: 
 
 
 def test_compare_on_a_run_without_report_json_says_so(finished, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from kdpipe.compare import compare_runs
     from kdpipe.errors import ArtifactError
+    from kdpipe.profiling.compare import compare_runs
 
     _, run = _copy(finished, tmp_path)
     (run / "profile" / "report.json").unlink()  # as a translation run's profile writes none
@@ -227,7 +227,7 @@ def test_compare_on_a_run_without_report_json_says_so(finished, tmp_path) -> Non
 
 @pytest.mark.parametrize("bad", ["../teacher/model/model.safetensors", "/etc/passwd", "", "model/../../x", "a\\b"])
 def test_a_manifest_output_outside_its_stage_is_refused(finished, tmp_path, bad) -> None:  # type: ignore[no-untyped-def]
-    from kdpipe.artifacts import read_manifest
+    from kdpipe.artifacts.manifest import read_manifest
     from kdpipe.errors import ArtifactError
 
     _, run = _copy(finished, tmp_path)

@@ -11,7 +11,7 @@ from kdpipe.losses.features import hidden_cosine
 from kdpipe.losses.logits import hinton, logit_mse, soft_kl
 from kdpipe.losses.objective import LossContext, build_objective
 from kdpipe.losses.terms import CELoss, HiddenCosineLoss, HintonLoss, LogitMSELoss
-from kdpipe.models import KDOutputs
+from kdpipe.models.loading import KDOutputs
 
 
 def _logits(seed: int, shape=(4, 3)) -> torch.Tensor:

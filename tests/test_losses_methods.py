@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdpipe.analysis import cka_matrix, linear_cka
 from kdpipe.losses.features import (
     Projection,
     attention_kl,
@@ -34,6 +33,7 @@ from kdpipe.losses.logits import (
 )
 from kdpipe.losses.masks import masked_mean, masked_sum, mean_pool
 from kdpipe.losses.relational import VIDHead, crd_in_batch, pkt
+from kdpipe.reporting.analysis import cka_matrix, linear_cka
 
 
 def _randn(seed: int, *shape: int) -> torch.Tensor:

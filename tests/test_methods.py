@@ -12,13 +12,13 @@ import yaml
 from conftest import make_model_dir, write_recipe
 from pydantic import TypeAdapter
 
-from kdpipe.data import collate
+from kdpipe.data.tables import collate
 from kdpipe.errors import ConfigError
-from kdpipe.layermaps import layer_map
 from kdpipe.losses.objective import LossContext, build_objective
 from kdpipe.losses.schedule import Schedule
 from kdpipe.losses.terms import LOSS_TYPES, LossConfig
-from kdpipe.models import forward_kd, load_classifier
+from kdpipe.models.layermaps import layer_map
+from kdpipe.models.loading import forward_kd, load_classifier
 
 ALL_TERMS = {
     "hinton": {},
@@ -238,9 +238,9 @@ def test_augmentation_rules() -> None:
     import numpy as np
     from conftest import make_tokenizer
 
-    from kdpipe.augment import Neighbours, augment
     from kdpipe.config import AugmentConfig
-    from kdpipe.data import Split
+    from kdpipe.data.tables import Split
+    from kdpipe.methods.augment import Neighbours, augment
 
     tok = make_tokenizer()
     emb = np.random.RandomState(0).randn(len(tok), 8).astype(np.float32)
@@ -305,8 +305,8 @@ def test_data_free_hit_rate_uses_each_class_s_own_index(tiny_dir: Path) -> None:
     from rich.console import Console
 
     from kdpipe.config import DataFreeConfig
-    from kdpipe.datafree import synthesize
-    from kdpipe.teacher import write_logit_stats
+    from kdpipe.methods.datafree import synthesize
+    from kdpipe.pipeline.teacher import write_logit_stats
 
     teacher = load_classifier(tiny_dir).eval()
     with torch.no_grad():  # a teacher that always predicts class 2
@@ -325,7 +325,7 @@ def test_data_free_hit_rate_uses_each_class_s_own_index(tiny_dir: Path) -> None:
 
 def test_schedule_that_outlasts_the_budget_is_reported() -> None:
     from kdpipe.config import DistillConfig
-    from kdpipe.distill import check_objective, schedule_warning
+    from kdpipe.pipeline.distill import check_objective, schedule_warning
 
     ctx = LossContext(layer_map={0: 0, 1: 1, 2: 3, 3: 5}, n_student=3, n_teacher=6, d_student=8, d_teacher=8)
     losses = [{"name": "attention_kl"}, {"name": "hinton"}]

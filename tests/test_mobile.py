@@ -1,4 +1,4 @@
-"""kdpipe.mobile on the tiny BERT: ORT-format packages of the fp32, int8 and fused exports, the operator
+"""kdpipe.profiling.mobile on the tiny BERT: ORT-format packages of the fp32, int8 and fused exports, the operator
 config, outputs at two dynamic shapes, onnxruntime's usability findings, and the errors."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from conftest import make_model_dir
 
 from kdpipe.errors import ConfigError, ExportToleranceError, KdpipeError, ModelError
-from kdpipe.mobile import CONFIG_NAME, ORT_NAME, OrtPackage, to_ort_format, usability
+from kdpipe.profiling.mobile import CONFIG_NAME, ORT_NAME, OrtPackage, to_ort_format, usability
 
 # 1 x 5 and 3 x 11 tokens with [CLS]/[SEP]; the 3-row batch pads its shorter rows
 TEXTS = (["good car road"], ["the city is very nice today my drive was", "bad road", "awful sad crash today"])
@@ -21,8 +21,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """model dir, fp32 model.onnx, its int8 dynamic quantisation and its optimizer-fused graph."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from kdpipe.compress import optimize
-    from kdpipe.export import export_onnx
+    from kdpipe.compress.quantize import optimize
+    from kdpipe.pipeline.export import export_onnx
 
     base = tmp_path_factory.mktemp("mobile")
     model_dir = make_model_dir(base / "model")
@@ -43,7 +43,7 @@ def packages(exported: dict[str, Path]) -> dict[str, OrtPackage]:
 
 
 def config_ops(path: Path) -> dict[str, set[str]]:
-    """domain -> op types, read from the config file here (not through kdpipe.mobile's parser)."""
+    """domain -> op types, read from the config file here (not through kdpipe.profiling.mobile's parser)."""
     ops: dict[str, set[str]] = {}
     for line in path.read_text().splitlines():
         if line and not line.startswith("#"):
@@ -173,7 +173,7 @@ def test_static_shapes_fail_the_check(exported: dict[str, Path], tmp_path: Path)
 def test_output_mismatch_fails_closed(
     exported: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kdpipe.mobile as mobile
+    import kdpipe.profiling.mobile as mobile
 
     monkeypatch.setattr(mobile, "ORT_ATOL", -1.0)  # no diff can pass: the check must raise, not warn
     with pytest.raises(ExportToleranceError, match="differ from the ONNX model's") as info:
@@ -185,7 +185,7 @@ def test_output_mismatch_fails_closed(
 def test_levels(exported: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from kdpipe.mobile import _LEVEL_ENV
+    from kdpipe.profiling.mobile import _LEVEL_ENV
 
     monkeypatch.setenv(_LEVEL_ENV, "basic")  # the converter's own knob: overridden for the call, then restored
     pkg = to_ort_format(exported["int8"], tmp_path / "all", "all")

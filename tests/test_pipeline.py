@@ -12,11 +12,11 @@ import pytest
 import yaml
 from conftest import invoke, make_model_dir, write_recipe
 
-from kdpipe.artifacts import Manifest, read_manifest, run_id
+from kdpipe.artifacts.manifest import Manifest, read_manifest, run_id
+from kdpipe.artifacts.records import DistillRecord, ExportRecord, StudentRecord, TeacherRecord, record
 from kdpipe.config import config_hash, load_recipe
 from kdpipe.errors import ArtifactError
-from kdpipe.pipeline import CHAIN, STAGES, context
-from kdpipe.records import DistillRecord, ExportRecord, StudentRecord, TeacherRecord, record
+from kdpipe.pipeline.runner import CHAIN, STAGES, context
 
 
 def test_the_chain_is_in_the_table_and_each_stage_names_its_upstream() -> None:

@@ -40,7 +40,7 @@ def test_unavailable_provider_fails_unless_fallback_is_allowed(
 
 
 def test_latency_statistics_are_what_they_say() -> None:
-    from kdpipe.timing import latency_stats
+    from kdpipe.profiling.timing import latency_stats
 
     st = latency_stats([0.001, 0.002, 0.003, 0.004, 0.010], batch=4)
     assert st["runs"] == 5 and st["p50_ms"] == pytest.approx(3.0) and st["mean_ms"] == pytest.approx(4.0)
@@ -51,7 +51,7 @@ def test_latency_statistics_are_what_they_say() -> None:
 def test_missing_provider_is_refused_without_fallback() -> None:
     from kdpipe.config import TargetProfile
     from kdpipe.errors import ConfigError
-    from kdpipe.profile import resolve_providers
+    from kdpipe.pipeline.profile import resolve_providers
 
     asked = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     with pytest.raises(ConfigError, match="CUDAExecutionProvider"):
@@ -104,7 +104,7 @@ def test_a_missed_budget_fails_only_with_strict(finished, tmp_path) -> None:  # 
 
 
 def test_a_nan_figure_never_meets_a_budget() -> None:
-    from kdpipe.budgets import _check
+    from kdpipe.profiling.budgets import _check
 
     for value in (float("nan"), float("inf"), None):
         check = _check("p50", 5.0, value, "ms", at_most=True)
@@ -131,7 +131,7 @@ def test_report_json_is_the_source_of_the_figures(finished) -> None:  # type: ig
 
 
 def test_compare_names_what_regressed() -> None:
-    from kdpipe.compare import regressions
+    from kdpipe.profiling.compare import regressions
 
     def figs(p50: float, size: int, acc: float) -> dict:  # type: ignore[type-arg]
         return {"models": {"student": {"latency": {"1x128": {"p50_ms": p50}}, "bytes": size, "accuracy": acc}}}

@@ -1,4 +1,5 @@
-"""Structured width pruning (kdpipe.prune) on tiny BERTs built in code: scores, plans, exact pruning, round-trips."""
+"""Structured width pruning (kdpipe.compress.prune) on tiny BERTs built in code: scores, plans, exact pruning,
+round-trips."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pytest
 import torch
 
-from kdpipe.errors import ConfigError, DataError, ModelError
-from kdpipe.prune import (
+from kdpipe.compress.prune import (
     Importance,
     PruningPlan,
     apply_pruning,
@@ -20,6 +20,7 @@ from kdpipe.prune import (
     plan_pruning,
     prune,
 )
+from kdpipe.errors import ConfigError, DataError, ModelError
 
 if TYPE_CHECKING:
     from transformers import BertForSequenceClassification, PreTrainedModel

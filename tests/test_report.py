@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import invoke
 
-from kdpipe.artifacts import read_manifest, write_json_atomic
+from kdpipe.artifacts.manifest import read_manifest, write_json_atomic
 
 
 def test_stage_warnings_reach_the_report(finished: tuple[Path, Path], tmp_path: Path) -> None:
@@ -25,8 +25,8 @@ def test_stage_warnings_reach_the_report(finished: tuple[Path, Path], tmp_path: 
 
 
 def test_subset_sentence_only_for_the_embedded_default() -> None:
-    from kdpipe.records import TeacherRecord
-    from kdpipe.report import data_lines
+    from kdpipe.artifacts.records import TeacherRecord
+    from kdpipe.reporting.report import data_lines
 
     extra = TeacherRecord(
         label_names=["a", "b"],
@@ -48,7 +48,7 @@ def test_subset_sentence_only_for_the_embedded_default() -> None:
 
 
 def test_verdict_names_the_winner_and_the_f1_gap() -> None:
-    from kdpipe.report import _verdict
+    from kdpipe.reporting.report import _verdict
 
     assert _verdict(0.80, 0.78, 0.70, 0.71).startswith("KD won: +2.00 accuracy points")
     assert "Macro-F1: KD -1.00 points" in _verdict(0.80, 0.78, 0.70, 0.71)
@@ -57,7 +57,7 @@ def test_verdict_names_the_winner_and_the_f1_gap() -> None:
 
 
 def test_report_reads_the_run_through_its_records(finished: tuple[Path, Path]) -> None:
-    from kdpipe.report import Run
+    from kdpipe.reporting.report import Run
 
     _, runs = finished
     run = Run.of(read_manifest(runs / "export", "export"))

@@ -12,11 +12,11 @@ import pytest
 import torch
 from test_wiring import CPU, _bert, _cfg, _ctx, _data, _Sched
 
-from kdpipe import checkpoints
-from kdpipe import train as train_mod
 from kdpipe.errors import ArtifactError
 from kdpipe.losses.objective import build_objective
-from kdpipe.train import TrainPlan, train
+from kdpipe.train import checkpoints
+from kdpipe.train import loop as train_mod
+from kdpipe.train.loop import TrainPlan, train
 
 LOSSES = [  # a term with its own learned projection (its state must resume too), and soft + hard logits
     {"name": "hinton", "temperature": 2.0, "alpha": 0.5},
@@ -181,9 +181,9 @@ def test_kdpipe_run_resumes_an_interrupted_teacher_by_default(tmp_path: Path, ti
 def test_operational_fields_do_not_change_run_ids() -> None:
     """How often checkpoints are written changes no result, and a teacher without a posterior keeps the run id it
     had before the field existed: neither may re-run a finished (possibly 40-minute) stage."""
-    from kdpipe import distill, teacher
     from kdpipe.config import load_recipe
-    from kdpipe.pipeline import context
+    from kdpipe.pipeline import distill, teacher
+    from kdpipe.pipeline.runner import context
 
     cfg, _ = load_recipe("default", [])
     ctx = context(cfg)

@@ -1,4 +1,4 @@
-"""kdpipe.roofline: FLOPs from ONNX graphs at concrete shapes, the analytic BERT count, peak GEMM, floors."""
+"""kdpipe.profiling.roofline: FLOPs from ONNX graphs at concrete shapes, the analytic BERT count, peak GEMM, floors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from kdpipe.errors import ArtifactError, ModelError
-from kdpipe.roofline import Cost, config_flops, estimate_latency_ms, onnx_cost, peak_gemm, roofline
+from kdpipe.profiling.roofline import Cost, config_flops, estimate_latency_ms, onnx_cost, peak_gemm, roofline
 
 B, T = "batch_size", "sequence_length"
 

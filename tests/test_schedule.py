@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdpipe.layermaps import layer_map, uniform_layers
 from kdpipe.losses.objective import LossContext, Objective, StepLoss, Term, resolve_map
 from kdpipe.losses.schedule import Schedule
-from kdpipe.models import KDOutputs
+from kdpipe.models.layermaps import layer_map, uniform_layers
+from kdpipe.models.loading import KDOutputs
 
 
 def test_layer_maps() -> None:

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from kdpipe import parallel, seq2seq
+from kdpipe.data import pairs as parallel
 from kdpipe.errors import DataError
+from kdpipe.tasks import seq2seq
 
-SOURCES = Path(parallel.__file__).resolve().parent / "_data" / "ru_en" / "SOURCES.md"
+SOURCES = Path(parallel.__file__).resolve().parents[1] / "_data" / "ru_en" / "SOURCES.md"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The shape of the package: no import cycle among kdpipe's modules, no function longer than a screen."""
+"""The shape of the package: no import cycle among kdpipe's modules nor among its folders, no function longer than a
+screen, and no flat module outside the few that stay at the top."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "kdpipe"
 MAX_LINES = 60
+# the only modules directly in kdpipe/; anything else belongs in a folder (pipeline/, tasks/, data/, ...)
+TOP_LEVEL = {"__init__", "cli", "config", "yamlio", "files", "textcodec", "errors", "env"}
 
 
 def _modules() -> dict[str, Path]:
@@ -85,14 +88,48 @@ def test_the_cycle_finder_finds_a_planted_cycle() -> None:
 
 def test_kdpipe_has_no_import_cycle() -> None:
     graph = import_graph()
-    assert "kdpipe.pipeline" in graph and graph["kdpipe.pipeline"] >= {"kdpipe.teacher", "kdpipe.distill"}
+    assert graph["kdpipe.pipeline.runner"] >= {"kdpipe.pipeline.teacher", "kdpipe.pipeline.distill"}
     assert cycles(graph) == []
 
 
 def test_stages_never_import_the_runner() -> None:
     graph = import_graph()
     for stage in ("teacher", "student", "distill", "export", "profile", "assistant"):
-        assert "kdpipe.pipeline" not in graph[f"kdpipe.{stage}"], stage
+        assert "kdpipe.pipeline.runner" not in graph[f"kdpipe.pipeline.{stage}"], stage
+
+
+def folder_of(module: str) -> str:
+    """kdpipe.<folder> for a module in a folder (or the folder's __init__), the module itself at the top level."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def folder_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """kdpipe.<folder> -> the folders (and top-level modules) its modules import."""
+    folders: dict[str, set[str]] = {folder_of(m): set() for m in graph}
+    for m, targets in graph.items():
+        folders[folder_of(m)] |= {folder_of(t) for t in targets} - {folder_of(m)}
+    return folders
+
+
+def test_folder_graph_groups_modules_by_folder() -> None:
+    graph = {"kdpipe.a.x": {"kdpipe.b.y", "kdpipe.a.z"}, "kdpipe.a.z": set(), "kdpipe.b.y": {"kdpipe.cli"}}
+    graph["kdpipe.cli"] = set()
+    assert folder_graph(graph) == {"kdpipe.a": {"kdpipe.b"}, "kdpipe.b": {"kdpipe.cli"}, "kdpipe.cli": set()}
+
+
+def test_no_import_cycle_among_folders() -> None:
+    """A folder is a layer: kdpipe/<folder> -> kdpipe/<folder> must be acyclic (top-level modules are nodes too)."""
+    folders = folder_graph(import_graph())
+    assert folders["kdpipe.pipeline"] >= {"kdpipe.artifacts", "kdpipe.train"}
+    assert cycles(folders) == []
+
+
+def test_only_the_listed_modules_sit_at_the_top() -> None:
+    """A new flat module chooses a folder: kdpipe/ itself holds only the entry point and the torch-free basics."""
+    flat = {f.stem for f in PKG.glob("*.py")}
+    assert flat - TOP_LEVEL == set()
+    assert all((d / "__init__.py").is_file() for d in PKG.iterdir() if d.is_dir() and not d.name.startswith("_"))
 
 
 def test_no_function_is_longer_than_a_screen() -> None:
@@ -111,7 +148,7 @@ def test_config_loading_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, kdpipe.config, kdpipe.data; print('torch' in sys.modules)"
+    code = "import sys, kdpipe.config, kdpipe.data.tables; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -7,8 +7,8 @@ import torch
 
 from kdpipe.config import StudentConfig
 from kdpipe.errors import ConfigError
-from kdpipe.models import load_classifier
-from kdpipe.student import build_student, layer_map, select_layers
+from kdpipe.models.loading import load_classifier
+from kdpipe.pipeline.student import build_student, layer_map, select_layers
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""kdpipe.surgery on tiny models of every family it lists: layer removal per stack (saved, reloaded, generated
+"""kdpipe.compress.surgery on tiny models of every family it lists: layer removal per stack (saved, reloaded, generated
 from, exported to ONNX), zeroing a block's xi1 against removing it, FFN neurons, and hostile specs."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from kdpipe import surgery
+from kdpipe.compress import surgery
 from kdpipe.errors import ConfigError, ModelError
 
 VOCAB = 100

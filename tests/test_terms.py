@@ -14,7 +14,7 @@ from pydantic import TypeAdapter
 from kdpipe.losses.logits import hinton, logit_mse
 from kdpipe.losses.objective import LossContext, Term
 from kdpipe.losses.terms import LOSS_TYPES, LossConfig
-from kdpipe.models import KDOutputs
+from kdpipe.models.loading import KDOutputs
 
 # (on_logits, soft) of every recipe term: the spec the schedules rely on
 FLAGS = {
@@ -48,7 +48,10 @@ def _outputs(seed: int, layers: int, labels: list[int] | None) -> KDOutputs:
 
 
 def test_catalogue_import_does_not_import_torch() -> None:
-    code = "import sys, kdpipe.losses.terms, kdpipe.losses.schedule, kdpipe.layermaps; print('torch' in sys.modules)"
+    code = (
+        "import sys, kdpipe.losses.terms, kdpipe.losses.schedule, kdpipe.models.layermaps; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

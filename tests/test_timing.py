@@ -1,4 +1,4 @@
-"""kdpipe.timing: one fresh worker process per model variant, interleaved rounds, pooled statistics."""
+"""kdpipe.profiling.timing: one fresh worker process per model variant, interleaved rounds, pooled statistics."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from conftest import make_model_dir
 
-from kdpipe import timing
 from kdpipe.errors import ConfigError, KdpipeError, ModelError
+from kdpipe.profiling import timing
 
 SHAPES = [[1, 8], [2, 16]]
 
@@ -20,7 +20,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
     """(tiny BERT classifier dir, its ONNX export, vocab size)."""
     import json
 
-    from kdpipe.export import export_onnx
+    from kdpipe.pipeline.export import export_onnx
 
     base = tmp_path_factory.mktemp("timing")
     model_dir = make_model_dir(base / "model")

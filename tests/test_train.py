@@ -14,8 +14,8 @@ from test_wiring import CPU, _bert, _cfg, _ctx, _data, _train
 
 from kdpipe.errors import KdpipeError
 from kdpipe.losses.objective import build_objective
-from kdpipe.models import KDOutputs
-from kdpipe.train import TrainPlan, pick_device, train
+from kdpipe.models.loading import KDOutputs
+from kdpipe.train.loop import TrainPlan, pick_device, train
 
 
 def _assert_diverged(err: BaseException, *words: str) -> None:
@@ -141,7 +141,7 @@ def _outs(labels: list[int] | None, logits: list[list[float]]) -> KDOutputs:
 
 
 def test_unlabeled_rows_take_the_teacher_argmax_and_nothing_is_mutated() -> None:
-    from kdpipe.train import with_targets
+    from kdpipe.train.loop import with_targets
 
     s = _outs([2, -1, 0], [[0, 0, 0]] * 3)
     t = _outs([2, -1, 0], [[5, 0, 0], [0, 5, 0], [0, 0, 5]])
@@ -197,9 +197,9 @@ def test_the_gpu_path_fp16_accumulation_cache_and_sdpa(tmp_path: Path) -> None:
     and SDPA attention giving the eager logits."""
     from conftest import make_model_dir
 
-    from kdpipe import cache as tcache
     from kdpipe.config import CacheConfig
-    from kdpipe.models import load_classifier
+    from kdpipe.models.loading import load_classifier
+    from kdpipe.train import cache as tcache
 
     device = pick_device("cuda", "fp16")
     teacher = _bert().eval()

@@ -1,4 +1,5 @@
-"""teacher.task: translation through every stage (kdpipe.translation), on a tiny ru->en pair file built in code."""
+"""teacher.task: translation through every stage (kdpipe.tasks.translation), on a tiny ru->en pair file built in
+code."""
 
 from __future__ import annotations
 
@@ -157,9 +158,9 @@ def test_a_classification_teacher_keeps_its_run_identity() -> None:
     """The task fields are not hashed for classification: runs made before them are not re-run."""
     from rich.console import Console
 
+    from kdpipe.artifacts.records import RunContext
     from kdpipe.config import TeacherConfig, load_profile
-    from kdpipe.records import RunContext
-    from kdpipe.teacher import STAGE
+    from kdpipe.pipeline.teacher import STAGE
 
     ctx = RunContext(seed=0, console=Console(), profile=load_profile("cpu"))
     ident = STAGE.identity(TeacherConfig(), ctx)

@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def no_stage(monkeypatch: pytest.MonkeyPatch) -> None:
     """`kdpipe run` must refuse before any stage starts; if a check regresses, fail now, not after a teacher trains."""
-    import kdpipe.pipeline
+    import kdpipe.pipeline.runner
 
     def started(*a: object, **k: object) -> None:
         raise AssertionError("a stage started: the recipe was not refused up front")
 
-    monkeypatch.setattr(kdpipe.pipeline, "execute", started)
+    monkeypatch.setattr(kdpipe.pipeline.runner, "execute", started)
 
 
 def no_unexpected(output: str) -> None:
@@ -169,7 +169,7 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({"assistant": {"layers": [0, 9]}, "student": {"layers": [3, 1]}}))
     with pytest.raises(ConfigError) as e:
-        from kdpipe.validate import validate_file
+        from kdpipe.pipeline.validate import validate_file
 
         validate_file(path)
     assert "assistant.layers: indices [9]" in e.value.message, e.value.message
@@ -187,14 +187,14 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
     ],
 )
 def test_swag_collects_enough_iterates(tmp_path: Path, posterior: dict[str, Any], refused: bool) -> None:
-    from kdpipe.bayes import _check_swag
+    from kdpipe.methods.bayes import _check_swag
 
     post = {"kind": "swag", **posterior}
     path = recipe_from(tmp_path, "bayes", teacher__posterior=post)
     code, out = invoke("validate", path)
     if refused:
         assert_one_line_error(code, out, "r.yaml: teacher.posterior", "iterates")
-        if post["kind"] == "swag":  # the check kdpipe.bayes makes after the teacher trained agrees
+        if post["kind"] == "swag":  # the check kdpipe.methods.bayes makes after the teacher trained agrees
             with pytest.raises(ConfigError):
                 _check_swag(1e-3, post["steps"], post["rank"], post["collect_every"], n_data=1)
     else:
@@ -392,7 +392,7 @@ import sys
 from pathlib import Path
 from kdpipe.config import load_recipe, read_yaml
 from kdpipe.errors import ConfigError
-from kdpipe.recipecheck import check_layers
+from kdpipe.pipeline.recipecheck import check_layers
 for name in ("deep.yaml", "dup.yaml"):
     try:
         read_yaml(Path({str(tmp_path)!r}) / name)

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from kdpipe.errors import ConfigError, ModelError
-from kdpipe.vocab import (
+from kdpipe.compress.vocab import (
     VocabPlan,
     coverage,
     embedding_params,
@@ -21,6 +20,7 @@ from kdpipe.vocab import (
     prune_tokenizer,
     token_counts,
 )
+from kdpipe.errors import ConfigError, ModelError
 
 # "zzz" sits before the specials and is never used, so pruning it renumbers every special token
 VOCAB = ["zzz", "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [
@@ -93,7 +93,7 @@ def old_ids(tok: Any, text: str, max_length: int = MAX_LEN) -> list[int]:
 
 
 def test_module_imports_without_torch() -> None:
-    code = "import sys, kdpipe.vocab; print('torch' in sys.modules)"
+    code = "import sys, kdpipe.compress.vocab; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -14,12 +14,12 @@ import torch
 from conftest import make_tokenizer
 from pydantic import TypeAdapter
 
-from kdpipe.data import Encoded
+from kdpipe.data.tables import Encoded
 from kdpipe.errors import ConfigError, ModelError
 from kdpipe.losses.objective import LossContext, build_objective, resolve_map
 from kdpipe.losses.terms import LOSS_TYPES, LossConfig
-from kdpipe.models import KDOutputs
-from kdpipe.train import TrainPlan, pick_device, train
+from kdpipe.models.loading import KDOutputs
+from kdpipe.train.loop import TrainPlan, pick_device, train
 
 CPU = pick_device("cpu")
 ADAPTER: TypeAdapter[Any] = TypeAdapter(LossConfig)
@@ -113,7 +113,7 @@ def test_attention_maps_with_dropout_are_refused(monkeypatch: pytest.MonkeyPatch
     """An architecture whose attention dropout cannot be found: its noisy maps fail loudly."""
     from contextlib import nullcontext
 
-    import kdpipe.train as train_mod
+    import kdpipe.train.loop as train_mod
 
     monkeypatch.setattr(train_mod, "attention_dropout_off", lambda model: nullcontext([]))
     teacher = _bert().eval()

@@ -13,7 +13,7 @@ from torch import Tensor
 from kdpipe.losses.masks import mean_pool
 
 if TYPE_CHECKING:
-    from kdpipe.models import KDOutputs
+    from kdpipe.models.loading import KDOutputs
 
 
 def teacher(t: KDOutputs | None, term: str) -> KDOutputs:

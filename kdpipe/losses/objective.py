@@ -20,7 +20,7 @@ argmax on unlabeled rows); a term that needs labels raises ValueError when they 
 
 Attention maps: every attention term reads the maps `output_attentions` returns, i.e. the softmax
 PROBABILITIES (rows sum to 1; padded keys ~0), never the raw scores. The training loop turns the
-student's attention-probability dropout off while such a term is in the recipe (kdpipe.models.
+student's attention-probability dropout off while such a term is in the recipe (kdpipe.models.loading.
 attention_dropout_off), so the student's maps are not dropout-corrupted in train mode.
 
 The recipe catalogue (one config class per loss, each with its `build`) is kdpipe.losses.terms; this
@@ -37,11 +37,11 @@ import torch
 from torch import Tensor, nn
 
 from kdpipe.errors import ConfigError
-from kdpipe.layermaps import uniform_layers
 from kdpipe.losses.schedule import Schedule
+from kdpipe.models.layermaps import uniform_layers
 
 if TYPE_CHECKING:
-    from kdpipe.models import KDOutputs
+    from kdpipe.models.loading import KDOutputs
 
 # (student, teacher, active layer map {student index: teacher index}) -> () loss
 TermFn = Callable[["KDOutputs", "KDOutputs | None", dict[int, int]], Tensor]

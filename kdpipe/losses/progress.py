@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from kdpipe.losses.objective import LossContext, ProgressFn
-    from kdpipe.models import KDOutputs
+    from kdpipe.models.loading import KDOutputs
 
 
 def cls_loss(

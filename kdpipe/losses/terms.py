@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from kdpipe.losses.objective import LogitFn, LossContext, ProgressFn, Term, TermFn
-    from kdpipe.models import KDOutputs
+    from kdpipe.models.loading import KDOutputs
 
 TEMP_MIN, TEMP_MAX = 1e-3, 1e3  # a temperature of 1e-300 turns the softmax into NaN
 LayerMap = Literal["kept", "uniform"] | list[int]

@@ -1,0 +1,298 @@
+"""The stage contract: what a stage is given (its config section, the upstream manifest, a RunContext) and
+what it hands on (a typed record stored in its manifest, read back as that type).
+
+This module sits in the bottom layer with `artifacts`: stages import it, the runner (`pipeline`) imports the
+stages, and nothing here imports a stage, so the import graph has no cycle. Every path in a record is relative
+to the stage directory that wrote it (or names a stage of the run's lineage), so a run can be moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kdpipe.artifacts.manifest import FileRecord, Manifest, Metric
+from kdpipe.errors import ArtifactError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from kdpipe.config import Recipe, TargetProfile
+
+
+class Record(BaseModel):
+    """A stage's hand-over. Unknown keys are refused on read, so a record written by another schema fails
+    loudly instead of being half-read; JSON's string keys become ints where the field says so."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AssistantInfo(Record):
+    kept_layers: list[int] = Field(description="Teacher layers the assistant was built from.")
+    of: str = Field(description="What the assistant was distilled from (the original teacher's source).")
+    teacher_layers: int = Field(description="Layers of the original teacher.")
+
+
+class PosteriorInfo(Record):
+    """The teacher's posterior N(m, S) over its weights (kdpipe.methods.bayes), stored next to its model."""
+
+    file: str = Field(description="The safetensors file, relative to the teacher stage.")
+    kind: Literal["diagonal", "swag"]
+    rank: int = Field(description="Columns of the low-rank factor (0: diagonal only).")
+    params: int = Field(description="Parameters the posterior covers.")
+    n_data: int = Field(description="Train examples it was fitted on (the prior term divides by it).")
+    seconds: float
+
+
+class PriorInfo(Record):
+    """A student's prior N(mu, Xi): the teacher's posterior conditioned on the removed blocks' xi1 = 0."""
+
+    file: str = Field(description="The safetensors file, relative to the student stage.")
+    kind: str
+    rank: int
+    params: int = Field(description="Student parameters the prior covers.")
+    zeroed: int = Field(description="Teacher parameters conditioned to 0 (xi1).")
+    shift: float = Field(description="||mu - m_v|| / ||m_v||: how far the conditional mean moved from the copy.")
+
+
+class TranslationInfo(Record):
+    """A translation teacher's settings downstream stages reuse (decoding length, CE smoothing, the pairs)."""
+
+    source_column: str
+    target_column: str
+    max_new_tokens: int
+    label_smoothing: float
+    from_scratch: bool
+
+
+class TeacherRecord(Record):
+    """What the teacher stage (or a teaching assistant standing in for it) hands on."""
+
+    label_names: list[str]
+    max_length: int
+    split_sizes: dict[str, int]
+    data_source: str
+    data_sha256: str
+    data_rows: dict[str, int] | None = None
+    model_source: str
+    finetuned: bool
+    trained_params: Literal["head", "all"]
+    warnings: list[str] = Field(default_factory=list)
+    assistant: AssistantInfo | None = Field(None, description="Set when this teacher-kind artifact is an assistant.")
+    posterior: PosteriorInfo | None = Field(None, description="Set when teacher.posterior asked for one.")
+    task: Literal["classification", "translation"] = "classification"
+    translation: TranslationInfo | None = Field(None, description="Set for task: translation.")
+
+
+class VocabInfo(Record):
+    """A student whose vocabulary was pruned: `map` (an .npy of the teacher's vocabulary size) gives each
+    teacher token id its student id ([UNK] for a pruned one), so both models can read one batch."""
+
+    kept: int
+    old_size: int
+    coverage: float = Field(description="Share of the test split's tokens (teacher tokenizer) that were kept.")
+    map: str
+
+
+class WidthInfo(Record):
+    heads_removed: dict[int, list[int]]
+    ffn_kept: int = Field(description="FFN neurons kept in every layer.")
+    ffn_total: int
+    params_before: int
+    params_after: int
+
+
+class StudentRecord(Record):
+    kept_layers: list[int]
+    layer_map: dict[int, int] = Field(description="Student hidden-state index -> teacher hidden-state index.")
+    init: str
+    width: WidthInfo | None = None
+    vocab: VocabInfo | None = None
+    arch: str = Field("teacher", description="'teacher' (the teacher's architecture) or 'bilstm'.")
+    stacks: dict[str, list[int]] | None = Field(None, description="Teacher layers kept per stack (encoder/decoder).")
+    prior: PriorInfo | None = Field(None, description="Set for init: bayes.")
+
+
+class DistillRecord(Record):
+    device: str
+    precision: str
+    history: list[dict[str, float]]
+    baseline_history: list[dict[str, float]] | None = None
+    losses: list[dict[str, Any]]
+    schedule_kind: str
+    schedule_events: list[dict[str, Any]]
+    train_examples: int
+    data_free: dict[str, Any] | None = None
+    warnings: list[str] = Field(default_factory=list)
+    attention_dropout_off: list[str] = Field(default_factory=list)
+    cka_diagonal: list[float] | None = None
+    # the teacher-output cache: {status: hit | miss | bypassed, reason, key, dir (relative to this stage),
+    # examples, bytes, bytes_per_example, contents, build_seconds, tail_mass}
+    teacher_cache: dict[str, Any] | None = None
+    resumed_from: int | None = None  # the KD run continued from this step's checkpoint
+    processes: int = 1  # torchrun processes (DDP)
+    accumulate: int = 1  # micro-batches per optimiser step
+    teacher_memory: dict[str, int] | None = None  # teacher_shard: the teacher's weight bytes in all / per process
+    attention: str = "eager"  # the attention implementation the models trained with (sdpa on the GPU path)
+
+
+class ModelSource(Record):
+    """Where the PyTorch model of an ONNX file lives: a stage of the lineage and a directory inside it."""
+
+    stage: str
+    dir: str
+
+
+class Parity(Record):
+    max_abs_diff: float
+    atol: float
+    class_agreement: float
+    examples: int
+    shapes: list[list[int]]
+    nonfinite_outputs: int
+    refused: str | None = Field(None, description="onnxruntime's error when it refused a batch (e.g. a static axis).")
+    ok: bool
+
+
+class Gate(Record):
+    """A variant checked against the fp32 PyTorch student on the whole test split."""
+
+    examples: int
+    accuracy: float
+    reference_accuracy: float = Field(description="The fp32 PyTorch student's test accuracy (same examples).")
+    budget: float = Field(description="The accuracy it had to reach: accuracy_budget x reference_accuracy.")
+    agreement: float = Field(description="Share of test examples where it predicts the PyTorch student's class.")
+    max_abs_diff: float
+    atol: float | None = Field(description="The logit tolerance it had to meet (None: quantised, no bound).")
+    nonfinite_outputs: int
+    ok: bool
+
+
+class ExportedModel(Record):
+    onnx: str
+    spec: dict[str, Any]
+    parity: Parity
+    source: ModelSource
+    variant: str = "fp32"
+    of: str | None = Field(None, description="The model this is a variant of (its name in `models`).")
+    gate: Gate | None = None
+    transforms: dict[str, Any] = Field(default_factory=dict, description="Fusions / quantised operators applied.")
+
+
+class ExportRecord(Record):
+    models: dict[str, ExportedModel]
+
+
+class BudgetCheck(Record):
+    """One budget of the target profile against the deployed variant; `ok` is False for a NaN value."""
+
+    budget: str
+    limit: float
+    value: float | None
+    unit: str
+    ok: bool
+
+
+class MobileInfo(Record):
+    """The deployed variant in onnxruntime's ORT format, and what the mobile usability checker said."""
+
+    ort: str
+    required_operators: str
+    bytes: int
+    contrib_ops: list[str]
+    findings: list[str]
+
+
+class ProfileRecord(Record):
+    report: str
+    profile: str
+    mobile: MobileInfo | None = None
+    deploy: str = Field("student", description="The model (name in the export record) the budgets apply to.")
+    budgets: list[BudgetCheck] = Field(default_factory=list)
+
+    @property
+    def misses(self) -> list[BudgetCheck]:
+        return [b for b in self.budgets if not b.ok]
+
+
+R = TypeVar("R", bound=Record)
+
+
+def record(manifest: Manifest, kind: type[R]) -> R:
+    """The manifest's hand-over record, validated as `kind`."""
+    try:
+        return kind.model_validate(manifest.record)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ArtifactError(
+            f"{manifest.dir}: the {manifest.stage} manifest's record does not fit {kind.__name__} "
+            f"({where}: {first['msg']})",
+            f"re-run `kdpipe {manifest.stage} --force` with this kdpipe version",
+        ) from None
+
+
+@dataclass
+class StageOutput:
+    """What a stage function returns; the runner writes it into the manifest."""
+
+    record: Record
+    metrics: dict[str, Metric] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Resolved once per command: the recipe's seed, where progress goes, and the target profile."""
+
+    seed: int
+    console: Console
+    profile: TargetProfile
+    resume: bool = False  # continue an interrupted stage from its checkpoints
+    checkpoints: Path | None = None  # set by the runner per stage: where its training runs checkpoint
+    cache_root: Path | None = None  # <out>/cache: artifacts shared between the stages of an output root
+
+    def checkpoint(self, name: str) -> Path | None:
+        """The checkpoint file of the stage's training run `name` (None: the runner set no directory)."""
+        return None if self.checkpoints is None else self.checkpoints / f"{name}.pt"
+
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class StageSpec(Generic[C]):
+    """One row of the runner's STAGES table; each stage module declares its own.
+
+    section: the recipe section the stage sees (its whole config);
+    identity: the dict the run id hashes (its config, plus the seed when the stage is seeded);
+    inputs: the content records of every file the stage reads besides the upstream's outputs;
+    run: `run_<stage>(cfg, upstream, out, ctx) -> StageOutput`."""
+
+    name: str
+    upstream: str | None
+    section: Callable[[Recipe, RunContext], C]
+    run: Callable[[C, Manifest | None, Path, RunContext], StageOutput]
+    summary: str
+    identity: Callable[[C, RunContext], dict[str, Any]]
+    inputs: Callable[[C, Manifest | None], list[FileRecord]] = field(default=lambda cfg, up: upstream_inputs(up))
+    kind: str | None = None  # the artifact kind its manifest records (default: its name)
+
+
+def seeded(cfg: BaseModel, ctx: RunContext) -> dict[str, Any]:
+    """The identity of a stage whose result depends on the seed."""
+    return {"seed": ctx.seed, **cfg.model_dump(mode="json")}
+
+
+def unseeded(cfg: BaseModel, ctx: RunContext) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def upstream_inputs(upstream: Manifest | None) -> list[FileRecord]:
+    """A downstream stage's inputs: the upstream's recorded (and just verified) outputs."""
+    if upstream is None:
+        return []
+    return [FileRecord(f"{upstream.stage}/{r.path}", r.sha256, r.bytes) for r in upstream.outputs]

@@ -1,0 +1,1 @@
+"""Making a model smaller: layer surgery, width pruning, vocabulary pruning and the quantised ONNX variants."""

@@ -1,0 +1,1 @@
+"""Reading and splitting data: classification tables, translation pairs, text decoding."""

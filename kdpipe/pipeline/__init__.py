@@ -1,0 +1,1 @@
+"""The stages and their runner: teacher, student, distill, assistant, export, profile; validate and recipe checks."""

@@ -1,0 +1,1 @@
+"""Measuring deployed models: the timing worker, roofline, budgets, mobile checks, run comparison."""

@@ -1,0 +1,1 @@
+"""The run report: Markdown, figures, plots and the representation analysis."""

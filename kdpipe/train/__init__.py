@@ -1,0 +1,1 @@
+"""Training: the explicit loop, the teacher-output cache, resume checkpoints, multi-process setup."""
