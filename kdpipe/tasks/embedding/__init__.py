@@ -1,0 +1,1 @@
+"""Sentence-embedding building blocks: pooling, the encoder, teachers, quality metrics, ONNX export, static students."""
