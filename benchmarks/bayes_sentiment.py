@@ -82,7 +82,7 @@ def posterior(ctx: dict[str, Any], args: argparse.Namespace) -> Path:
 def student(init: str, ctx: dict[str, Any], post: Path, seed: int, kept: list[int], work: Path) -> tuple[Any, Any]:
     from kdpipe.config import StudentConfig
     from kdpipe.methods.bayesinit import PriorPenalty, bayes_student
-    from kdpipe.pipeline.student import build_student
+    from kdpipe.tasks.classification.student import build_student
 
     if init in ("random", "copy"):
         return build_student(ctx["teacher"], StudentConfig(init=init), kept, seed), None

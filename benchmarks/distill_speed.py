@@ -6,10 +6,10 @@
   (d) (c) on 2 DDP processes (torchrun, gloo) at the same global batch, 1 thread each, against (c) in 1 process
       with every core.
 
-Each mode runs in its own process through the distill stage's own code (kdpipe.pipeline.distill._train_student), timing
-every optimiser step; the ratios are of the median step times (the machine is noisy; medians travel), with the
-whole-epoch wall times beside them. Prints a Markdown table and writes it, with the command, to
-benchmarks/results/distill-speed.md (and .json).
+Each mode runs in its own process through the distill stage's own code
+(kdpipe.tasks.classification.distill._train_student), timing every optimiser step; the ratios are of the median step
+times (the machine is noisy; medians travel), with the whole-epoch wall times beside them. Prints a Markdown table and
+writes it, with the command, to benchmarks/results/distill-speed.md (and .json).
 
     python benchmarks/distill_speed.py --base runs/default
 
@@ -51,7 +51,8 @@ def worker(args: argparse.Namespace) -> None:
     from kdpipe.data.tables import subset
     from kdpipe.losses.objective import build_objective
     from kdpipe.losses.terms import CELoss
-    from kdpipe.pipeline import distill
+    from kdpipe.tasks.classification import distill
+    from kdpipe.tasks.classification.pair import load_pair
     from kdpipe.train import distributed
     from kdpipe.train import loop as train_mod
     from kdpipe.train.loop import pick_device
@@ -68,7 +69,7 @@ def worker(args: argparse.Namespace) -> None:
     w = distributed.join(device.torch_device)
     console = Console(stderr=True, quiet=not w.main)
     ctx = RunContext(recipe.seed, console, load_profile(recipe.profile), cache_root=Path(args.cache_root))
-    pair = distill._load_pair(cfg, read_manifest(Path(args.base) / "student", "student"))
+    pair = load_pair(cfg, read_manifest(Path(args.base) / "student", "student"))
     data = subset(pair.splits["train"], args.examples)
     losses: list[Any] = [CELoss()] if mode == "a" else list(cfg.losses)
     objective = build_objective(losses, pair.loss_ctx, cfg.schedule)

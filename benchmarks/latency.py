@@ -37,7 +37,7 @@ def main() -> None:
     from kdpipe.artifacts.manifest import read_manifest
     from kdpipe.artifacts.records import ExportRecord, record
     from kdpipe.models.loading import load_classifier
-    from kdpipe.pipeline.profile import model_source
+    from kdpipe.tasks.classification.profile import model_source
 
     export = read_manifest(args.run_dir / "export", "export")
     torch.set_num_threads(args.threads)

@@ -199,7 +199,7 @@ def test_ctrl_c_during_distill_leaves_no_finished_stage(
     copy = tmp_path / "runs"
     shutil.copytree(runs, copy)
     shutil.rmtree(copy / "distill")
-    import kdpipe.pipeline.distill
+    import kdpipe.tasks.classification.distill
 
     calls = {"n": 0}
 
@@ -207,7 +207,7 @@ def test_ctrl_c_during_distill_leaves_no_finished_stage(
         calls["n"] += 1
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kdpipe.pipeline.distill, "evaluate", interrupt)
+    monkeypatch.setattr(kdpipe.tasks.classification.distill, "evaluate", interrupt)
     code, out = invoke("distill", "-r", recipe, "-o", copy)
     monkeypatch.undo()
     assert code == 130 and "interrupted" in out and calls["n"] == 1

@@ -47,7 +47,7 @@ def _widen(model_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny classifier's fp32 export (dynamic batch and sequence axes): out/model.onnx."""
-    from kdpipe.pipeline.export import export_onnx
+    from kdpipe.tasks.classification.export import export_onnx
 
     base = tmp_path_factory.mktemp("compress")
     model_dir = make_model_dir(base / "model")

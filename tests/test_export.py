@@ -7,7 +7,7 @@ from pathlib import Path
 from conftest import assert_one_line_error, invoke
 
 from kdpipe.artifacts.manifest import list_outputs, write_json_atomic
-from kdpipe.pipeline.export import PARITY_BATCHES
+from kdpipe.tasks.classification.export import PARITY_BATCHES
 
 
 def test_export_has_dynamic_axes_and_parity_on_other_shapes(finished: tuple[Path, Path]) -> None:
@@ -63,7 +63,7 @@ def test_nan_student_fails_the_parity_gate(finished: tuple[Path, Path], tmp_path
 
 
 def test_parity_treats_nan_as_failure(tiny_dir: Path, tmp_path: Path) -> None:
-    from kdpipe.pipeline.export import export_onnx, parity
+    from kdpipe.tasks.classification.export import export_onnx, parity
 
     model = tmp_path / "nan-model"
     shutil.copytree(tiny_dir, model)
@@ -129,10 +129,12 @@ def _perturbed(real, variant: str, scale: float):  # type: ignore[no-untyped-def
 
 
 def test_weights_perturbed_after_optimisation_fail_the_gate(finished, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import kdpipe.pipeline.export
+    import kdpipe.tasks.classification.export
 
     monkeypatch.setattr(
-        kdpipe.pipeline.export, "make_variant", _perturbed(kdpipe.pipeline.export.make_variant, "optimized", 1.01)
+        kdpipe.tasks.classification.export,
+        "make_variant",
+        _perturbed(kdpipe.tasks.classification.export.make_variant, "optimized", 1.01),
     )
     code, out, copy = _export_again(finished, tmp_path, "--set", "export.teacher=false")
     assert_one_line_error(code, out, "variant gate failed on the test split", "student-optimized", "max |diff|")
@@ -141,11 +143,13 @@ def test_weights_perturbed_after_optimisation_fail_the_gate(finished, tmp_path, 
 
 
 def test_a_quantised_variant_below_the_accuracy_budget_fails(finished, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import kdpipe.pipeline.export
+    import kdpipe.tasks.classification.export
 
     # negated classifier weights: finite logits, no tolerance for int8, but the accuracy collapses
     monkeypatch.setattr(
-        kdpipe.pipeline.export, "make_variant", _perturbed(kdpipe.pipeline.export.make_variant, "int8-dynamic", -1.0)
+        kdpipe.tasks.classification.export,
+        "make_variant",
+        _perturbed(kdpipe.tasks.classification.export.make_variant, "int8-dynamic", -1.0),
     )
     code, out, _ = _export_again(finished, tmp_path, "--set", "export.teacher=false")
     assert_one_line_error(code, out, "student-int8-dynamic: test accuracy", "points short of the budget", "99%")
@@ -154,9 +158,9 @@ def test_a_quantised_variant_below_the_accuracy_budget_fails(finished, tmp_path,
 def test_a_static_axis_fails_the_parity_gate(finished, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import onnx
 
-    import kdpipe.pipeline.export
+    import kdpipe.tasks.classification.export
 
-    real = kdpipe.pipeline.export.export_onnx
+    real = kdpipe.tasks.classification.export.export_onnx
 
     def static(model_dir, out, opset):  # type: ignore[no-untyped-def]
         spec = real(model_dir, out, opset)
@@ -166,7 +170,7 @@ def test_a_static_axis_fails_the_parity_gate(finished, tmp_path, monkeypatch) ->
         onnx.save(model, str(out / "model.onnx"))
         return spec
 
-    monkeypatch.setattr(kdpipe.pipeline.export, "export_onnx", static)
+    monkeypatch.setattr(kdpipe.tasks.classification.export, "export_onnx", static)
     code, out, _ = _export_again(finished, tmp_path)
     assert_one_line_error(code, out, "ONNX parity check failed", "onnxruntime refused", "invalid dimensions")
     assert "unexpected" not in out
@@ -177,7 +181,7 @@ def test_gate_treats_nan_outputs_as_failure(finished, tmp_path) -> None:  # type
 
     from kdpipe.data.tables import Split, encode
     from kdpipe.models.loading import load_tokenizer
-    from kdpipe.pipeline.export import gate
+    from kdpipe.tasks.classification.export import gate
 
     _, runs = finished
     enc = encode(load_tokenizer(runs / "distill" / "model"), Split(texts=["good day"] * 4, labels=[0] * 4), 16)

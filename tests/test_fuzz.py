@@ -22,9 +22,9 @@ from kdpipe.errors import KdpipeError, ModelError
 from kdpipe.methods import bayes
 from kdpipe.models.loading import resolve_model_dir
 from kdpipe.pipeline.profile import resolve_providers
-from kdpipe.pipeline.student import select_layers
 from kdpipe.pipeline.validate import file_kind, validate_file
 from kdpipe.tasks import translation
+from kdpipe.tasks.classification.student import select_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "stages").glob("*.yaml")) + sorted((ROOT / "profiles").glob("*.yaml"))
@@ -90,9 +90,9 @@ def _seq2seq(layers: int) -> Any:
 
 
 def later_checks(recipe: Recipe) -> None:
-    """The structural checks the stages make once the teacher has trained, by the stages' own code: SWAG's
-    iterate count (kdpipe.methods.bayes), the translation student's stacks (kdpipe.compress.surgery.parse_keep on a
-    teacher of the recipe's shape), the classifier student's layers (kdpipe.pipeline.student.select_layers, from the
+    """The structural checks the stages make once the teacher has trained, by the stages' own code: SWAG's iterate count
+    (kdpipe.methods.bayes), the translation student's stacks (kdpipe.compress.surgery.parse_keep on a teacher of the
+    recipe's shape), the classifier student's layers (kdpipe.tasks.classification.student.select_layers, from the
     assistant's when there is one). A teacher that is not on this machine fails at its own stage: nothing to check."""
     post = recipe.teacher.posterior
     if post is not None and post.kind == "swag":

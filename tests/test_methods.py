@@ -305,8 +305,7 @@ def test_data_free_hit_rate_uses_each_class_s_own_index(tiny_dir: Path) -> None:
     from rich.console import Console
 
     from kdpipe.config import DataFreeConfig
-    from kdpipe.methods.datafree import synthesize
-    from kdpipe.pipeline.teacher import write_logit_stats
+    from kdpipe.methods.datafree import synthesize, write_logit_stats
 
     teacher = load_classifier(tiny_dir).eval()
     with torch.no_grad():  # a teacher that always predicts class 2
@@ -325,7 +324,7 @@ def test_data_free_hit_rate_uses_each_class_s_own_index(tiny_dir: Path) -> None:
 
 def test_schedule_that_outlasts_the_budget_is_reported() -> None:
     from kdpipe.config import DistillConfig
-    from kdpipe.pipeline.distill import check_objective, schedule_warning
+    from kdpipe.tasks.classification.checks import check_objective, schedule_warning
 
     ctx = LossContext(layer_map={0: 0, 1: 1, 2: 3, 3: 5}, n_student=3, n_teacher=6, d_student=8, d_teacher=8)
     losses = [{"name": "attention_kl"}, {"name": "hinton"}]

@@ -22,7 +22,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from kdpipe.compress.quantize import optimize
-    from kdpipe.pipeline.export import export_onnx
+    from kdpipe.tasks.classification.export import export_onnx
 
     base = tmp_path_factory.mktemp("mobile")
     model_dir = make_model_dir(base / "model")

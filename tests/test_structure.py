@@ -98,6 +98,62 @@ def test_stages_never_import_the_runner() -> None:
         assert "kdpipe.pipeline.runner" not in graph[f"kdpipe.pipeline.{stage}"], stage
 
 
+# kdpipe/tasks/<name>.py or kdpipe/tasks/<name>/ is one task (a package's modules may import each other); these
+# modules belong to a task of another name: the translator model, written for (and imported only by) translation
+TASK_PARTS = {"seq2seq": "translation"}
+NOT_TASKS = {"base", "registry"}  # the protocol and the table: what the stages may import from kdpipe/tasks/
+
+
+def task_of_module(module: str) -> str | None:
+    """The task a module under kdpipe/tasks/ belongs to; None for any other module, and for base and registry."""
+    parts = module.split(".")
+    if parts[:2] != ["kdpipe", "tasks"] or len(parts) < 3 or parts[2] in NOT_TASKS:
+        return None
+    return TASK_PARTS.get(parts[2], parts[2])
+
+
+def test_task_of_module_groups_a_package_into_one_task() -> None:
+    assert task_of_module("kdpipe.tasks.classification.distill") == "classification"
+    assert task_of_module("kdpipe.tasks.embedding.pooling") == "embedding"
+    assert task_of_module("kdpipe.tasks.seq2seq") == task_of_module("kdpipe.tasks.translation") == "translation"
+    assert task_of_module("kdpipe.tasks.registry") is None and task_of_module("kdpipe.tasks.base") is None
+    assert task_of_module("kdpipe.pipeline.distill") is None and task_of_module("kdpipe.tasks") is None
+
+
+def test_stages_reach_tasks_only_through_the_base_and_the_registry() -> None:
+    """No module under kdpipe/pipeline/ imports a task module: a stage asks kdpipe.tasks.registry for its task."""
+    graph = import_graph()
+    stages = [m for m in graph if m.startswith("kdpipe.pipeline")]
+    named = {m: sorted(t for t in graph[m] if task_of_module(t)) for m in stages}
+    assert {m: ts for m, ts in named.items() if ts} == {}
+    assert {"kdpipe.tasks.registry"} <= graph["kdpipe.pipeline.distill"]
+
+
+def test_no_task_imports_another_task() -> None:
+    """A task sees the library and kdpipe.tasks.base, never another task (only the registry lists them all); the
+    protocol itself imports no task."""
+    graph = import_graph()
+    crossing = [
+        f"{m} -> {t}"
+        for m, targets in graph.items()
+        if (own := task_of_module(m)) is not None or m == "kdpipe.tasks.base"
+        for t in sorted(targets)
+        if (other := task_of_module(t)) is not None and other != own
+    ]
+    assert crossing == []
+
+
+def test_every_task_of_the_config_has_its_row() -> None:
+    """teacher.task's values and TASKS' keys are the same, and each entry knows its own name."""
+    from typing import get_args
+
+    from kdpipe.config import TeacherConfig
+    from kdpipe.tasks.registry import TASKS
+
+    assert set(get_args(TeacherConfig.model_fields["task"].annotation)) == set(TASKS)
+    assert all(task.name == name for name, task in TASKS.items())
+
+
 def folder_of(module: str) -> str:
     """kdpipe.<folder> for a module in a folder (or the folder's __init__), the module itself at the top level."""
     parts = module.split(".")

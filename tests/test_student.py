@@ -7,8 +7,9 @@ import torch
 
 from kdpipe.config import StudentConfig
 from kdpipe.errors import ConfigError
+from kdpipe.models.layermaps import layer_map
 from kdpipe.models.loading import load_classifier
-from kdpipe.pipeline.student import build_student, layer_map, select_layers
+from kdpipe.tasks.classification.student import build_student, select_layers
 
 
 @pytest.mark.parametrize(

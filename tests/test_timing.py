@@ -20,7 +20,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
     """(tiny BERT classifier dir, its ONNX export, vocab size)."""
     import json
 
-    from kdpipe.pipeline.export import export_onnx
+    from kdpipe.tasks.classification.export import export_onnx
 
     base = tmp_path_factory.mktemp("timing")
     model_dir = make_model_dir(base / "model")

@@ -2,9 +2,9 @@
 (encoder, decoder), a new model that keeps some of their blocks, and which parameters make a block or an FFN
 neuron a no-op when zeroed (xi1) against the rest of it (xi2).
 
-Every stack is named explicitly per architecture (kdpipe.pipeline.student's `layer.<i>` regex cannot tell an encoder's
-blocks from a decoder's), and every tensor of a new model is copied from the teacher by name: block i of stack s
-from the teacher's block keep[s][i], everything else from the tensor of the same name.
+Every stack is named explicitly per architecture (kdpipe.tasks.classification.student's `layer.<i>` regex cannot tell an
+encoder's blocks from a decoder's), and every tensor of a new model is copied from the teacher by name: block i of stack
+s from the teacher's block keep[s][i], everything else from the tensor of the same name.
 """
 
 from __future__ import annotations

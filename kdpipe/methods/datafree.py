@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -99,3 +100,22 @@ def synthesize(
         "stats_split": stats.get("split"),
     }
     return EmbeddedSet(embeds=x.detach().cpu(), labels=[-1] * len(b)), report
+
+
+def write_logit_stats(logits: np.ndarray, labels: list[int], names: list[str], path: Path) -> None:
+    """Per-class mean and covariance of the teacher's logits on the validation split: what data-free
+    distillation (docs/methods.md §5, Lopes et al.) samples targets from when no training data is at hand."""
+
+    y = np.asarray(labels)
+    classes = {}
+    for i, name in enumerate(names):
+        rows = logits[y == i].astype(np.float64)
+        if len(rows) < 2:
+            continue
+        classes[name] = {
+            "index": i,  # the class's logit index: a class left out (< 2 rows) must not shift the others
+            "count": int(len(rows)),
+            "mean": rows.mean(0).round(6).tolist(),
+            "cov": np.cov(rows, rowvar=False).round(6).tolist(),
+        }
+    path.write_text(json.dumps({"split": "val", "classes": classes}, indent=2) + "\n")

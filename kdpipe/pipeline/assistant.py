@@ -26,8 +26,8 @@ from kdpipe.artifacts.records import (
 from kdpipe.config import Recipe, StudentConfig
 from kdpipe.data.tables import SPLITS, encode, read_split
 from kdpipe.errors import ConfigError
+from kdpipe.methods.datafree import write_logit_stats
 from kdpipe.models.loading import load_classifier, load_tokenizer
-from kdpipe.pipeline.teacher import write_logit_stats
 from kdpipe.train.loop import evaluate, pick_device
 
 

@@ -1,9 +1,9 @@
 """The layers each student keeps, checked against the stacks of the model it is built from, before anything trains.
 
-The student stage checks the same thing once the teacher exists (kdpipe.pipeline.student.select_layers for one-stack
-classifiers, kdpipe.compress.surgery.parse_keep for translation's encoder + decoder); here the stacks come from the
-recipe (teacher.translation.layers from scratch) or the model's config.json, so a layer list that cannot be built fails
-in a second instead of after the teacher's training. Torch-free: it reads JSON only.
+The student stage checks the same thing once the teacher exists (kdpipe.tasks.classification.student.select_layers for
+one-stack classifiers, kdpipe.compress.surgery.parse_keep for translation's encoder + decoder); here the stacks come
+from the recipe (teacher.translation.layers from scratch) or the model's config.json, so a layer list that cannot be
+built fails in a second instead of after the teacher's training. Torch-free: it reads JSON only.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _one_stack(conf: dict[str, Any] | None, of: str) -> Stacks:
         return Stacks(dict.fromkeys(ANY_STACK), of)
     arch = ARCHS.get(str(conf.get("model_type", "")))
     if arch is None or len(arch.stacks) != 1:
-        # kdpipe.pipeline.student maps `layer.<i>` keys for these, with num_hidden_layers blocks
+        # kdpipe.tasks.classification.student maps `layer.<i>` keys for these, with num_hidden_layers blocks
         return Stacks(dict.fromkeys(ANY_STACK, _depth(conf, ("num_hidden_layers",))), of)
     ((name, (_, keys)),) = arch.stacks.items()
     return Stacks({name: _depth(conf, (*keys, "num_hidden_layers"))}, of)
@@ -138,9 +138,9 @@ def _kept(cfg: StudentConfig, n: int | None) -> int | None:
 
 # --------------------------------------------------------------------------- the selections
 def _student(cfg: StudentConfig, stacks: Stacks, name: str) -> list[Problem]:
-    """kdpipe.pipeline.student.select_layers on a one-stack model, and the stack name of {stack: layers} (which it takes
-    on trust): what `student.arch: teacher` without `pretrained` builds (a BiLSTM or pretrained student keeps no
-    teacher layers)."""
+    """kdpipe.tasks.classification.student.select_layers on a one-stack model, and the stack name of {stack: layers}
+    (which it takes on trust): what `student.arch: teacher` without `pretrained` builds (a BiLSTM or pretrained student
+    keeps no teacher layers)."""
     if cfg.arch != "teacher" or cfg.pretrained is not None:
         return []
     field, spec, n = f"{name}.layers", cfg.layers, next(iter(stacks.sizes.values()))

@@ -9,8 +9,8 @@ from pydantic import BaseModel, ValidationError
 
 from kdpipe.config import Recipe, TargetProfile, format_validation_error, load_profile, read_yaml
 from kdpipe.errors import ConfigError, KdpipeError
-from kdpipe.pipeline.distill import check_losses
 from kdpipe.pipeline.recipecheck import check_layers
+from kdpipe.tasks.registry import task_for
 
 
 def file_kind(path: Path, data: dict[str, Any]) -> str:
@@ -93,4 +93,4 @@ def check_recipe(recipe: Recipe) -> None:
             + ", ".join(sorted(exported - {"fp32"} | set(missing)))
             + "])",
         )
-    check_losses(recipe)
+    task_for(recipe.teacher).check_recipe(recipe)

@@ -21,7 +21,7 @@ Result of one worker::
      "peak_rss_mib", "top_ops": [{"op", "total_ms", "count", "share"}, ...]}
 
 or `{"error": "..."}` with exit status 1. This module imports nothing from kdpipe but `kdpipe.errors`
-(kdpipe.pipeline.profile imports it), and onnxruntime / torch / transformers only inside the worker.
+(kdpipe.tasks.classification.profile imports it), and onnxruntime / torch / transformers only inside the worker.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ TOP_OPS = 10
 MIN_RUNS_PER_ROUND = 5
 
 
-# ---------------------------------------------------------------- pure helpers (shared with kdpipe.pipeline.profile)
+# ---------------------------------------------- pure helpers (shared with kdpipe.tasks.classification.profile)
 
 
 def latency_stats(times_s: list[float], batch: int) -> dict[str, float]:
@@ -260,7 +260,8 @@ def _run_onnxruntime(job: dict[str, Any]) -> dict[str, Any]:
 
 def _run_torch(job: dict[str, Any]) -> dict[str, Any]:
     """Load time (ms, as session_init_ms), first run and per-shape times of a HF model directory in PyTorch
-    eager mode (eager attention, inference_mode), input_ids and attention_mask as kdpipe.pipeline.profile feeds."""
+    eager mode (eager attention, inference_mode), input_ids and attention_mask as kdpipe.tasks.classification.profile
+    feeds them."""
     t0 = time.perf_counter()
     import torch
     from transformers import AutoModelForSequenceClassification

@@ -1,9 +1,10 @@
 """Translation (seq2seq) through the stages, for `teacher.task: translation`.
 
-The stage modules dispatch here at the top of their run functions; everything translation-specific lives in this
-module, built from the library: kdpipe.data.pairs (pairs, splits, tokenizer, batches), kdpipe.tasks.seq2seq (the small
-pre-LN mBART config, the KD training loop, greedy translation, BLEU, ONNX export and parity), kdpipe.compress.surgery
-(per-stack layer removal), kdpipe.methods.bayesinit / kdpipe.methods.bayes (posterior, bayes init, the prior term).
+The stages reach it through kdpipe.tasks.registry (TranslationTask, below); everything translation-specific lives in
+this module, built from the library: kdpipe.data.pairs (pairs, splits, tokenizer, batches), kdpipe.tasks.seq2seq (the
+small pre-LN mBART config, the KD training loop, greedy translation, BLEU, ONNX export and parity),
+kdpipe.compress.surgery (per-stack layer removal), kdpipe.methods.bayesinit / kdpipe.methods.bayes (posterior, bayes
+init, the prior term).
 
 - teacher: read the pairs, split them (seeded), train a tokenizer and a model from scratch (or fine-tune a local
   seq2seq directory), validation BLEU per epoch, test BLEU (greedy); the splits go to data/{train,val,test}.jsonl
@@ -24,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdpipe.artifacts.manifest import MANIFEST, FileRecord, Manifest, Metric, input_records, sha256_file
+from kdpipe.artifacts.manifest import FileRecord, Manifest, Metric, input_records, sha256_file
 from kdpipe.artifacts.records import (
     DistillRecord,
     ExportedModel,
@@ -65,19 +66,6 @@ SPLITS = ("train", "val", "test")
 MODEL_DIR = "model"
 KD_TERMS = ("hinton", "reverse_kl", "ce", "prior")
 PROFILE_SENTENCES = 8
-
-
-def is_translation(manifest: Manifest) -> bool:
-    """Whether a stage's lineage starts at a translation teacher (the stage itself when it is the teacher). Reads
-    the teacher's manifest without re-hashing its files (the stage that uses them verifies them); anything missing
-    is left to the classification path's own errors."""
-    if manifest.stage == "teacher":
-        return manifest.record.get("task") == "translation"
-    rel = manifest.lineage.get("teacher")
-    path = manifest.dir / rel / MANIFEST if rel is not None else None
-    if path is None or not path.is_file():
-        return False
-    return Manifest.from_file(path).record.get("task") == "translation"
 
 
 # --------------------------------------------------------------------------- recipe checks (no model loaded)
@@ -451,7 +439,9 @@ def run_student(cfg: StudentConfig, upstream: Manifest, work: Path, ctx: RunCont
     else:
         torch.manual_seed(ctx.seed)
         student, _ = surgery.remove_layers(teacher, keep)
-        if cfg.init == "random":  # U[-a, a] on every weight, norms kept at (1, 0) (kdpipe.pipeline.student's baseline)
+        if (
+            cfg.init == "random"
+        ):  # U[-a, a] on every weight, norms kept at (1, 0) (kdpipe.tasks.classification.student's baseline)
             with torch.no_grad():
                 for name, p in student.named_parameters():
                     if "norm" not in name.lower():
@@ -717,3 +707,42 @@ def report_lines(export: Manifest, results: dict[str, Any]) -> list[str]:
         for name, s in results[engine].items():
             lines.append(f"| {name} | {engine} | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['mean_tokens']:.1f} |")
     return lines
+
+
+# --------------------------------------------------------------------------- the task
+class TranslationTask:
+    """Seq2seq translation (kdpipe.tasks.registry.TASKS["translation"]): the stage hooks of kdpipe.tasks.base.Task."""
+
+    name = "translation"
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        check_recipe(recipe)
+
+    def teacher_inputs(self, cfg: TeacherConfig) -> list[FileRecord]:
+        return teacher_inputs(cfg)
+
+    def run_teacher(self, cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
+        return run_teacher(cfg, work, ctx)
+
+    def run_student(self, cfg: StudentConfig, upstream: Manifest, work: Path, ctx: RunContext) -> StageOutput:
+        return run_student(cfg, upstream, work, ctx)
+
+    def run_distill(self, cfg: DistillConfig, upstream: Manifest, work: Path, ctx: RunContext) -> StageOutput:
+        return run_distill(cfg, upstream, work, ctx)
+
+    def run_export(self, cfg: ExportConfig, upstream: Manifest, work: Path, ctx: RunContext) -> StageOutput:
+        return run_export(cfg, upstream, work, ctx)
+
+    def run_profile(
+        self,
+        prof: TargetProfile,
+        upstream: Manifest,
+        work: Path,
+        ctx: RunContext,
+        providers: list[str],
+        missing: list[str],
+    ) -> StageOutput:
+        return run_profile(prof, upstream, work, ctx, providers)  # timed on what is there; it has no fallback note
+
+
+TRANSLATION = TranslationTask()
