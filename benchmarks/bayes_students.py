@@ -17,7 +17,7 @@ def posterior(teacher: Any, data: Any, args: Any) -> Path:
     """SWAG around the teacher's weights on its train pairs (cached in <out>/posterior.safetensors)."""
     from kdpipe.methods import bayes
     from kdpipe.methods.bayesinit import scope_names
-    from kdpipe.tasks.seq2seq import seq2seq_loss
+    from kdpipe.tasks.translation.seq2seq import seq2seq_loss
 
     path = args.out / "posterior.safetensors"
     if path.is_file():
@@ -89,7 +89,7 @@ def inits_of(runs: list[dict[str, Any]]) -> list[str]:
 def one(init: str, kd: str, seed: int, teacher: Any, data: Any, args: Any, post: Path) -> dict[str, Any]:
     import torch
 
-    from kdpipe.tasks.seq2seq import Seq2SeqKD, bleu, train_seq2seq, translate
+    from kdpipe.tasks.translation.seq2seq import Seq2SeqKD, bleu, train_seq2seq, translate
 
     keep = {"encoder": list(range(args.layers)), "decoder": [i for i in range(args.layers) if i != args.remove]}
     torch.manual_seed(seed)
@@ -155,7 +155,7 @@ def run_students(teacher: Any, data: Any, args: Any, t_info: dict[str, Any]) -> 
 
 def export_check(student: Any, data: Any, args: Any) -> dict[str, Any]:
     """The bayes+KD student through ONNX (encoder + decoder with past): parity on 32 real test sentences."""
-    from kdpipe.tasks.seq2seq import export_seq2seq_onnx, save_seq2seq, seq2seq_parity
+    from kdpipe.tasks.translation.seq2seq import export_seq2seq_onnx, save_seq2seq, seq2seq_parity
 
     model_dir = save_seq2seq(student, data.tok, args.out / "export" / "model")
     onnx_dir = args.out / "export" / "onnx"

@@ -89,7 +89,7 @@ class Data:
 
     def valset(self) -> Any:
         from kdpipe.data.pairs import pair_batches
-        from kdpipe.tasks.seq2seq import ValSet
+        from kdpipe.tasks.translation.seq2seq import ValSet
 
         return ValSet(
             batches=list(pair_batches(self.val_enc, 64, shuffle=False)),
@@ -100,7 +100,7 @@ class Data:
         )
 
     def test_bleu(self, model: Any) -> float:
-        from kdpipe.tasks.seq2seq import bleu, translate
+        from kdpipe.tasks.translation.seq2seq import bleu, translate
 
         hyps = translate(model, self.tok, [s for s, _ in self.test], max_new_tokens=self.args.max_length)
         return round(bleu(hyps, [t for _, t in self.test]), 2)
@@ -111,7 +111,7 @@ def teacher(data: Data, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     import torch
     from transformers import MBartForConditionalGeneration
 
-    from kdpipe.tasks.seq2seq import load_seq2seq, save_seq2seq, small_config, train_seq2seq
+    from kdpipe.tasks.translation.seq2seq import load_seq2seq, save_seq2seq, small_config, train_seq2seq
 
     where = args.out / "teacher"
     if (where / "teacher.json").is_file():
@@ -158,7 +158,7 @@ def teacher(data: Data, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 def _copy_bleu(data: Data) -> float:
     """The trivial baseline: the Russian source copied as the 'translation' (identifiers and option names
     are shared by both sides, so this is not 0)."""
-    from kdpipe.tasks.seq2seq import bleu
+    from kdpipe.tasks.translation.seq2seq import bleu
 
     return round(bleu([s for s, _ in data.test], [t for _, t in data.test]), 2)
 

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from kdpipe.errors import ConfigError, did_you_mean
 from kdpipe.losses.terms import HintonLoss, LossConfig
@@ -31,6 +40,13 @@ class _Strict(BaseModel):
 
 SEED_MAX = 2**32 - 1  # numpy's RandomState takes seeds in [0, 2**32 - 1]
 MAX_ROWS = 10**9
+
+
+def _drop_none(dumped: Any, key: str) -> Any:
+    """A model's dump without `key` when it is None: a section added later leaves older run ids unchanged."""
+    if isinstance(dumped, dict) and dumped.get(key, 0) is None:
+        dumped.pop(key)
+    return dumped
 
 
 def _not_blank(v: str, what: str) -> str:
@@ -114,8 +130,8 @@ class PosteriorConfig(_Strict):
 
 
 class TranslationConfig(_Strict):
-    """teacher.task: translation (seq2seq, kdpipe.tasks.seq2seq): the pairs, the tokenizer and the from-scratch
-    model."""
+    """teacher.task: translation (seq2seq, kdpipe.tasks.translation.seq2seq): the pairs, the tokenizer and the
+    from-scratch model."""
 
     source: str = Field(
         "default",
@@ -136,10 +152,10 @@ class TranslationConfig(_Strict):
     vocab_size: int = Field(6000, ge=16, le=10**6, description="from_scratch: size of the shared ru+en tokenizer.")
     from_scratch: bool = Field(
         True,
-        description="True: train a new small pre-LN mBART-architecture model (kdpipe.tasks.seq2seq.small_config) "
-        "with its "
-        "own tokenizer on the train pairs; False: fine-tune teacher.model, a local seq2seq HF directory with its "
-        "tokenizer. Note teacher.lr: its default (5e-5) is for fine-tuning; from scratch needs about 1e-3.",
+        description="True: train a new small pre-LN mBART-architecture model "
+        "(kdpipe.tasks.translation.seq2seq.small_config) with its own tokenizer on the train pairs; False: fine-tune "
+        "teacher.model, a local seq2seq HF directory with its tokenizer. Note teacher.lr: its default (5e-5) is for "
+        "fine-tuning; from scratch needs about 1e-3.",
     )
     d_model: int = Field(192, ge=8, le=8192, description="from_scratch: model width (FFN width is 4 x d_model).")
     layers: int = Field(3, ge=1, le=64, description="from_scratch: encoder layers, and as many decoder layers.")
@@ -153,6 +169,44 @@ class TranslationConfig(_Strict):
         if self.from_scratch and self.d_model % self.heads:
             raise ValueError(f"heads: {self.heads} does not divide d_model {self.d_model}")
         return self
+
+
+class EmbeddingConfig(_Strict):
+    """teacher.task: embedding (a sentence encoder, kdpipe.tasks.embedding): pooling, the held-out sentences and the
+    transfer set. The teacher is used as it is (no fine-tuning); teacher.model names it ('default': the embedded
+    all-MiniLM-L6-v2, 'all-mpnet-base-v2': assembled from its PyPI part packages, or a local sentence-transformers
+    folder)."""
+
+    pooling: Literal["mean", "cls", "max"] | None = Field(
+        None,
+        description="Pooling of the token vectors (None: the model's own 1_Pooling/config.json); needed for a folder "
+        "that is not a sentence encoder (no modules.json).",
+    )
+    normalize: bool | None = Field(
+        None, description="L2-normalise the sentence vector (None: as the model's modules.json says)."
+    )
+    max_length: int | None = Field(
+        None, ge=8, le=512, description="Tokens per sentence after truncation (None: the model's max_seq_length)."
+    )
+    sentences: str | None = Field(
+        None,
+        description="A text file, one sentence per line, to take the held-out and transfer sentences from (None: "
+        "the text column of teacher.data's table, by default the embedded tweets).",
+    )
+    held_out: int = Field(
+        500,
+        ge=20,
+        le=100_000,
+        description="Sentences held out (seeded) for mean cosine to the teacher, recall@10 and ONNX parity.",
+    )
+    transfer_size: int | None = Field(
+        4000, gt=0, le=MAX_ROWS, description="Sentences of the rest that form the transfer set (None: all of them)."
+    )
+
+    @field_validator("sentences")
+    @classmethod
+    def _sentences_given(cls, v: str | None) -> str | None:
+        return v if v is None else _not_blank(v, "a text file path")
 
 
 class TeacherConfig(_Strict):
@@ -184,14 +238,31 @@ class TeacherConfig(_Strict):
         description="Estimate the posterior N(m, S) of the teacher's weights after fine-tuning and store it "
         "(posterior.safetensors), for students built with student.init: bayes (docs/methods.md §4). None: skip.",
     )
-    task: Literal["classification", "translation"] = Field(
+    task: Literal["classification", "translation", "embedding"] = Field(
         "classification",
-        description="'classification' (a sequence classifier on teacher.data) or 'translation' (a seq2seq model on "
-        "the pairs of teacher.translation, scored with BLEU; set teacher.lr, e.g. 1e-3 from scratch).",
+        description="'classification' (a sequence classifier on teacher.data), 'translation' (a seq2seq model on "
+        "the pairs of teacher.translation, scored with BLEU; set teacher.lr, e.g. 1e-3 from scratch) or 'embedding' "
+        "(a sentence encoder, scored on the Lee similarity set; settings in teacher.embedding).",
     )
     translation: TranslationConfig | None = Field(
         None, description="task: translation: the pairs and the model (required then, refused otherwise)."
     )
+    embedding: EmbeddingConfig | None = Field(
+        None, description="task: embedding: pooling and sentences (required then, refused otherwise)."
+    )
+
+    @model_validator(mode="after")
+    def _embedding_section(self) -> TeacherConfig:
+        if self.task == "embedding" and self.embedding is None:
+            raise ValueError("task: embedding needs a teacher.embedding section (e.g. embedding: {})")
+        if self.task != "embedding" and self.embedding is not None:
+            raise ValueError(f"teacher.embedding is set but task is {self.task}: set task: embedding")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_embedding(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # no `embedding: None` in the dump: the run ids of classification / translation teachers stay as they were
+        return _drop_none(handler(self), "embedding")
 
     @model_validator(mode="after")
     def _translation_section(self) -> TeacherConfig:
@@ -360,6 +431,30 @@ class CacheConfig(_Strict):
     )
 
 
+class EmbeddingDistillConfig(_Strict):
+    """distill.embedding (teacher.task: embedding only): the weighted terms on the pooled sentence embeddings (B, D),
+    the teacher's computed once on the transfer set. sentence-transformers' distillation is `mse` alone."""
+
+    mse: float = Field(1.0, ge=0, le=1e6, description="Weight of the MSE between student and teacher embeddings.")
+    cosine: float = Field(
+        0.0, ge=0, le=1e6, description="Weight of 1 - cos(student, teacher), averaged over the batch."
+    )
+    contrastive: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="Weight of the in-batch InfoNCE: each student embedding must pick its own teacher embedding "
+        "among the batch's (cosine / temperature, cross-entropy).",
+    )
+    temperature: float = Field(0.05, ge=1e-3, le=10, description="Temperature of the contrastive term.")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> EmbeddingDistillConfig:
+        if not (self.mse or self.cosine or self.contrastive):
+            raise ValueError("every weight (mse, cosine, contrastive) is 0: give at least one a positive weight")
+        return self
+
+
 class DistillConfig(_Strict):
     losses: list[LossConfig] = Field(
         default_factory=_default_losses, min_length=1, description="Weighted loss terms, summed."
@@ -441,6 +536,16 @@ class DistillConfig(_Strict):
         description="Under torchrun: split the teacher's weights across the processes (FSDP2 fully_shard, each "
         "holds 1/N) for online KD; needs distill.cache.use: false (rank 0 builds the cache alone).",
     )
+
+    embedding: EmbeddingDistillConfig | None = Field(
+        None,
+        description="teacher.task: embedding: the loss terms on the pooled embeddings (mse, cosine, contrastive) "
+        "instead of distill.losses; None there means mse alone. Refused for the other tasks.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_unset_embedding(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _drop_none(handler(self), "embedding")  # classification distill run ids stay as they were
 
     @model_validator(mode="after")
     def _shard_without_cache(self) -> DistillConfig:
@@ -610,6 +715,15 @@ class Recipe(_Strict):
     )
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export stage.")
     profile: str = Field("cpu", description="Target profile: a name in profiles/ or a YAML path.")
+
+    @model_validator(mode="after")
+    def _embedding_terms_for_embedding(self) -> Recipe:
+        if self.distill.embedding is not None and self.teacher.task != "embedding":
+            raise ValueError(
+                f"distill.embedding (embedding loss terms) is set but teacher.task is {self.teacher.task}: drop it "
+                "(it trains sentence encoders, teacher.task: embedding) and use distill.losses"
+            )
+        return self
 
     @field_validator("out")
     @classmethod

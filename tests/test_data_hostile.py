@@ -230,7 +230,7 @@ def test_crlf_line_endings_read(tmp_path: Path) -> None:
 
 def test_a_directory_of_pairs_is_said_to_be_one(tmp_path: Path) -> None:
     from kdpipe.config import TranslationConfig
-    from kdpipe.tasks.translation import pairs_path
+    from kdpipe.tasks.translation.checks import pairs_path
 
     (tmp_path / "pairs.tsv").mkdir()
     with pytest.raises(DataError, match=r"pairs.tsv: is a directory, not a pair file"):

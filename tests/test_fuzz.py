@@ -23,8 +23,8 @@ from kdpipe.methods import bayes
 from kdpipe.models.loading import resolve_model_dir
 from kdpipe.pipeline.profile import resolve_providers
 from kdpipe.pipeline.validate import file_kind, validate_file
-from kdpipe.tasks import translation
 from kdpipe.tasks.classification.student import select_layers
+from kdpipe.tasks.translation import checks as translation
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "stages").glob("*.yaml")) + sorted((ROOT / "profiles").glob("*.yaml"))
@@ -80,10 +80,11 @@ def mutate(doc: dict[str, Any], rng: random.Random) -> dict[str, Any]:
 
 @functools.cache
 def _seq2seq(layers: int) -> Any:
-    """A stand-in translation teacher: the from-scratch architecture (kdpipe.tasks.seq2seq.small_config), tiny."""
+    """A stand-in translation teacher: the from-scratch architecture (kdpipe.tasks.translation.seq2seq.small_config),
+    tiny."""
     from transformers import MBartForConditionalGeneration
 
-    from kdpipe.tasks.seq2seq import small_config
+    from kdpipe.tasks.translation.seq2seq import small_config
 
     config = small_config(16, d_model=8, encoder_layers=layers, decoder_layers=layers, ffn_dim=8, heads=1)
     return MBartForConditionalGeneration(config)

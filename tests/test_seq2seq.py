@@ -13,7 +13,7 @@ import pytest
 
 from kdpipe.data import pairs as parallel
 from kdpipe.errors import DataError
-from kdpipe.tasks import seq2seq
+from kdpipe.tasks.translation import seq2seq
 
 SOURCES = Path(parallel.__file__).resolve().parents[1] / "_data" / "ru_en" / "SOURCES.md"
 

@@ -99,8 +99,8 @@ def test_stages_never_import_the_runner() -> None:
 
 
 # kdpipe/tasks/<name>.py or kdpipe/tasks/<name>/ is one task (a package's modules may import each other); these
-# modules belong to a task of another name: the translator model, written for (and imported only by) translation
-TASK_PARTS = {"seq2seq": "translation"}
+# modules belong to a task of another name (none since the translator model moved into kdpipe/tasks/translation/)
+TASK_PARTS: dict[str, str] = {}
 NOT_TASKS = {"base", "registry"}  # the protocol and the table: what the stages may import from kdpipe/tasks/
 
 
@@ -115,7 +115,8 @@ def task_of_module(module: str) -> str | None:
 def test_task_of_module_groups_a_package_into_one_task() -> None:
     assert task_of_module("kdpipe.tasks.classification.distill") == "classification"
     assert task_of_module("kdpipe.tasks.embedding.pooling") == "embedding"
-    assert task_of_module("kdpipe.tasks.seq2seq") == task_of_module("kdpipe.tasks.translation") == "translation"
+    assert task_of_module("kdpipe.tasks.translation.seq2seq") == task_of_module("kdpipe.tasks.translation.task")
+    assert task_of_module("kdpipe.tasks.translation.export") == "translation"
     assert task_of_module("kdpipe.tasks.registry") is None and task_of_module("kdpipe.tasks.base") is None
     assert task_of_module("kdpipe.pipeline.distill") is None and task_of_module("kdpipe.tasks") is None
 

@@ -33,7 +33,8 @@ def recipe(tmp: Path, pairs: Path, **over: Any) -> Path:
     profile.write_text(
         yaml.safe_dump(
             {"name": "tiny", "description": "test profile.", "intra_op_threads": 1, "warmup": 1, "min_runs": 3,
-             "min_seconds": 0.0, "torch_eager": True, "rounds": 1, "gemm_seconds": 0.2}
+             "min_seconds": 0.0, "torch_eager": True, "rounds": 1, "gemm_seconds": 0.2,
+             "budgets": {"p50_ms": 1e6, "accuracy": 1.0}}  # planted: latency met, BLEU 100 (accuracy 1.0) missed
         )
     )  # fmt: skip
     doc: dict[str, Any] = {
@@ -130,9 +131,12 @@ def test_run_goes_through_every_stage(run: tuple[int, str, Path]) -> None:
         parity = export["record"]["models"][name]["parity"]
         assert parity["ok"] and parity["examples"] == 8, parity
         assert (runs / "export" / name / "decoder_model.onnx").is_file()
-    assert set(export["record"]["models"]) == {"student", "teacher"}  # fp32 only, no classification variants
+    # fp32 and int8-dynamic; "optimized" (a classification fusion) is skipped
+    assert set(export["record"]["models"]) == {"student", "student-int8-dynamic", "teacher"}
+    assert (runs / "export" / "student-int8-dynamic" / "decoder_with_past_model.onnx").is_file()
     profile = manifest(runs, "profile")
     assert profile["metrics"]["student_p50_ms_generate"]["value"] > 0
+    assert profile["metrics"]["student-int8-dynamic_p50_ms_generate"]["value"] > 0
     assert "test BLEU" in (runs / "profile" / "report.md").read_text()
 
 
@@ -166,3 +170,127 @@ def test_a_classification_teacher_keeps_its_run_identity() -> None:
     ident = STAGE.identity(TeacherConfig(), ctx)
     assert "task" not in ident and "translation" not in ident and ident["seed"] == 0
     assert STAGE.identity(TeacherConfig(task="translation", translation={}), ctx)["task"] == "translation"
+
+
+# --------------------------------------------------------------------------- budgets, int8, isolated timing
+def test_strict_fails_on_the_planted_bleu_budget(run: tuple[int, str, Path]) -> None:
+    """The fixture's profile asks for BLEU 100 (accuracy 1.0) and a p50 of at most 1e6 ms: `kdpipe run` finishes
+    (not strict) and says so; `kdpipe profile --strict` (the stage skipped) exits 1 with the one-line error."""
+    code, out, runs = run
+    assert code == 0, out
+    assert "budget missed: test BLEU / 100" in out, out
+    budgets = {b["budget"]: b for b in manifest(runs, "profile")["record"]["budgets"]}
+    bleu_check, latency = budgets["test BLEU / 100"], budgets["p50 latency at generate"]
+    gate = manifest(runs, "export")["record"]["models"]["student-int8-dynamic"]["gate"]
+    assert bleu_check["value"] == gate["accuracy"] < 1.0 and not bleu_check["ok"], bleu_check
+    assert latency["ok"] and 0 < latency["value"] < 1e6, latency
+    code, out = invoke("profile", "-r", runs.parent / "recipe.yaml", "--strict")
+    assert_one_line_error(code, out, "1 budget(s) of profile tiny missed by student-int8-dynamic (--strict)")
+    assert "budget missed: test BLEU / 100" in out, out
+
+
+def test_int8_variant_is_gated_on_bleu(run: tuple[int, str, Path]) -> None:
+    models = manifest(runs := run[2], "export")["record"]["models"]
+    for name in ("student", "student-int8-dynamic"):
+        gate = models[name]["gate"]
+        assert gate["ok"] and gate["metric"] == "bleu/100" and gate["examples"] == 16, gate
+        assert gate["accuracy"] >= gate["budget"] == pytest.approx(0.99 * gate["reference_accuracy"]), gate
+    int8 = models["student-int8-dynamic"]
+    assert int8["variant"] == "int8-dynamic" and int8["of"] == "student" and int8["gate"]["atol"] is None
+    ops = int8["transforms"]["graphs"]["decoder_model.onnx"]
+    assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) > 0, int8["transforms"]
+    fp32_mib = sum(f.stat().st_size for f in (runs / "export" / "student").glob("*.onnx"))
+    int8_mib = sum(f.stat().st_size for f in (runs / "export" / "student-int8-dynamic").glob("*.onnx"))
+    assert int8_mib < fp32_mib
+
+
+def test_each_model_is_timed_in_its_own_process(run: tuple[int, str, Path]) -> None:
+    import os
+
+    latency = json.loads((run[2] / "profile" / "latency.json").read_text())
+    pids = {
+        (engine, name): r["pids"] for engine in ("onnxruntime", "torch_eager") for name, r in latency[engine].items()
+    }
+    assert set(pids) == {
+        ("onnxruntime", "teacher"), ("onnxruntime", "student"), ("onnxruntime", "student-int8-dynamic"),
+        ("torch_eager", "teacher"), ("torch_eager", "student"),
+    }  # fmt: skip
+    flat = [p for ps in pids.values() for p in ps]
+    assert os.getpid() not in flat and len(set(flat)) == len(flat), pids
+    for r in latency["onnxruntime"].values():
+        assert r["shapes"]["generate"]["runs"] >= 5 and r["peak_rss_mib"] > 0 and r["mean_tokens"] > 1
+
+
+def test_report_json_compares(run: tuple[int, str, Path]) -> None:
+    runs = run[2]
+    report = json.loads((runs / "profile" / "report.json").read_text())
+    assert report["quality"] == "test_bleu" and report["deploy"] == "student-int8-dynamic"
+    assert report["teacher"]["accuracy"] == pytest.approx(bleu(manifest(runs, "teacher")) / 100)
+    assert report["models"]["student-int8-dynamic"]["latency"]["generate"]["p50_ms"] > 0
+    code, out = invoke("profile", "-r", runs.parent / "recipe.yaml", "--compare", runs)
+    assert code == 0 and "no regression" in out, out
+
+
+def test_a_broken_int8_graph_fails_the_export(
+    run: tuple[int, str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quantizer that writes NaN weights: the int8 gate fails closed (exit 1, one line, naming the variant)."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from kdpipe.compress import quantize
+
+    real = quantize.quantize_int8
+
+    def broken(src: Path, dst: Path) -> None:
+        real(src, dst)
+        model = onnx.load(str(dst))
+        for init in model.graph.initializer:
+            if init.data_type == onnx.TensorProto.FLOAT and "lm_head" not in init.name:
+                init.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(init), np.nan), init.name))
+        onnx.save(model, str(dst))
+
+    monkeypatch.setattr(quantize, "quantize_int8", broken)
+    shutil.copytree(run[2], tmp_path / "runs")
+    doc = yaml.safe_load((run[2].parent / "recipe.yaml").read_text())
+    doc["out"] = str(tmp_path / "runs")
+    doc["export"]["teacher"] = False
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True))
+    code, out = invoke("export", "-r", tmp_path / "recipe.yaml")
+    assert_one_line_error(code, out, "variant gate failed", "student-int8-dynamic", "NaN")
+
+
+def test_bleu_gate_fails_closed_on_nan_and_on_a_bleu_shortfall() -> None:
+    import numpy as np
+
+    from kdpipe.tasks.translation.export import Judged, bleu_gate
+
+    refs = ["open the file 1 now", "close the disk 2 now", "save the key 3 now", "copy the window 4 now"]
+    ref = Judged(list(refs), np.zeros((4, 5)))
+    same = bleu_gate(ref, ref, refs, 0.99, None)
+    assert same.ok and same.accuracy == pytest.approx(1.0) and same.agreement == 1.0 and same.metric == "bleu/100"
+    worse = bleu_gate(
+        Judged(["open the file", "close it", "save", "copy the window 4 now"], ref.logits), ref, refs, 0.99, None
+    )
+    assert not worse.ok and worse.accuracy < worse.budget == pytest.approx(0.99), worse
+    nan = bleu_gate(Judged(list(refs), np.full((4, 5), np.nan)), ref, refs, 0.5, None)
+    assert not nan.ok and nan.nonfinite_outputs == 4 and nan.max_abs_diff == math.inf, nan
+    drift = bleu_gate(Judged(list(refs), ref.logits + 1e-2), ref, refs, 0.99, 1e-4)  # fp32 keeps its logit bound
+    assert not drift.ok and drift.max_abs_diff == pytest.approx(1e-2)
+
+
+def test_a_generation_job_names_the_bad_key() -> None:
+    from kdpipe.errors import ConfigError
+    from kdpipe.profiling.generation import normalize_generation_job
+
+    with pytest.raises(ConfigError, match="sentences"):
+        normalize_generation_job({"model": "m", "max_new_tokens": 4})
+    with pytest.raises(ConfigError, match="engine"):
+        normalize_generation_job({"model": "m", "sentences": ["a"], "max_new_tokens": 4, "engine": "tf"})
+    with pytest.raises(ConfigError, match="no sentences"):
+        normalize_generation_job({"model": "m", "sentences": [], "max_new_tokens": 4})
+    job = normalize_generation_job({"model": "m", "sentences": ["a"], "max_new_tokens": "4"})
+    assert job["max_new_tokens"] == 4 and job["engine"] == "onnxruntime" and job["min_runs"] == 50

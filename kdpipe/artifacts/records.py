@@ -69,6 +69,24 @@ class TranslationInfo(Record):
     from_scratch: bool
 
 
+class EmbeddingInfo(Record):
+    """A sentence-encoder teacher (teacher.task: embedding): how it pools, where it came from, and the sentence
+    files the later stages read (relative to the teacher stage)."""
+
+    pooling: str = Field(description="mean, cls or max.")
+    normalize: bool
+    pooling_source: str = Field(description="Where pooling and normalisation came from (modules.json / override).")
+    dim: int = Field(description="Width of the sentence embedding.")
+    hidden_size: int
+    layers: int
+    teacher: str = Field(description="The teacher's name (all-MiniLM-L6-v2, all-mpnet-base-v2, a folder's name).")
+    teacher_kind: str = Field(description="default, packaged or local.")
+    sha256: str | None = Field(None, description="The verified sha256 of its model.safetensors, when checked.")
+    model_dir: str = Field(description="The teacher as a sentence-transformers folder.")
+    held_out: str = Field(description="JSONL of the held-out sentences ({'text': ...} per line).")
+    transfer: str = Field(description="JSONL of the transfer sentences.")
+
+
 class TeacherRecord(Record):
     """What the teacher stage (or a teaching assistant standing in for it) hands on."""
 
@@ -84,8 +102,9 @@ class TeacherRecord(Record):
     warnings: list[str] = Field(default_factory=list)
     assistant: AssistantInfo | None = Field(None, description="Set when this teacher-kind artifact is an assistant.")
     posterior: PosteriorInfo | None = Field(None, description="Set when teacher.posterior asked for one.")
-    task: Literal["classification", "translation"] = "classification"
+    task: Literal["classification", "translation", "embedding"] = "classification"
     translation: TranslationInfo | None = Field(None, description="Set for task: translation.")
+    embedding: EmbeddingInfo | None = Field(None, description="Set for task: embedding.")
 
 
 class VocabInfo(Record):
@@ -170,6 +189,12 @@ class Gate(Record):
     atol: float | None = Field(description="The logit tolerance it had to meet (None: quantised, no bound).")
     nonfinite_outputs: int
     ok: bool
+    metric: str = Field(
+        "accuracy",
+        description="What accuracy, reference_accuracy and budget measure, as fractions: 'accuracy', or the "
+        "task's metric ('bleu/100': translation's sacreBLEU of greedy generations / 100; agreement is then the "
+        "share of identical generations).",
+    )
 
 
 class ExportedModel(Record):

@@ -98,12 +98,12 @@ def _one_stack(conf: dict[str, Any] | None, of: str) -> Stacks:
 
 def _translation_stacks(t: TeacherConfig) -> tuple[Stacks, list[Problem]]:
     """Encoder and decoder depth of a translation teacher: teacher.translation.layers each from scratch (the
-    mBART of kdpipe.tasks.seq2seq.small_config), else from teacher.model's config.json."""
+    mBART of kdpipe.tasks.translation.seq2seq.small_config), else from teacher.model's config.json."""
     assert t.translation is not None  # the config's validator requires it
     if t.translation.from_scratch:
         return Stacks({"encoder": t.translation.layers, "decoder": t.translation.layers}, "the teacher's"), []
     conf = _config(Path(t.model))
-    if conf is None:  # kdpipe.tasks.translation.check_recipe refuses the directory
+    if conf is None:  # kdpipe.tasks.translation.checks.check_recipe refuses the directory
         return Stacks(dict.fromkeys(ANY_STACK), "the teacher's"), []
     model_type = str(conf.get("model_type", ""))
     arch = ARCHS.get(model_type)
@@ -168,8 +168,8 @@ def _student(cfg: StudentConfig, stacks: Stacks, name: str) -> list[Problem]:
 
 
 def _per_stack(spec: Any, stacks: Stacks, field: str) -> list[Problem]:
-    """kdpipe.tasks.translation.check_student and kdpipe.compress.surgery.parse_keep: {stack: 'all' | [indices]}, a
-    plain list only for a one-stack model."""
+    """kdpipe.tasks.translation.checks.check_student and kdpipe.compress.surgery.parse_keep: {stack: 'all' |
+    [indices]}, a plain list only for a one-stack model."""
     if isinstance(spec, str):
         return [
             (

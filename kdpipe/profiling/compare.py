@@ -81,9 +81,9 @@ def compare_runs(old: Path, new_profile_dir: Path) -> list[str]:
     """The lines `--compare` prints: a header, then each regression (or that there is none)."""
     if not (new_profile_dir / "report.json").is_file():
         raise ArtifactError(
-            f"--compare: this run's profile stage wrote no report.json ({new_profile_dir}); translation runs write "
-            "report.md only, so they cannot be compared yet",
-            "drop --compare for this run",
+            f"--compare: this run's profile stage wrote no report.json ({new_profile_dir}), so there is nothing to "
+            "compare",
+            "re-run the profile stage with this kdpipe (--force), or drop --compare",
         )
     before, after = load_figures(old), load_figures(new_profile_dir)
     shared = sorted(set(before["models"]) & set(after["models"]))

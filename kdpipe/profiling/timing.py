@@ -301,14 +301,15 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     return {"model": job["model"], "engine": job["engine"], "started_at_s": started, **result}
 
 
-def main() -> int:
+def main(worker: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> int:
     """Read one JSON job on stdin, write one JSON result (or {"error": ...}) on stdout; 0 on success, 1 not.
+    `worker` runs the job (default run_worker; kdpipe.profiling.generation passes its generation worker).
 
     Anything a library prints while timing goes to stderr, so stdout carries only the result."""
     out_fd = os.dup(1)
     os.dup2(2, 1)
     try:
-        result, code = run_worker(json.loads(sys.stdin.read())), 0
+        result, code = (worker or run_worker)(json.loads(sys.stdin.read())), 0
     except KdpipeError as e:
         result, code = {"error": e.message}, 1
     except Exception as e:  # the worker reports any failure as JSON; run_job raises it as a kdpipe error
@@ -348,16 +349,22 @@ def _worker_message(proc: subprocess.CompletedProcess[str]) -> str:
     return f"worker exited with status {proc.returncode} and no result" + (f": {tail}" if tail else "")
 
 
-def run_job(job: dict[str, Any], timeout_s: float = 600) -> dict[str, Any]:
-    """Time one job in a fresh `python -m kdpipe.profiling.timing` process; the worker's result (module docstring).
+def run_job(
+    job: dict[str, Any],
+    timeout_s: float = 600,
+    module: str = "kdpipe.profiling.timing",
+    normalize: Callable[[dict[str, Any]], dict[str, Any]] = normalize_job,
+) -> dict[str, Any]:
+    """Time one job in a fresh `python -m <module>` process (default this one); the worker's result (module
+    docstring). `module` / `normalize`: another workload's worker and job check (kdpipe.profiling.generation).
 
     Raises ConfigError for an invalid job, ModelError (naming the model) when the model is missing, the
     worker fails, or it runs past `timeout_s` seconds (it is killed)."""
-    job = normalize_job(job)
+    job = normalize(job)
     model = job["model"]
     if not Path(model).exists():
         raise ModelError(f"timing {model}: no such file or directory", "export the model first, or fix the path")
-    cmd = [sys.executable, "-m", "kdpipe.profiling.timing"]
+    cmd = [sys.executable, "-m", module]
     try:
         proc = subprocess.run(
             cmd, input=json.dumps(job), capture_output=True, text=True, timeout=timeout_s, env=_worker_env(job)

@@ -78,11 +78,20 @@ def _model(
     }
 
 
-def figures(run: Run, results: dict[str, Any], rec: ProfileRecord) -> dict[str, Any]:
+def _scaled(value: Any, scale: float) -> Any:
+    return value if value is None or scale == 1.0 else value * scale
+
+
+def figures(
+    run: Run, results: dict[str, Any], rec: ProfileRecord, quality: str = "test_accuracy", scale: float = 1.0
+) -> dict[str, Any]:
     """The report's figures: per model test accuracy (whole split), bytes on disk, latency per shape; the
-    deployed variant and its budgets; the teacher's and the no-KD student's quality for reference."""
+    deployed variant and its budgets; the teacher's and the no-KD student's quality for reference.
+
+    `quality` is the stages' metric read as "accuracy" (x `scale`): translation passes "test_bleu" and 0.01, so
+    `accuracy` is BLEU / 100 there, as in its gates and budgets, and `--compare` works on it alike."""
     ort_res, eager = results["onnxruntime"], results.get("torch_eager", {})
-    t_acc = run.teacher.metric("test_accuracy")
+    t_acc = _scaled(run.teacher.metric(quality), scale)
     models: dict[str, Any] = {}
     for name, info in run.export_rec.models.items():
         if name not in ort_res:
@@ -93,7 +102,7 @@ def figures(run: Run, results: dict[str, Any], rec: ProfileRecord) -> dict[str, 
         extra["roofline"] = roof.get("models", {}).get(name, {})
         extra["estimate_ms"] = ((roof.get("estimates") or {}).get("models") or {}).get(name)
         models[name] = _model(acc, ort_res[name].get("model_bytes"), "onnxruntime", ort_res[name], **extra)
-    s_acc = run.distill.metric("test_accuracy")
+    s_acc = _scaled(run.distill.metric(quality), scale)
     for name, timed in eager.items():
         models[f"{name}-eager"] = _model(t_acc if name == "teacher" else s_acc, None, "torch eager", timed)
     return {
@@ -109,7 +118,7 @@ def figures(run: Run, results: dict[str, Any], rec: ProfileRecord) -> dict[str, 
         "student": {
             "accuracy": s_acc,
             "macro_f1": run.distill.metric("test_macro_f1"),
-            "baseline_accuracy": run.distill.metric("baseline_test_accuracy"),
+            "baseline_accuracy": _scaled(run.distill.metric(f"baseline_{quality}"), scale),
             "layers": run.student.metric("layers"),
             "params": run.student.metric("params"),
         },
@@ -120,4 +129,5 @@ def figures(run: Run, results: dict[str, Any], rec: ProfileRecord) -> dict[str, 
         "deploy": rec.deploy,
         "budgets": [b.model_dump(mode="json") for b in rec.budgets],
         "warnings": run.warnings(),
+        "quality": quality,
     }

