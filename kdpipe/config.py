@@ -303,6 +303,15 @@ class BiLSTMStudentConfig(_Strict):
     )
 
 
+class StaticStudentConfig(_Strict):
+    """student.arch: static settings (Model2Vec's distillation, model2vec 0.9's defaults)."""
+
+    pca_dims: int = Field(256, ge=1, le=65536, description="Width of the token vectors after PCA (<= the teacher's).")
+    sif_coefficient: float | None = Field(
+        1e-4, gt=0, lt=1, description="SIF weight a / (a + p(token)) over Zipf frequencies (None: no weighting)."
+    )
+
+
 StackLayers = Literal["all"] | list[int]
 
 
@@ -314,12 +323,17 @@ class StudentConfig(_Strict):
         "{encoder: all, decoder: [0, 1, 3]} for models with an encoder and a decoder.",
     )
     k: int | None = Field(None, gt=0, le=1000, description="Layer count for 'last-k' / 'first-k'.")
-    arch: Literal["teacher", "bilstm"] = Field(
+    arch: Literal["teacher", "bilstm", "static"] = Field(
         "teacher",
         description="'teacher': the teacher's architecture with fewer layers; 'bilstm': a BiLSTM classifier "
-        "(Tang et al. 2019) on the teacher's tokenizer, trained with the logit terms.",
+        "(Tang et al. 2019) on the teacher's tokenizer, trained with the logit terms; 'static' (teacher.task: "
+        "embedding): a static-embedding student, Model2Vec's method (model2vec's distillation: each token through "
+        "the teacher, PCA, SIF/Zipf weights; a sentence is the mean of its token vectors; no training).",
     )
     bilstm: BiLSTMStudentConfig = Field(default_factory=BiLSTMStudentConfig, description="arch: bilstm settings.")
+    static: StaticStudentConfig | None = Field(
+        None, description="arch: static settings (None with arch: static: model2vec's defaults, pca_dims 256)."
+    )
     init: Literal["copy", "teacher", "random", "bayes"] = Field(
         "copy",
         description="'copy' (alias 'teacher'): copy embeddings, kept layers and head from the teacher; "
@@ -346,6 +360,21 @@ class StudentConfig(_Strict):
     @classmethod
     def _copy_alias(cls, v: str) -> str:
         return "copy" if v == "teacher" else v  # 'teacher' was the name of 'copy' before 'bayes' existed
+
+    @model_serializer(mode="wrap")
+    def _without_unset_static(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _drop_none(handler(self), "static")  # no `static: None`: existing student run ids stay as they were
+
+    @model_validator(mode="after")
+    def _static_alone(self) -> StudentConfig:
+        if self.static is not None and self.arch != "static":
+            raise ValueError(f"student.static is set but arch is {self.arch}: set arch: static or drop it")
+        if self.arch == "static":
+            clash = [f for f in ("pretrained", "width", "vocab") if getattr(self, f) is not None]
+            clash += [f"init: {self.init}"] if self.init != "copy" else []
+            if clash:
+                raise ValueError(f"arch: static distils token vectors from the teacher; drop {', '.join(clash)}")
+        return self
 
     @model_validator(mode="after")
     def _bilstm_alone(self) -> StudentConfig:
@@ -715,6 +744,15 @@ class Recipe(_Strict):
     )
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export stage.")
     profile: str = Field("cpu", description="Target profile: a name in profiles/ or a YAML path.")
+
+    @model_validator(mode="after")
+    def _static_for_embedding(self) -> Recipe:
+        if self.student.arch == "static" and self.teacher.task != "embedding":
+            raise ValueError(
+                f"student.arch: static (a static-embedding student) is for teacher.task: embedding, not "
+                f"{self.teacher.task}: use arch: teacher or bilstm"
+            )
+        return self
 
     @model_validator(mode="after")
     def _embedding_terms_for_embedding(self) -> Recipe:

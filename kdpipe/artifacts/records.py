@@ -131,7 +131,9 @@ class StudentRecord(Record):
     init: str
     width: WidthInfo | None = None
     vocab: VocabInfo | None = None
-    arch: str = Field("teacher", description="'teacher' (the teacher's architecture) or 'bilstm'.")
+    arch: str = Field(
+        "teacher", description="'teacher' (the teacher's architecture), 'bilstm' or 'static' (embedding)."
+    )
     stacks: dict[str, list[int]] | None = Field(None, description="Teacher layers kept per stack (encoder/decoder).")
     prior: PriorInfo | None = Field(None, description="Set for init: bayes.")
 

@@ -143,13 +143,19 @@ def _step(
 def evaluate(student: Any, s_tok: Any, teacher: Any, t_tok: Any, held_out: list[str], work: Path) -> dict[str, float]:
     """Lee Spearman / Pearson of the student, mean cosine and recall@10 against the teacher on the held-out
     sentences, and the cosine-distribution figure of both (work/cosines.png)."""
+    from kdpipe.tasks.embedding.encoder import embedder
+
+    return evaluate_embedders(embedder(student, s_tok), embedder(teacher, t_tok), held_out, work)
+
+
+def evaluate_embedders(s_embed: Any, t_embed: Any, held_out: list[str], work: Path) -> dict[str, float]:
+    """`evaluate` on any two texts -> (N, D) functions (the static student is not a SentenceEncoder); mean cosine
+    is NaN when the widths differ (different spaces)."""
     from kdpipe.tasks.embedding import quality
-    from kdpipe.tasks.embedding.encoder import embedder, encode
 
     lee = quality.load_lee()
-    s_embed, t_embed = embedder(student, s_tok), embedder(teacher, t_tok)
     score = quality.lee_score(s_embed, lee, name="student")
-    s_vec, t_vec = encode(student, s_tok, held_out), encode(teacher, t_tok, held_out)
+    s_vec, t_vec = s_embed(held_out), t_embed(held_out)
     out = {"lee_spearman": score.spearman, "lee_pearson": score.pearson}
     out["mean_cosine"] = quality.mean_cosine(s_vec, t_vec) if s_vec.shape[1] == t_vec.shape[1] else float("nan")
     out[f"recall_at_{RECALL_K}"] = quality.recall_at_k(s_vec, t_vec, RECALL_K)

@@ -4,7 +4,9 @@ interleaved over the profile's rounds), at the profile's shapes plus batch 32 at
 profile's budgets (kdpipe.profiling.budgets: `accuracy` and `retention` read the Lee Spearman of the deployed
 variant's gate); and report.md with the quality table and the cosine-distribution figure.
 
-PyTorch eager is not timed for embeddings (the timing worker loads a classifier head for engine torch).
+PyTorch eager is not timed for embeddings (the timing worker loads a classifier head for engine torch). For every
+model the tokenizer runs outside the ONNX graph and outside the timing (synthetic token ids), the transformers' and
+the static student's alike (a static student's spec carries its own vocab_size for those ids).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def _jobs(
             "model": str(upstream.path(export.models[name].onnx)), "engine": "onnxruntime",
             "intra_op_threads": prof.intra_op_threads, "inter_op_threads": prof.inter_op_threads,
             "graph_optimization_level": prof.graph_optimization_level, "providers": providers,
-            "shapes": _shapes(prof), "vocab_size": vocab, "warmup": prof.warmup, "min_runs": prof.min_runs,
+            "shapes": _shapes(prof), "vocab_size": int(export.models[name].spec.get("vocab_size", vocab)),
+            "warmup": prof.warmup, "min_runs": prof.min_runs,
             "min_seconds": prof.min_seconds, "profile_ops": False,
         }
         for name in names
@@ -194,11 +197,16 @@ def report_lines(
              "al. similarity set (1,225 document pairs, gensim's test data) and on the held-out sentences "
              "(mean cosine to the teacher, recall@10 of the teacher's neighbours). Retention = student / teacher Lee "
              "Spearman.", "", *_quality_rows(upstream, sizes), ""]  # fmt: skip
+    if upstream.upstream("student").record.get("arch") == "static":
+        lines += ["The student is static (model2vec's distillation of the teacher's tokens, student.arch: static; "
+                  "static: no training in the distill stage). Its mean cosine to the teacher is n/a when its width "
+                  "(PCA) differs from the teacher's: the two live in different spaces.", ""]  # fmt: skip
     if figure:
         lines += [f"![cosine distributions of similar vs dissimilar Lee pairs]({FIGURE})", ""]
     lines += [f"onnxruntime latency, profile {prof.name} ({prof.intra_op_threads} threads, {prof.rounds} rounds of "
               f"fresh processes; CPU {cpu['model']}, flags {', '.join(cpu['flags']) or 'none of avx2/avx512/amx'}); "
-              "synthetic token ids, full attention mask; speed-up vs the fp32 teacher:", "",
+              "synthetic token ids, full attention mask (tokenisation is outside the graph and the timing for every "
+              "model); speed-up vs the fp32 teacher:", "",
               *_latency_rows(results, timing.shape_key(throughput_shape(prof))), ""]  # fmt: skip
     if missing:
         lines += [f"Providers {', '.join(missing)} are not in this onnxruntime; timed on the available ones.", ""]

@@ -130,3 +130,41 @@ def static_embedder(path: Path) -> Callable[[Sequence[str]], np.ndarray]:
         return np.asarray(model.encode(list(texts), use_multiprocessing=False), dtype=np.float32)
 
     return embed
+
+
+def require_model2vec() -> None:
+    """ModelError naming the pinned install when model2vec's distillation cannot be imported (torch-free check)."""
+    import importlib.util
+
+    missing = [m for m in ("model2vec", "skeletoken") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelError(
+            f"student.arch: static needs model2vec's distillation ({', '.join(missing)} not installed)",
+            f"pip install '{MODEL2VEC_PIN}' (it must not upgrade transformers or huggingface-hub)",
+        )
+
+
+def token_table(model: Any) -> np.ndarray:
+    """float32 (V, D): the vector StaticModel.encode averages for each token id (its token_mapping row times its
+    weight, as model2vec's `_encode_helper` does)."""
+    import numpy as np
+
+    rows = np.asarray(model.embedding, dtype=np.float32)
+    if model.token_mapping is not None:
+        rows = rows[np.asarray(model.token_mapping)]
+    if model.weights is not None:
+        rows = rows * np.asarray(model.weights, dtype=np.float32)[:, None]
+    return np.ascontiguousarray(rows)
+
+
+def static_feed(model: Any, texts: Sequence[str], length: int) -> dict[str, np.ndarray]:
+    """input_ids / attention_mask (N, length) as StaticModel.encode(max_length=length) tokenizes (no special tokens,
+    the unknown token dropped); the tokenizer runs outside the graph, as for the transformers."""
+    import numpy as np
+
+    ids = model.tokenize(list(texts), max_length=length)
+    out = np.zeros((len(ids), length), dtype=np.int64)
+    mask = np.zeros((len(ids), length), dtype=np.int64)
+    for i, row in enumerate(ids):
+        out[i, : len(row)], mask[i, : len(row)] = row, 1
+    return {"input_ids": out, "attention_mask": mask}

