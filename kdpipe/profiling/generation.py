@@ -155,16 +155,10 @@ def merge_generation_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
     median init / first-run times, max peak and model RSS), plus the mean output length and the workers' PIDs."""
     times = [x for r in results for x in r["times_s"][KEY]]
     return {
-        "session_init_ms": statistics.median(r["session_init_ms"] for r in results),
-        "first_run_ms": statistics.median(r["first_run_ms"] for r in results),
-        "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
-        "model_rss_mib": max(r["peak_rss_mib"] - r["rss_before_model_mib"] for r in results),
-        "providers": results[0]["providers"],
+        **timing.pooled(results),
         "shapes": {KEY: timing.latency_stats(times, 1)},
         "mean_tokens": statistics.mean(t for r in results for t in r["tokens"]),
         "top_ops": [],
-        "rounds": len(results),
-        "started_at_s": [r.get("started_at_s") for r in results],
         "pids": [r["pid"] for r in results],
     }
 

@@ -412,13 +412,21 @@ def merge_rounds(job: dict[str, Any], results: list[dict[str, Any]]) -> dict[str
         key = shape_key([b, t])
         shapes[key] = latency_stats([x for r in results for x in r["times_s"][key]], b)
     return {
+        **pooled(results),
+        "shapes": shapes,
+        "top_ops": next((r["top_ops"] for r in results if r.get("top_ops")), []),
+    }
+
+
+def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """What every workload's rounds pool alike: median init and first-run times (ms), max peak RSS and max model RSS
+    (peak minus before-model, MiB), the providers, the round count and each round's start."""
+    return {
         "session_init_ms": statistics.median(r["session_init_ms"] for r in results),
         "first_run_ms": statistics.median(r["first_run_ms"] for r in results),
         "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
         "model_rss_mib": max(r["peak_rss_mib"] - r["rss_before_model_mib"] for r in results),
         "providers": results[0]["providers"],
-        "shapes": shapes,
-        "top_ops": next((r["top_ops"] for r in results if r.get("top_ops")), []),
         "rounds": len(results),
         "started_at_s": [r.get("started_at_s") for r in results],
     }
