@@ -61,7 +61,7 @@ def _stat_problem(path: Path, what: str, e: OSError) -> PathProblem:
     if isinstance(e, PermissionError):  # a directory on the way that may not be searched
         return PathProblem("permission", "permission denied")
     if isinstance(e, NotADirectoryError):
-        file = next((p for p in reversed(path.parents) if _is_file(p)), None)
+        file = next((p for p in reversed(path.parents) if is_file(p)), None)
         where = f" ({shown(file)} is a file, not a directory)" if file else ""
         return PathProblem("missing", f"no such {what}{where}")
     if e.errno == errno.ENAMETOOLONG:
@@ -74,7 +74,8 @@ def _stat_problem(path: Path, what: str, e: OSError) -> PathProblem:
     return PathProblem("other", f"cannot be opened ({printable(e.strerror or str(e))})")
 
 
-def _is_file(path: Path) -> bool:
+def is_file(path: Path) -> bool:
+    """Path.is_file, with an OS error (a name too long for the file system) read as 'not there'."""
     try:
         return path.is_file()
     except OSError:  # e.g. a name too long for the file system: not there

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from kdpipe.errors import ConfigError, did_you_mean
-from kdpipe.files import message, path_problem, shown
+from kdpipe.files import is_file, message, path_problem, shown
 
 # a recipe is a few levels deep (distill.losses[0].pairs[0] is 5): far below what would exhaust the stack
 MAX_DEPTH = 64
@@ -174,13 +174,6 @@ def _safe_glob(path: Path) -> list[Path]:
         return []
 
 
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except OSError:  # e.g. a name too long for the file system: not there
-        return False
-
-
 def _search_dirs(kind: str) -> list[Path]:
     """Where recipe / profile names are looked up: ./<kind>, the source checkout, the wheel copy."""
     pkg = Path(__file__).resolve().parent
@@ -200,7 +193,7 @@ def available(kind: str) -> list[str]:
 def _named(kind: str, name: str) -> Path | None:
     if not name or "/" in name or os.sep in name or "\x00" in name:
         return None
-    return next((c for d in _search_dirs(kind) if _is_file(c := d / f"{name}.yaml")), None)
+    return next((c for d in _search_dirs(kind) if is_file(c := d / f"{name}.yaml")), None)
 
 
 def resolve(kind: str, name_or_path: str | Path) -> Path:
