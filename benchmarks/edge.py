@@ -40,7 +40,7 @@ def _models(run: Path, tag: str) -> dict[str, dict[str, Any]]:
         out[f"{tag}:{name}"] = {
             "onnx": path,
             "bytes": path.stat().st_size,
-            "accuracy": m.gate.accuracy,
+            "accuracy": m.gate.value,
             "vocab": vocab,
             "layers": len(student.kept_layers),
             "width": student.width is not None,

@@ -281,8 +281,8 @@ def quality(run: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Path], dict
                               "recall_at_10": distill.metric("recall_at_10"),
                               "source": "export manifest (ONNX Lee Spearman); distill manifest (retention, mean "
                                         "cosine, recall@10, PyTorch student)"},
-        "student:onnx-int8": {"lee_spearman": s_gate.accuracy if s_gate else None,
-                              "retention": 100 * s_gate.accuracy / t_rho if s_gate and t_rho else None,
+        "student:onnx-int8": {"lee_spearman": s_gate.value if s_gate else None,
+                              "retention": 100 * s_gate.value / t_rho if s_gate and t_rho else None,
                               "mean_cosine": None, "recall_at_10": None,
                               "min_cosine_vs_fp32": s_gate.agreement if s_gate else None,
                               "source": f"export manifest ({int8} gate: Lee Spearman; min cosine vs the fp32 student "
@@ -316,7 +316,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     keys = [f"{b}x{t}" for b, t in shapes]
     q, paths, tok = quality(args.run)
     teacher = read_manifest(args.run / "teacher", "teacher")
-    held = teacher.path(teacher.record["embedding"]["held_out"])
+    held = teacher.path(teacher.record["info"]["held_out"])
     sentences = read_sentences(held)
     load = {"before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="kdpipe-embbench-") as tmp:

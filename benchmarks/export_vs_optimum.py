@@ -148,7 +148,7 @@ def kdpipe_rows(run: Path) -> RunInfo:
         ok = m.gate.ok if m.gate is not None else m.parity.ok
         label = "kdpipe fp32" if m.variant == "fp32" else f"kdpipe {m.variant}"
         note = f"{name}: gate {'ok' if ok else 'FAILED'}"
-        gate_acc = m.gate.accuracy if m.gate is not None else None
+        gate_acc = m.gate.value if m.gate is not None else None
         row = Row(label, "kdpipe", export.path(m.onnx), f"export/{m.onnx}", ok, note, gate_accuracy=gate_acc)
         rows.append(row)
         budgets += [m.gate.budget] if m.gate is not None else []

@@ -19,7 +19,7 @@ def test_export_has_dynamic_axes_and_parity_on_other_shapes(finished: tuple[Path
         info = m["record"]["models"][name]
         assert info["spec"]["inputs"]["input_ids"] == ["batch_size", "sequence_length"]
         par = info["parity"]
-        assert par["ok"] and par["max_abs_diff"] <= par["atol"] and par["class_agreement"] == 1.0
+        assert par["ok"] and par["max_abs_diff"] <= par["atol"] and par["agreement"] == 1.0
         batches = [b for b, _ in par["shapes"]]
         assert batches[:2] == list(PARITY_BATCHES[:2]) and sum(batches) == par["examples"] == 20
         assert all(b != 2 for b, _ in par["shapes"])  # none at the exporter's dummy batch size
@@ -91,7 +91,7 @@ def test_every_variant_is_written_and_gated_on_the_whole_test_split(finished: tu
     assert {"student", "student-optimized", "student-int8-dynamic", "teacher"} == set(models)
     for name in ("student", "student-optimized", "student-int8-dynamic"):
         gate = models[name]["gate"]
-        assert gate["ok"] and gate["examples"] == 60 and gate["accuracy"] >= gate["budget"] > 0
+        assert gate["ok"] and gate["examples"] == 60 and gate["value"] >= gate["budget"] > 0
         assert (runs / "export" / models[name]["onnx"]).is_file()
     assert models["student-optimized"]["transforms"]["fusions"]["Attention"] == 1  # the 1-layer student
     assert models["student-int8-dynamic"]["transforms"]["quantized_ops"].get("MatMulInteger", 0) > 0

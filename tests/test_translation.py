@@ -111,7 +111,7 @@ def test_run_goes_through_every_stage(run: tuple[int, str, Path]) -> None:
     code, out, runs = run
     assert code == 0, out
     teacher = manifest(runs, "teacher")
-    assert teacher["record"]["task"] == "translation" and teacher["record"]["label_names"] == []
+    assert teacher["record"]["info"]["task"] == "translation" and teacher["record"]["label_names"] == []
     assert teacher["record"]["split_sizes"] == {"train": 96, "val": 8, "test": 16}
     first = json.loads((runs / "teacher" / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert set(first) == {"source", "target"}
@@ -182,7 +182,7 @@ def test_strict_fails_on_the_planted_bleu_budget(run: tuple[int, str, Path]) -> 
     budgets = {b["budget"]: b for b in manifest(runs, "profile")["record"]["budgets"]}
     bleu_check, latency = budgets["test BLEU / 100"], budgets["p50 latency at generate"]
     gate = manifest(runs, "export")["record"]["models"]["student-int8-dynamic"]["gate"]
-    assert bleu_check["value"] == gate["accuracy"] < 1.0 and not bleu_check["ok"], bleu_check
+    assert bleu_check["value"] == gate["value"] < 1.0 and not bleu_check["ok"], bleu_check
     assert latency["ok"] and 0 < latency["value"] < 1e6, latency
     code, out = invoke("profile", "-r", runs.parent / "recipe.yaml", "--strict")
     assert_one_line_error(code, out, "1 budget(s) of profile tiny missed by student-int8-dynamic (--strict)")
@@ -194,7 +194,7 @@ def test_int8_variant_is_gated_on_bleu(run: tuple[int, str, Path]) -> None:
     for name in ("student", "student-int8-dynamic"):
         gate = models[name]["gate"]
         assert gate["ok"] and gate["metric"] == "bleu/100" and gate["examples"] == 16, gate
-        assert gate["accuracy"] >= gate["budget"] == pytest.approx(0.99 * gate["reference_accuracy"]), gate
+        assert gate["value"] >= gate["budget"] == pytest.approx(0.99 * gate["reference"]), gate
     int8 = models["student-int8-dynamic"]
     assert int8["variant"] == "int8-dynamic" and int8["of"] == "student" and int8["gate"]["atol"] is None
     ops = int8["transforms"]["graphs"]["decoder_model.onnx"]
@@ -271,11 +271,11 @@ def test_bleu_gate_fails_closed_on_nan_and_on_a_bleu_shortfall() -> None:
     refs = ["open the file 1 now", "close the disk 2 now", "save the key 3 now", "copy the window 4 now"]
     ref = Judged(list(refs), np.zeros((4, 5)))
     same = bleu_gate(ref, ref, refs, 0.99, None)
-    assert same.ok and same.accuracy == pytest.approx(1.0) and same.agreement == 1.0 and same.metric == "bleu/100"
+    assert same.ok and same.value == pytest.approx(1.0) and same.agreement == 1.0 and same.metric == "bleu/100"
     worse = bleu_gate(
         Judged(["open the file", "close it", "save", "copy the window 4 now"], ref.logits), ref, refs, 0.99, None
     )
-    assert not worse.ok and worse.accuracy < worse.budget == pytest.approx(0.99), worse
+    assert not worse.ok and worse.value < worse.budget == pytest.approx(0.99), worse
     nan = bleu_gate(Judged(list(refs), np.full((4, 5), np.nan)), ref, refs, 0.5, None)
     assert not nan.ok and nan.nonfinite_outputs == 4 and nan.max_abs_diff == math.inf, nan
     drift = bleu_gate(Judged(list(refs), ref.logits + 1e-2), ref, refs, 0.99, 1e-4)  # fp32 keeps its logit bound

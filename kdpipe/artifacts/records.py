@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kdpipe.artifacts.manifest import FileRecord, Manifest, Metric
 from kdpipe.errors import ArtifactError
@@ -59,9 +59,17 @@ class PriorInfo(Record):
     shift: float = Field(description="||mu - m_v|| / ||m_v||: how far the conditional mean moved from the copy.")
 
 
+class ClassificationInfo(Record):
+    """A classification teacher (teacher.task: classification): its labels and splits are the record's shared
+    fields (label_names, split_sizes), so the info holds only its tag."""
+
+    task: Literal["classification"] = "classification"
+
+
 class TranslationInfo(Record):
     """A translation teacher's settings downstream stages reuse (decoding length, CE smoothing, the pairs)."""
 
+    task: Literal["translation"] = "translation"
     source_column: str
     target_column: str
     max_new_tokens: int
@@ -73,6 +81,7 @@ class EmbeddingInfo(Record):
     """A sentence-encoder teacher (teacher.task: embedding): how it pools, where it came from, and the sentence
     files the later stages read (relative to the teacher stage)."""
 
+    task: Literal["embedding"] = "embedding"
     pooling: str = Field(description="mean, cls or max.")
     normalize: bool
     pooling_source: str = Field(description="Where pooling and normalisation came from (modules.json / override).")
@@ -87,8 +96,15 @@ class EmbeddingInfo(Record):
     transfer: str = Field(description="JSONL of the transfer sentences.")
 
 
+# The task's own part of a teacher record, told apart by its `task` tag (a discriminated union: a record of one
+# task never reads as another's). Adding a task adds its info class here and to this union (CONTRIBUTING.md).
+TaskInfo = Annotated[ClassificationInfo | TranslationInfo | EmbeddingInfo, Field(discriminator="task")]
+InfoT = TypeVar("InfoT", ClassificationInfo, TranslationInfo, EmbeddingInfo)
+
+
 class TeacherRecord(Record):
-    """What the teacher stage (or a teaching assistant standing in for it) hands on."""
+    """What the teacher stage (or a teaching assistant standing in for it) hands on: the fields every task has,
+    and `info`, the task's own (TaskInfo)."""
 
     label_names: list[str]
     max_length: int
@@ -102,9 +118,35 @@ class TeacherRecord(Record):
     warnings: list[str] = Field(default_factory=list)
     assistant: AssistantInfo | None = Field(None, description="Set when this teacher-kind artifact is an assistant.")
     posterior: PosteriorInfo | None = Field(None, description="Set when teacher.posterior asked for one.")
-    task: Literal["classification", "translation", "embedding"] = "classification"
-    translation: TranslationInfo | None = Field(None, description="Set for task: translation.")
-    embedding: EmbeddingInfo | None = Field(None, description="Set for task: embedding.")
+    info: TaskInfo = Field(default_factory=ClassificationInfo, description="The task's own fields, tagged by task.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _classification_before_info(cls, data: Any) -> Any:
+        """A classification teacher written before `info` existed (task: classification, translation and embedding
+        None) reads as it is, so an existing default teacher is reused, not retrained; any other record of that
+        shape (an old translation or embedding teacher) is refused by the schema, asking for --force."""
+        if not isinstance(data, dict) or "info" in data:
+            return data
+        old = {k: data.get(k) for k in ("task", "translation", "embedding")}
+        if old["task"] in (None, "classification") and old["translation"] is None and old["embedding"] is None:
+            data = {k: v for k, v in data.items() if k not in old}
+            data["info"] = {"task": "classification"}
+        return data
+
+    @property
+    def task(self) -> str:
+        return self.info.task
+
+    def info_as(self, kind: type[InfoT]) -> InfoT:
+        """The task info, as the task that reads it expects; an ArtifactError when the teacher is another task's."""
+        if not isinstance(self.info, kind):
+            want = kind.model_fields["task"].default
+            raise ArtifactError(
+                f"the teacher is a {self.info.task} teacher, not a {want} one",
+                f"build the student from a teacher.task: {want} run (or re-run the teacher with --force)",
+            )
+        return self.info
 
 
 class VocabInfo(Record):
@@ -169,9 +211,15 @@ class ModelSource(Record):
 
 
 class Parity(Record):
+    """The exported graph against its PyTorch model on real inputs. `kind` says what was compared: 'logits'
+    (max |diff| of the logits; agreement = same argmax class), 'cosine' (max 1 - cosine of the embeddings;
+    agreement = 1 when every example is within the bound, else 0) or 'generations' (max |diff| of the first
+    step's logits; agreement = share of identical greedy generations)."""
+
+    kind: Literal["logits", "cosine", "generations"]
     max_abs_diff: float
     atol: float
-    class_agreement: float
+    agreement: float
     examples: int
     shapes: list[list[int]]
     nonfinite_outputs: int
@@ -180,23 +228,25 @@ class Parity(Record):
 
 
 class Gate(Record):
-    """A variant checked against the fp32 PyTorch student on the whole test split."""
+    """A variant checked against the fp32 PyTorch student on the task's own metric (`metric`), as the task's
+    Quality says: higher is better, a fraction."""
 
+    metric: str = Field(
+        description="What value, reference and budget measure: 'accuracy' (classification), 'bleu/100' "
+        "(translation's sacreBLEU of greedy generations / 100), 'lee_spearman' (embedding)."
+    )
     examples: int
-    accuracy: float
-    reference_accuracy: float = Field(description="The fp32 PyTorch student's test accuracy (same examples).")
-    budget: float = Field(description="The accuracy it had to reach: accuracy_budget x reference_accuracy.")
-    agreement: float = Field(description="Share of test examples where it predicts the PyTorch student's class.")
+    value: float = Field(description="The variant's metric on the evaluation examples.")
+    reference: float = Field(description="The fp32 PyTorch student's metric on the same examples.")
+    budget: float = Field(description="The value it had to reach: accuracy_budget x reference.")
+    agreement: float = Field(
+        description="Share of examples where it agrees with the PyTorch student (same class / identical "
+        "generation / cosine within the parity bound)."
+    )
     max_abs_diff: float
     atol: float | None = Field(description="The logit tolerance it had to meet (None: quantised, no bound).")
     nonfinite_outputs: int
     ok: bool
-    metric: str = Field(
-        "accuracy",
-        description="What accuracy, reference_accuracy and budget measure, as fractions: 'accuracy', or the "
-        "task's metric ('bleu/100': translation's sacreBLEU of greedy generations / 100; agreement is then the "
-        "share of identical generations).",
-    )
 
 
 class ExportedModel(Record):

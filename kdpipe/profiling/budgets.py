@@ -45,7 +45,7 @@ def check_budgets(
     timed = results.get("onnxruntime", {}).get(name, {})
     stats = timed.get("shapes", {}).get(shape, {})
     gate = export.models[name].gate if name in export.models else None
-    accuracy = gate.accuracy if gate is not None else None
+    accuracy = gate.value if gate is not None else None
     size = sizes.get(name)
     checks = [
         _check(f"p50 latency at {shape}", b.p50_ms, stats.get("p50_ms"), "ms", at_most=True),

@@ -96,7 +96,7 @@ def figures(
     for name, info in run.export_rec.models.items():
         if name not in ort_res:
             continue
-        acc = info.gate.accuracy if info.gate is not None else (t_acc if name == "teacher" else None)
+        acc = info.gate.value if info.gate is not None else (t_acc if name == "teacher" else None)
         extra = {"variant": info.variant, "agreement": None if info.gate is None else info.gate.agreement}
         roof = results.get("roofline") or {}
         extra["roofline"] = roof.get("models", {}).get(name, {})

@@ -233,7 +233,7 @@ def _export_lines(run: Run) -> list[str]:
         shapes = ", ".join(f"{b}x{t}" for b, t in par.shapes)
         lines.append(
             f"| {name} | {size / 2**20:.1f} MiB | {par.max_abs_diff:.2e} | {par.atol:g} | "
-            f"{_pct(par.class_agreement)} | {par.examples} | {shapes} |"
+            f"{_pct(par.agreement)} | {par.examples} | {shapes} |"
         )
     return lines
 
@@ -268,7 +268,7 @@ def _variant_lines(run: Run, results: dict[str, Any]) -> list[str]:
         g, size = info.gate, run.export.metric(f"{name}_onnx_bytes")
         assert g is not None
         ratio = f"{t_bytes / size:.1f}x smaller" if t_bytes else "n/a"
-        row = f"| {name} | {size / 2**20:.1f} MiB | {ratio} | {_pct(g.accuracy)} | {_pct(g.agreement)} | "
+        row = f"| {name} | {size / 2**20:.1f} MiB | {ratio} | {_pct(g.value)} | {_pct(g.agreement)} | "
         row += f"{g.max_abs_diff:.2e} | {'pass' if g.ok else 'FAIL'} |"
         lines.append(row + "".join(_speed_cells(results, name, s) for s in shapes))
     fused = {k: v for m in gated.values() for k, v in m.transforms.get("fusions", {}).items() if v}

@@ -5,6 +5,8 @@ The stages look their task up here and never import a task module themselves; ad
 
 from __future__ import annotations
 
+from typing import Any
+
 from kdpipe.artifacts.manifest import MANIFEST, Manifest
 from kdpipe.config import TeacherConfig
 from kdpipe.errors import ArtifactError, ConfigError, did_you_mean
@@ -44,9 +46,17 @@ def task_of(manifest: Manifest) -> Task:
 
 def _teacher_task(manifest: Manifest) -> str:
     if manifest.stage == "teacher":
-        return str(manifest.record.get("task") or "classification")
+        return _task_name(manifest.record)
     rel = manifest.lineage.get("teacher")
     path = manifest.dir / rel / MANIFEST if rel is not None else None
     if path is None or not path.is_file():
         return "classification"
-    return str(Manifest.from_file(path).record.get("task") or "classification")
+    return _task_name(Manifest.from_file(path).record)
+
+
+def _task_name(rec: dict[str, Any]) -> str:
+    """A teacher record's task: its info's tag (a record from before `info`: its old `task` field)."""
+    info = rec.get("info")
+    if isinstance(info, dict) and info.get("task"):
+        return str(info["task"])
+    return str(rec.get("task") or "classification")

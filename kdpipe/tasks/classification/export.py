@@ -121,9 +121,10 @@ def parity(model_dir: Path, onnx_path: Path, texts: list[str], max_length: int, 
         n += len(ids)
         shapes.append(list(batch["input_ids"].shape))
     return Parity(
+        kind="logits",
         max_abs_diff=worst,
         atol=atol,
-        class_agreement=same / n if n else 0.0,
+        agreement=same / n if n else 0.0,
         examples=n,
         shapes=shapes,
         nonfinite_outputs=nonfinite,
@@ -159,11 +160,11 @@ def run_export(cfg: ExportConfig, upstream: Manifest, work: Path, ctx: RunContex
         ctx.console.print(
             f"{name}: ONNX {size / 2**20:.1f} MiB, parity on {check.examples} real test examples "
             f"at shapes {check.shapes}: max |diff| {check.max_abs_diff:.2e} (atol {cfg.atol:g}), "
-            f"class agreement {check.class_agreement:.2%}"
+            f"class agreement {check.agreement:.2%}"
         )
         models[name] = ExportedModel(onnx=f"{name}/model.onnx", spec=spec, parity=check, source=source)
         metrics[f"{name}_max_abs_diff"] = Metric(check.max_abs_diff, "logit units")
-        metrics[f"{name}_class_agreement"] = Metric(check.class_agreement, "fraction")
+        metrics[f"{name}_class_agreement"] = Metric(check.agreement, "fraction")
         metrics[f"{name}_onnx_bytes"] = Metric(size, "bytes")
         if not check.ok:
             failures.append(_failure(name, check))
@@ -216,7 +217,7 @@ def _student_variants(
         check = gate(path, enc, reference.logits, reference.accuracy, atol, cfg.accuracy_budget)
         name = "student" if variant == "fp32" else f"student-{variant}"
         out[name] = _variant_record(base, variant, path, check, made)
-        metrics[f"{name}_test_accuracy"] = Metric(round(check.accuracy, 5), "fraction")
+        metrics[f"{name}_test_accuracy"] = Metric(round(check.value, 5), "fraction")
         metrics[f"{name}_agreement"] = Metric(round(check.agreement, 5), "fraction")
         metrics[f"{name}_onnx_bytes"] = Metric(path.stat().st_size, "bytes")
         ctx.console.print(_gate_line(name, check, path.stat().st_size))
@@ -280,8 +281,9 @@ def gate(
     ok = nonfinite == 0 and accuracy >= need and (atol is None or worst <= atol)
     return Gate(
         examples=len(preds),
-        accuracy=accuracy,
-        reference_accuracy=ref_accuracy,
+        metric="accuracy",
+        value=accuracy,
+        reference=ref_accuracy,
         budget=need,
         agreement=float((preds == ref_logits.argmax(-1)).mean()),
         max_abs_diff=worst,
@@ -294,8 +296,8 @@ def gate(
 def _gate_line(name: str, g: Gate, size: int) -> str:
     diff = f"max |diff| {g.max_abs_diff:.2e}" + (f" (atol {g.atol:g})" if g.atol is not None else "")
     return (
-        f"{name}: {size / 2**20:.1f} MiB, test accuracy {g.accuracy:.4f} on {g.examples} examples (fp32 PyTorch "
-        f"{g.reference_accuracy:.4f}, needs {g.budget:.4f}), agreement {g.agreement:.2%}, {diff}: "
+        f"{name}: {size / 2**20:.1f} MiB, test accuracy {g.value:.4f} on {g.examples} examples (fp32 PyTorch "
+        f"{g.reference:.4f}, needs {g.budget:.4f}), agreement {g.agreement:.2%}, {diff}: "
         + ("ok" if g.ok else "FAILED")
     )
 
@@ -304,10 +306,10 @@ def _gate_failure(name: str, g: Gate) -> str:
     why = []
     if g.nonfinite_outputs:
         why.append(f"{g.nonfinite_outputs} outputs with NaN/inf logits (a broken model)")
-    if not g.accuracy >= g.budget:
+    if not g.value >= g.budget:
         why.append(
-            f"test accuracy {g.accuracy:.4f} is {100 * (g.budget - g.accuracy):.2f} points short of the budget "
-            f"{g.budget:.4f} ({g.budget / g.reference_accuracy:.0%} of the fp32 student's {g.reference_accuracy:.4f})"
+            f"test accuracy {g.value:.4f} is {100 * (g.budget - g.value):.2f} points short of the budget "
+            f"{g.budget:.4f} ({g.budget / g.reference:.0%} of the fp32 student's {g.reference:.4f})"
         )
     if g.atol is not None and not g.max_abs_diff <= g.atol:
         why.append(f"max |diff| {g.max_abs_diff:.3e} vs atol {g.atol:g}")
@@ -322,5 +324,5 @@ def _failure(name: str, check: Parity) -> str:
     )
     return (
         f"{name}: max |diff| {check.max_abs_diff:.3e} vs atol {check.atol:g}, "
-        f"class agreement {check.class_agreement:.2%} on {check.examples} examples{broken}"
+        f"class agreement {check.agreement:.2%} on {check.examples} examples{broken}"
     )

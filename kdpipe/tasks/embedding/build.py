@@ -96,7 +96,7 @@ def run_teacher(cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
         label_names=[], max_length=int(encoder.max_seq_length or 512),
         split_sizes={"held_out": len(sentences.held_out), "transfer": len(sentences.transfer)},
         data_source=str(corpus), data_sha256=sha256_file(corpus), model_source=teacher.name, finetuned=False,
-        trained_params="head", task="embedding", embedding=info,
+        trained_params="head", info=info,
     )  # fmt: skip
     metrics = {
         "lee_spearman": Metric(round(lee.spearman, 5), "Spearman rho"),
@@ -144,7 +144,7 @@ def run_student(cfg: StudentConfig, upstream: Manifest, work: Path, ctx: RunCont
     save_sentence_transformers(student, tok, work / MODEL_DIR)
     tp, sp = _params(teacher), _params(student)
     ctx.console.print(
-        f"embedding student: teacher layers {kept} of {t_rec.embedding.layers if t_rec.embedding else '?'}, "
+        f"embedding student: teacher layers {kept} of {t_rec.info_as(EmbeddingInfo).layers}, "
         f"{sp / 1e6:.1f}M params ({tp / sp:.2f}x smaller), {student.dim}-d"
         + (", with a projection" if student.projection is not None else "")
     )

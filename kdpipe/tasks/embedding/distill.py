@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kdpipe.artifacts.manifest import Manifest, Metric
-from kdpipe.artifacts.records import DistillRecord, RunContext, StageOutput, TeacherRecord, record
+from kdpipe.artifacts.records import DistillRecord, EmbeddingInfo, RunContext, StageOutput, TeacherRecord, record
 from kdpipe.config import DistillConfig, EmbeddingDistillConfig
 from kdpipe.data.tables import read_transfer
 from kdpipe.errors import ModelError, TrainingDivergedError
@@ -63,7 +63,7 @@ def loss(s: Tensor, t: Tensor, w: EmbeddingDistillConfig) -> tuple[Tensor, dict[
 
 
 def _texts(cfg: DistillConfig, teacher: Manifest) -> list[str]:
-    info = record(teacher, TeacherRecord).embedding
+    info = record(teacher, TeacherRecord).info_as(EmbeddingInfo)
     assert info is not None
     texts = (
         read_transfer(Path(cfg.transfer)).texts if cfg.transfer else data.read_sentences(teacher.path(info.transfer))
@@ -176,7 +176,7 @@ def run_distill(cfg: DistillConfig, upstream: Manifest, work: Path, ctx: RunCont
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(ctx.seed)
     t_manifest = upstream.upstream("teacher")
-    info = record(t_manifest, TeacherRecord).embedding
+    info = record(t_manifest, TeacherRecord).info_as(EmbeddingInfo)
     assert info is not None
     teacher, t_tok = load(t_manifest.directory(info.model_dir))
     student, s_tok = load(upstream.directory(MODEL_DIR))

@@ -24,6 +24,7 @@ import numpy as np
 
 from kdpipe.artifacts.manifest import Manifest, Metric
 from kdpipe.artifacts.records import (
+    EmbeddingInfo,
     ExportedModel,
     ExportRecord,
     Gate,
@@ -65,7 +66,8 @@ def _parity_record(p: Any, examples: int) -> Parity:
     # Parity's fields are the classifier's: max_abs_diff holds 1 - min cosine, atol 1 - the threshold
     distance = 1.0 - p.min_cosine if math.isfinite(p.min_cosine) else float("nan")
     return Parity(
-        max_abs_diff=distance, atol=1.0 - p.threshold, class_agreement=1.0 if p.passed else 0.0, examples=examples,
+        kind=PARITY_KIND, max_abs_diff=distance, atol=1.0 - p.threshold, agreement=1.0 if p.passed else 0.0,
+        examples=examples,
         shapes=[[b, t] for b, t, _ in p.per_shape], nonfinite_outputs=0 if math.isfinite(p.min_cosine) else 1,
         ok=p.passed,
     )  # fmt: skip
@@ -118,7 +120,7 @@ def _gate(path: Path, tok: Any, encoder: Any, ref: float, sentences: list[str], 
     need = ref - (1.0 - budget) * abs(ref)
     ok = math.isfinite(spearman) and spearman >= need and nonfinite == 0
     return Gate(
-        examples=len(sentences), accuracy=spearman, reference_accuracy=ref, budget=need, agreement=agreement,
+        examples=len(sentences), value=spearman, reference=ref, budget=need, agreement=agreement,
         max_abs_diff=1.0 - agreement if math.isfinite(agreement) else float("nan"), atol=None,
         nonfinite_outputs=nonfinite, ok=ok, metric="lee_spearman",
     )  # fmt: skip
@@ -137,7 +139,7 @@ def _variants(cfg: ExportConfig, encoder: Any, tok: Any, fp32: Path, ref: float,
         path = fp32.with_name(done["file"])
         gate = _gate(path, tok, encoder, ref, sentences, cfg.accuracy_budget)
         verdict = "kept" if gate.ok else "REMOVED (missed the budget)"
-        ctx.console.print(f"student {variant}: Lee Spearman {gate.accuracy:.4f} vs fp32 {ref:.4f} (budget "
+        ctx.console.print(f"student {variant}: Lee Spearman {gate.value:.4f} vs fp32 {ref:.4f} (budget "
                           f"{gate.budget:.4f}), min cosine to fp32 {gate.agreement:.5f}: {verdict}")  # fmt: skip
         if not gate.ok:
             path.unlink(missing_ok=True)
@@ -146,7 +148,7 @@ def _variants(cfg: ExportConfig, encoder: Any, tok: Any, fp32: Path, ref: float,
             source=ModelSource(stage="distill", dir=MODEL_DIR), variant=variant, of="student", gate=gate,
             transforms={k: v for k, v in done.items() if k != "file"},
         )  # fmt: skip
-        metrics[f"student-{variant}_lee_spearman"] = Metric(_finite(gate.accuracy), "Spearman rho")
+        metrics[f"student-{variant}_lee_spearman"] = Metric(_finite(gate.value), "Spearman rho")
         if gate.ok:
             metrics[f"student-{variant}_onnx_bytes"] = Metric(path.stat().st_size, "bytes")
     optimized = fp32.with_name("model.opt.onnx")
@@ -184,7 +186,7 @@ def _st_int8(st_dir: Path, ref: float, budget: float, ctx: RunContext) -> dict[s
 
 
 def _gate_parity(gate: Gate) -> Parity:
-    return Parity(max_abs_diff=gate.max_abs_diff, atol=1.0, class_agreement=_finite(gate.agreement) or 0.0,
+    return Parity(kind=PARITY_KIND, max_abs_diff=gate.max_abs_diff, atol=1.0, agreement=_finite(gate.agreement) or 0.0,
                   examples=gate.examples, shapes=[], nonfinite_outputs=gate.nonfinite_outputs, ok=gate.ok)  # fmt: skip
 
 
@@ -205,7 +207,7 @@ def run_export(cfg: ExportConfig, upstream: Manifest, work: Path, ctx: RunContex
     from kdpipe.tasks.embedding.quality import lee_score
 
     t_manifest = upstream.upstream("teacher")
-    info = record(t_manifest, TeacherRecord).embedding
+    info = record(t_manifest, TeacherRecord).info_as(EmbeddingInfo)
     assert info is not None
     sentences = data.read_sentences(t_manifest.path(info.held_out))[: cfg.parity_samples]
     s_folder = upstream.directory(MODEL_DIR)

@@ -154,7 +154,7 @@ def _quality_rows(upstream: Manifest, sizes: dict[str, int]) -> list[str]:
         if m.gate is None:
             continue
         status = "" if m.gate.ok else " (missed its gate, removed)"
-        rows.append(f"| {name}{status} | | | {_fmt(m.gate.accuracy)} | | {_ratio(m.gate.accuracy, teacher)} | "
+        rows.append(f"| {name}{status} | | | {_fmt(m.gate.value)} | | {_ratio(m.gate.value, teacher)} | "
                     f"{_fmt(m.gate.agreement, 5)} (min, vs fp32) | | {_mib(sizes.get(name))} |")  # fmt: skip
     return rows
 

@@ -22,6 +22,7 @@ from typing import Any
 from kdpipe.artifacts.manifest import Manifest, Metric
 from kdpipe.artifacts.records import (
     DistillRecord,
+    EmbeddingInfo,
     ExportedModel,
     ExportRecord,
     ModelSource,
@@ -45,7 +46,7 @@ def run_static_student(cfg: StudentConfig, upstream: Manifest, work: Path, ctx: 
     from kdpipe.tasks.embedding.static import distill_static
 
     settings = cfg.static or StaticStudentConfig()
-    t_info = record(upstream, TeacherRecord).embedding
+    t_info = record(upstream, TeacherRecord).info_as(EmbeddingInfo)
     start = time.perf_counter()
     student = distill_static(
         upstream.directory(MODEL_DIR), work / MODEL_DIR, pca_dims=settings.pca_dims,
@@ -78,7 +79,7 @@ def run_static_distill(cfg: DistillConfig, upstream: Manifest, work: Path, ctx: 
     from kdpipe.tasks.embedding.static import static_embedder
 
     t_manifest = upstream.upstream("teacher")
-    info = record(t_manifest, TeacherRecord).embedding
+    info = record(t_manifest, TeacherRecord).info_as(EmbeddingInfo)
     assert info is not None
     ctx.console.print(NO_TRAINING)
     teacher, t_tok = load(t_manifest.directory(info.model_dir))
@@ -110,7 +111,7 @@ def run_static_export(cfg: ExportConfig, upstream: Manifest, work: Path, ctx: Ru
     from kdpipe.tasks.embedding.static import load_static
 
     t_manifest = upstream.upstream("teacher")
-    info = record(t_manifest, TeacherRecord).embedding
+    info = record(t_manifest, TeacherRecord).info_as(EmbeddingInfo)
     assert info is not None
     sentences = data.read_sentences(t_manifest.path(info.held_out))[: cfg.parity_samples]
     model = load_static(upstream.directory(MODEL_DIR))

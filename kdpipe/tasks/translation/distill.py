@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.artifacts.manifest import Manifest, Metric
-from kdpipe.artifacts.records import DistillRecord, RunContext, StageOutput, StudentRecord, TeacherRecord, record
+from kdpipe.artifacts.records import (
+    DistillRecord,
+    RunContext,
+    StageOutput,
+    StudentRecord,
+    TeacherRecord,
+    TranslationInfo,
+    record,
+)
 from kdpipe.config import DistillConfig
 from kdpipe.errors import ConfigError
 from kdpipe.tasks.translation import seq2seq
@@ -37,7 +45,7 @@ def run_distill(cfg: DistillConfig, upstream: Manifest, work: Path, ctx: RunCont
     plan_kd = kd_plan(cfg)
     t_manifest = upstream.upstream("teacher")
     t_rec, s_rec = record(t_manifest, TeacherRecord), record(upstream, StudentRecord)
-    info = t_rec.translation
+    info = t_rec.info_as(TranslationInfo)
     assert info is not None
     if plan_kd.prior_weight and s_rec.prior is None:
         raise ConfigError(

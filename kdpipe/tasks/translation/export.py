@@ -44,7 +44,8 @@ def _export_fp32(
         f"generations {check.same_generations}/{check.examples}"
     )
     parity = Parity(
-        max_abs_diff=check.max_abs_diff, atol=cfg.atol, class_agreement=check.same_generations / check.examples,
+        kind="generations", max_abs_diff=check.max_abs_diff, atol=cfg.atol,
+        agreement=check.same_generations / check.examples,
         examples=check.examples, shapes=[], nonfinite_outputs=0 if math.isfinite(check.max_abs_diff) else 1,
         refused=None, ok=check.ok,
     )  # fmt: skip
@@ -60,7 +61,7 @@ def run_export(cfg: ExportConfig, upstream: Manifest, work: Path, ctx: RunContex
     """fp32 ONNX of the student (and teacher), parity-checked on real sentences; then the student's fp32 export and
     its int8-dynamic variant, each gated on the whole test split's BLEU (`gate_variants`). Fails closed."""
     t_manifest = upstream.upstream("teacher")
-    info = record(t_manifest, TeacherRecord).translation
+    info = record(t_manifest, TeacherRecord).info_as(TranslationInfo)
     assert info is not None
     sentences = [s for s, _ in read_splits(t_manifest).test[: cfg.parity_samples]]
     sources = {"student": (upstream, ModelSource(stage="distill", dir=MODEL_DIR))}
@@ -73,7 +74,7 @@ def run_export(cfg: ExportConfig, upstream: Manifest, work: Path, ctx: RunContex
         spec, parity, failure = _export_fp32(name, manifest.directory(source.dir), work, sentences, info, cfg, ctx)
         models[name] = ExportedModel(onnx=f"{name}/encoder_model.onnx", spec=spec, parity=parity, source=source)
         metrics[f"{name}_max_abs_diff"] = Metric(parity.max_abs_diff, "logit units")
-        metrics[f"{name}_same_generations"] = Metric(round(parity.class_agreement, 5), "fraction")
+        metrics[f"{name}_same_generations"] = Metric(round(parity.agreement, 5), "fraction")
         metrics[f"{name}onnx_bytes"] = Metric(onnx_bytes(work / name), "bytes")
         failures += [failure] if failure else []
     if failures:
@@ -151,7 +152,7 @@ def bleu_gate(got: Judged, ref: Judged, refs: list[str], budget: float, atol: fl
     ok = nonfinite == 0 and math.isfinite(value) and value >= need and (atol is None or worst <= atol)
     same = sum(a == b for a, b in zip(got.hyps, ref.hyps, strict=True))
     return Gate(
-        examples=len(refs), accuracy=value, reference_accuracy=reference, budget=need, agreement=same / len(refs),
+        examples=len(refs), value=value, reference=reference, budget=need, agreement=same / len(refs),
         max_abs_diff=worst, atol=atol, nonfinite_outputs=nonfinite, ok=bool(ok), metric="bleu/100",
     )  # fmt: skip
 
@@ -171,11 +172,16 @@ def gate_variants(
 
     t_manifest = upstream.upstream("teacher")
     t_rec = record(t_manifest, TeacherRecord)
-    assert t_rec.translation is not None
+    assert isinstance(t_rec.info, TranslationInfo)
     test = read_splits(t_manifest).test
     sources, refs = [s for s, _ in test], [t for _, t in test]
     model, tok = seq2seq.load_seq2seq(upstream.directory(base.source.dir))
-    args = (sources, int(model.config.decoder_start_token_id), t_rec.translation.max_new_tokens, t_rec.max_length)
+    args = (
+        sources,
+        int(model.config.decoder_start_token_id),
+        t_rec.info_as(TranslationInfo).max_new_tokens,
+        t_rec.max_length,
+    )
     ref = judge(model, tok, *args)
     out, failures = {}, []
     for variant in variants:
@@ -190,7 +196,7 @@ def gate_variants(
             update |= {"onnx": f"{name}/encoder_model.onnx", "variant": variant, "of": "student", "transforms": made}
         out[name] = base.model_copy(update=update)
         size = onnx_bytes(work / name)
-        metrics[f"{name}_test_bleu"] = Metric(round(100 * check.accuracy, 2), "BLEU")
+        metrics[f"{name}_test_bleu"] = Metric(round(100 * check.value, 2), "BLEU")
         metrics[f"{name}_agreement"] = Metric(round(check.agreement, 5), "fraction")
         metrics[f"{name}onnx_bytes"] = Metric(size, "bytes")
         ctx.console.print(_gate_line(name, check, size))
@@ -207,8 +213,8 @@ def gate_variants(
 def _gate_line(name: str, g: Gate, size: int) -> str:
     diff = f"max |diff| {g.max_abs_diff:.2e}" + (f" (atol {g.atol:g})" if g.atol is not None else "")
     return (
-        f"{name}: {size / 2**20:.1f} MiB, test BLEU {100 * g.accuracy:.2f} on {g.examples} sentences (fp32 PyTorch "
-        f"{100 * g.reference_accuracy:.2f}, needs {100 * g.budget:.2f}), identical generations {g.agreement:.0%}, "
+        f"{name}: {size / 2**20:.1f} MiB, test BLEU {100 * g.value:.2f} on {g.examples} sentences (fp32 PyTorch "
+        f"{100 * g.reference:.2f}, needs {100 * g.budget:.2f}), identical generations {g.agreement:.0%}, "
         f"{diff}: " + ("ok" if g.ok else "FAILED")
     )
 
@@ -217,11 +223,11 @@ def _gate_failure(name: str, g: Gate) -> str:
     why = []
     if g.nonfinite_outputs:
         why.append(f"{g.nonfinite_outputs} sentences with NaN/inf logits (a broken model)")
-    if not g.accuracy >= g.budget:
+    if not g.value >= g.budget:
         why.append(
-            f"test BLEU {100 * g.accuracy:.2f} is {100 * (g.budget - g.accuracy):.2f} short of the budget "
-            f"{100 * g.budget:.2f} ({g.budget / g.reference_accuracy:.0%} of the fp32 student's "
-            f"{100 * g.reference_accuracy:.2f})"
+            f"test BLEU {100 * g.value:.2f} is {100 * (g.budget - g.value):.2f} short of the budget "
+            f"{100 * g.budget:.2f} ({g.budget / g.reference:.0%} of the fp32 student's "
+            f"{100 * g.reference:.2f})"
         )
     if g.atol is not None and not g.max_abs_diff <= g.atol:
         why.append(f"max |diff| {g.max_abs_diff:.3e} vs atol {g.atol:g}")

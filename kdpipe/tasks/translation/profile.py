@@ -15,6 +15,7 @@ from kdpipe.artifacts.records import (
     RunContext,
     StageOutput,
     TeacherRecord,
+    TranslationInfo,
     record,
 )
 from kdpipe.config import TargetProfile
@@ -96,7 +97,7 @@ def run_profile(
 
     export = record(upstream, ExportRecord)
     t_manifest = upstream.upstream("teacher")
-    info = record(t_manifest, TeacherRecord).translation
+    info = record(t_manifest, TeacherRecord).info_as(TranslationInfo)
     assert info is not None
     if missing:
         ctx.console.print(f"[yellow]warning:[/] {', '.join(missing)} not available here; timing on "
@@ -183,14 +184,14 @@ def _model_line(name: str, m: ExportedModel) -> str:
     graphs = "encoder + decoder + decoder with past"
     if m.of is None:
         line = (f"- ONNX {name} ({m.variant}; {graphs}): first-step max |diff| {m.parity.max_abs_diff:.2e}, identical "
-                f"greedy generations {m.parity.class_agreement:.0%} of {m.parity.examples} test sentences, "
+                f"greedy generations {m.parity.agreement:.0%} of {m.parity.examples} test sentences, "
                 f"ok: {m.parity.ok}")  # fmt: skip
     else:
         line = f"- ONNX {name} ({m.variant} of {m.of}; {graphs})"
     g = m.gate
     if g is not None:
         line += (
-            f"; gate on {g.examples} test sentences: BLEU {100 * g.accuracy:.2f} (needs {100 * g.budget:.2f}), "
+            f"; gate on {g.examples} test sentences: BLEU {100 * g.value:.2f} (needs {100 * g.budget:.2f}), "
             f"identical generations {g.agreement:.0%}, first-step max |diff| {g.max_abs_diff:.2e}, ok: {g.ok}"
         )
     return line

@@ -104,8 +104,7 @@ def _teacher_record(cfg: TeacherConfig, path: Path, data: Pairs, posterior: Post
         finetuned=True,
         trained_params="all",
         posterior=posterior,
-        task="translation",
-        translation=TranslationInfo(
+        info=TranslationInfo(
             source_column=t.source_column,
             target_column=t.target_column,
             max_new_tokens=t.max_new_tokens,
