@@ -225,3 +225,59 @@ def test_the_edge_ci_workflow_and_dockerfile_fit_together() -> None:
     assert any(s.get("uses", "").startswith("actions/upload-artifact") for s in steps)
     docker = (root / "Dockerfile").read_text()
     assert "AS edge-check" in docker and f"kdpipe run {recipe} --strict" in docker
+
+
+def task_mentions(source: str, names: set[str]) -> list[str]:
+    """Where code names a task: a string constant that is exactly a task's name (`== "translation"`, a dict key, a
+    pop), an attribute of a task's name (recipe.teacher.translation), or `.task` compared with a string. Docstrings,
+    comments and messages that mention a task are prose, not a branch on it."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+            found.append(f"{node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.Attribute) and node.attr in names:
+            found.append(f"{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(s, ast.Attribute) and s.attr == "task" for s in sides) and any(
+                isinstance(s, ast.Constant) and isinstance(s.value, str) for s in sides
+            ):
+                found.append(f"{node.lineno}: .task compared with a string")
+    return found
+
+
+def test_the_task_finder_finds_planted_branches_and_skips_prose() -> None:
+    names = {"translation", "classification", "embedding"}
+    code = '''
+def f(cfg, ident):
+    """A translation teacher keeps its embedding section; classification drops it."""
+    if cfg.task == "translation":
+        ident.pop("classification", None)
+    if cfg.task != "speech":
+        pass
+    x = cfg.embedding
+    raise ValueError(f"{cfg.task}: translation is refused")  # translation
+'''
+    assert sorted(task_mentions(code, names)) == [
+        "4: 'translation'",
+        "4: .task compared with a string",
+        "5: 'classification'",
+        "6: .task compared with a string",
+        "8: .embedding",
+    ]
+
+
+def test_stages_never_name_a_task() -> None:
+    """Issue 17: the shared stage code (kdpipe/pipeline/) branches on no task; a task's own rules live in
+    kdpipe/tasks/<task>/ and the stages reach them through kdpipe.tasks.registry."""
+    from typing import get_args
+
+    from kdpipe.config import TeacherConfig
+
+    names = set(get_args(TeacherConfig.model_fields["task"].annotation))
+    named = {
+        str(f.relative_to(PKG.parent)): hits
+        for f in sorted((PKG / "pipeline").rglob("*.py"))
+        if (hits := task_mentions(f.read_text(), names))
+    }
+    assert named == {}

@@ -151,6 +151,13 @@ def test_a_stack_named_for_an_encoder_only_teacher_is_kept(tmp_path: Path) -> No
     assert code == 0, out
 
 
+def test_embedding_student_layers_are_checked_against_the_teachers_config(tmp_path: Path) -> None:
+    path = recipe_from(tmp_path, "embedding", student__layers=[0, 9])  # the embedded MiniLM has 6 layers
+    assert_one_line_error(*invoke("validate", path), "r.yaml: student.layers", "[9]", "0..5")
+    k = recipe_from(tmp_path, "embedding", "k.yaml", student__layers="last-k", student__k=7)
+    assert_one_line_error(*invoke("validate", k), "k.yaml: student", "7")
+
+
 @pytest.mark.parametrize("layers", [[-1], [], [3, 1], [0, 0]])
 def test_layers_no_teacher_could_have_are_refused_without_its_config(tmp_path: Path, layers: list[int]) -> None:
     path = tmp_path / "r.yaml"
@@ -392,7 +399,8 @@ import sys
 from pathlib import Path
 from kdpipe.config import load_recipe, read_yaml
 from kdpipe.errors import ConfigError
-from kdpipe.pipeline.recipecheck import check_layers
+from kdpipe.compress.layercheck import one_stack_problems, raise_problems
+from kdpipe.tasks.translation.checks import layer_problems
 for name in ("deep.yaml", "dup.yaml"):
     try:
         read_yaml(Path({str(tmp_path)!r}) / name)
@@ -400,9 +408,10 @@ for name in ("deep.yaml", "dup.yaml"):
         pass
 recipe, _ = load_recipe({str(recipe)!r})
 try:
-    check_layers(recipe)
+    raise_problems(layer_problems(recipe))
 except ConfigError as e:
     print(e.message)
+assert one_stack_problems(load_recipe("default")[0]) == []
 try:
     load_recipe("bayes", ["teacher.posterior.steps=5"])
 except ConfigError:

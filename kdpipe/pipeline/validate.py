@@ -9,7 +9,6 @@ from pydantic import BaseModel, ValidationError
 
 from kdpipe.config import Recipe, TargetProfile, format_validation_error, load_profile, read_yaml
 from kdpipe.errors import ConfigError, KdpipeError
-from kdpipe.pipeline.recipecheck import check_layers
 from kdpipe.tasks.registry import task_for
 
 
@@ -64,7 +63,6 @@ def check_recipe(recipe: Recipe) -> None:
     trains and by `kdpipe validate`: input files and directories exist, the device is there, the loss
     terms fit the layer maps and widths (from the teacher's config.json when it is on this machine), the layers
     every student keeps exist in the stacks it is cut from, and SWAG collects enough iterates (the config)."""
-    check_layers(recipe)
     d = recipe.distill
     if d.transfer is not None and not Path(d.transfer).is_file():
         raise ConfigError(f"distill.transfer: {d.transfer}: no such file", "give a text file, one example per line")

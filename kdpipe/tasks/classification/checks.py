@@ -1,5 +1,6 @@
-"""The classification recipe checks made before any model loads: the distill objective built from the two
-config.json files, the bayes prerequisites, and the PID/SID schedule warning."""
+"""The classification recipe checks made before any model loads: the layers every student (and assistant) keeps
+against the one stack it is cut from, the distill objective built from the two config.json files, the bayes
+prerequisites, and the PID/SID schedule warning."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 from typing import Any
 
+from kdpipe.compress.layercheck import config_size, one_stack_problems, raise_problems
 from kdpipe.config import DistillConfig, Recipe
 from kdpipe.errors import ConfigError, ModelError
 from kdpipe.losses.objective import LossContext, Objective, build_objective
@@ -41,9 +43,11 @@ def check_objective(cfg: DistillConfig, ctx: LossContext) -> Objective:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """`kdpipe validate` / `kdpipe run` before the teacher trains: build the distill objective from the teacher's
-    config.json and the student spec alone, so that a layer map that does not fit fails before any model
-    loads. Skipped when the teacher is not on this machine yet."""
+    """`kdpipe validate` / `kdpipe run` before the teacher trains: every layer selection against the stack it is
+    cut from (all problems at once), then build the distill objective from the teacher's config.json and the
+    student spec alone, so that a layer map that does not fit fails before any model loads. Skipped when the
+    teacher is not on this machine yet."""
+    raise_problems(one_stack_problems(recipe))
     _check_bayes(recipe)
     if recipe.student.arch == "bilstm":
         feature = [c.name for c in recipe.distill.losses if not c.on_logits]
@@ -79,12 +83,12 @@ _SIZE_ALIASES = {"num_hidden_layers": ("n_layer", "num_layers", "encoder_layers"
 
 def _sizes(conf: Any) -> dict[str, Any] | None:
     """A config.json dict with `num_hidden_layers` and `hidden_size` under those names (GPT-2 says n_layer / n_embd,
-    BART encoder_layers / d_model), or None when it names neither."""
+    BART encoder_layers / d_model), or None when it names neither (read as the layer checks read a depth)."""
     if not isinstance(conf, dict):
         return None
     out = dict(conf)
     for key, aliases in _SIZE_ALIASES.items():
-        value = next((conf[k] for k in (key, *aliases) if isinstance(conf.get(k), int)), None)
+        value = config_size(conf, (key, *aliases))
         if value is None:
             return None
         out[key] = value

@@ -76,6 +76,23 @@ def _check_teacher(t: TeacherConfig) -> None:
     build.teacher_of(t)
 
 
+def _check_layers(recipe: Recipe) -> None:
+    """The student's teacher layers against the sentence encoder's own depth (its config.json; the embedded default
+    is all-MiniLM-L6-v2, not the classification default), for a student cut from the teacher's layers."""
+    from kdpipe.compress import layercheck
+    from kdpipe.errors import ModelError
+
+    s = recipe.student
+    if s.arch != "teacher" or s.pretrained is not None:
+        return
+    try:
+        folder = build.teacher_of(recipe.teacher).path
+    except ModelError:  # _check_teacher raised it or noted the missing part packages
+        return
+    stacks = layercheck.one_stack(layercheck.model_config(folder), "the teacher's")
+    layercheck.raise_problems(layercheck.selection_problems(s, stacks, "student"))
+
+
 def check_recipe(recipe: Recipe) -> None:
     """`kdpipe validate` / `kdpipe run` for task: embedding, before any model loads."""
     t = recipe.teacher
@@ -94,6 +111,7 @@ def check_recipe(recipe: Recipe) -> None:
             "set export.variants: [] and profile: cpu-fp32 (or another profile that times fp32 only)",
         )
     _check_teacher(t)
+    _check_layers(recipe)
     data.read_corpus(t)  # a missing column, an empty corpus: one line
     if recipe.distill.transfer is not None:
         from kdpipe.data.tables import read_transfer

@@ -1,18 +1,32 @@
 """The translation recipe checks, made before any model loads (`kdpipe validate`, `kdpipe run`), and the
-teacher's input files."""
+teacher's input files. Torch-free to import (seq2seq is imported where a KD plan is built): the layer checks
+(layer_problems) read JSON only."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdpipe.artifacts.manifest import FileRecord, input_records
+from kdpipe.compress.layercheck import (
+    ANY_STACK,
+    Problem,
+    Stacks,
+    config_size,
+    indices,
+    model_config,
+    raise_problems,
+    unknown_stacks,
+)
+from kdpipe.compress.surgery import ARCHS
 from kdpipe.config import DistillConfig, Recipe, StudentConfig, TeacherConfig, TranslationConfig
 from kdpipe.data import pairs as parallel
 from kdpipe.data.tables import check_file
 from kdpipe.errors import ConfigError, DataError
-from kdpipe.tasks.translation import seq2seq
+
+if TYPE_CHECKING:
+    from kdpipe.tasks.translation import seq2seq
 
 KD_TERMS = ("hinton", "reverse_kl", "ce", "prior")
 
@@ -28,6 +42,8 @@ class KDPlan:
 def kd_plan(cfg: DistillConfig) -> KDPlan:
     """hinton -> Seq2SeqKD(hinton, its alpha and temperature); reverse_kl -> Seq2SeqKD(reverse_kl), alpha its share
     of the weights next to a `ce` term (1 without one); ce alone -> plain CE; prior -> the PriorPenalty weight."""
+    from kdpipe.tasks.translation import seq2seq
+
     by_name = {t.name: t for t in cfg.losses}
     for term in cfg.losses:
         if term.name not in KD_TERMS:
@@ -83,6 +99,7 @@ def check_recipe(recipe: Recipe) -> None:
     """`kdpipe validate` / `kdpipe run` for task: translation, before anything trains."""
     t, s, d = recipe.teacher, recipe.student, recipe.distill
     assert t.translation is not None  # the config's validator requires it
+    raise_problems(layer_problems(recipe))
     if recipe.assistant is not None:
         raise ConfigError("assistant: a teaching assistant is not available for translation", "drop assistant")
     check_student(s)
@@ -111,6 +128,69 @@ def check_recipe(recipe: Recipe) -> None:
         teacher_dir(t)
 
 
+# --------------------------------------------------------------------------- the layers per stack
+def layer_problems(recipe: Recipe) -> list[Problem]:
+    """(message, hint) per problem of student.layers against the teacher's encoder and decoder (a teaching
+    assistant is refused by check_recipe)."""
+    stacks, problems = teacher_stacks(recipe.teacher)
+    return problems + per_stack(recipe.student.layers, stacks, "student.layers")
+
+
+def teacher_stacks(t: TeacherConfig) -> tuple[Stacks, list[Problem]]:
+    """Encoder and decoder depth of a translation teacher: teacher.translation.layers each from scratch (the
+    mBART of kdpipe.tasks.translation.seq2seq.small_config), else from teacher.model's config.json."""
+    assert t.translation is not None  # the config's validator requires it
+    if t.translation.from_scratch:
+        return Stacks({"encoder": t.translation.layers, "decoder": t.translation.layers}, "the teacher's"), []
+    conf = model_config(Path(t.model))
+    if conf is None:  # check_recipe refuses the directory (teacher_dir)
+        return Stacks(dict.fromkeys(ANY_STACK), "the teacher's"), []
+    model_type = str(conf.get("model_type", ""))
+    arch = ARCHS.get(model_type)
+    if arch is None:
+        return Stacks(dict.fromkeys(ANY_STACK), "the teacher's"), [
+            (
+                f"teacher.model: {t.model}: model_type '{model_type}' has no known layer stacks, so the student "
+                "stage cannot remove its layers",
+                f"supported model types: {', '.join(sorted(ARCHS))}",
+            )
+        ]
+    sizes: dict[str, int | None] = {}
+    for name, (_, keys) in arch.stacks.items():
+        # T5Config: num_decoder_layers defaults to num_layers
+        sizes[name] = config_size(conf, (*keys, "num_layers") if model_type == "t5" else keys)
+    return Stacks(sizes, "the teacher's"), []
+
+
+def per_stack(spec: Any, stacks: Stacks, field: str) -> list[Problem]:
+    """check_student and kdpipe.compress.surgery.parse_keep: {stack: 'all' | [indices]}, a plain list only for a
+    one-stack model."""
+    if isinstance(spec, str):
+        return [
+            (
+                f"{field}: '{spec}' is not available for translation; name the layers per stack",
+                "e.g. student.layers: {encoder: all, decoder: [0, 2]}",
+            )
+        ]
+    if isinstance(spec, list):
+        if len(stacks.sizes) != 1:
+            example = ", ".join(f"{s}: all" for s in stacks.sizes)
+            return [
+                (
+                    f"{field}: a list of layers is ambiguous for a model with stacks {', '.join(stacks.sizes)}",
+                    f"name the stack, e.g. {field}: {{{example}}} with a list for the one to shrink",
+                )
+            ]
+        ((stack, n),) = stacks.sizes.items()
+        return indices(spec, n, field, stacks.of, per_stack=False)
+    problems = unknown_stacks(spec, stacks, field)
+    for stack, value in spec.items():
+        if stack in stacks.sizes and value != "all":
+            problems += indices(value, stacks.sizes[stack], f"{field}.{stack}", stacks.of)
+    return problems
+
+
+# --------------------------------------------------------------------------- the files
 def pairs_path(t: TranslationConfig) -> Path:
     """The pair file: the shipped ru->en pairs for 'default'."""
     if t.source == "default":
