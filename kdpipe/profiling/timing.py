@@ -8,11 +8,20 @@ per-run times of all rounds.
 
 Job (all times in seconds unless the key says `_ms`)::
 
-    {"model": path (an .onnx file, or a HF model directory for engine "torch"),
+    {"model": path (an .onnx file, or a model directory for engine "torch"),
      "engine": "onnxruntime" | "torch", "intra_op_threads": int, "inter_op_threads": int,
      "graph_optimization_level": "disable" | "basic" | "extended" | "all", "providers": [str, ...],
      "shapes": [[batch, seq], ...], "vocab_size": int, "warmup": int, "min_runs": int,
-     "min_seconds": float, "profile_ops": bool}
+     "min_seconds": float, "profile_ops": bool,
+     "loader": null | "package.module:function", "inputs": null | path of an .npz, "check_finite": bool}
+
+Engine "torch" loads a HF sequence classifier from the directory, unless `loader` names a function
+`f(model_dir: str) -> torch.nn.Module` (eval mode, called with the input arrays as keyword tensors): the worker
+imports it by name, so it stays free of any task's code (the embedding task passes its sentence-encoder loader).
+Inputs are synthetic (seeded random ids, full attention mask: `synthetic_feed`) unless `inputs` is an .npz of real
+ones, arrays named "BxT/<input name>" of shape (batch, seq) for every timed shape (`inputs_key`); a graph takes
+the arrays it names. With `check_finite` the first output at each shape must be finite (a model with NaN weights
+is an error, never a latency).
 
 Result of one worker::
 
@@ -60,6 +69,9 @@ DEFAULTS: dict[str, Any] = {
     "min_runs": 50,
     "min_seconds": 1.0,
     "profile_ops": False,
+    "loader": None,
+    "inputs": None,
+    "check_finite": False,
 }
 PROFILE_RUNS = 5  # runs of the first shape in the separate op-profiling session
 TOP_OPS = 10
@@ -115,6 +127,43 @@ def synthetic_feed(batch: int, seq: int, vocab_size: int, names: list[str], seed
 def shape_key(shape: list[int]) -> str:
     """'BxT' for a [batch, seq] shape."""
     return f"{shape[0]}x{shape[1]}"
+
+
+def inputs_key(shape: list[int], name: str) -> str:
+    """The array name of input `name` at `shape` in a job's `inputs` .npz: 'BxT/name'."""
+    return f"{shape_key(shape)}/{name}"
+
+
+def job_feed(job: dict[str, Any], shape: list[int], names: list[str] | None) -> dict[str, np.ndarray]:
+    """The int64 inputs of one shape: the job's real `inputs` (.npz) when it has them, else `synthetic_feed`.
+    `names`: the inputs a graph asks for (None: every input the .npz holds at that shape, or ids and mask)."""
+    batch, seq = shape
+    if not job.get("inputs"):
+        return synthetic_feed(batch, seq, job["vocab_size"], names or ["input_ids", "attention_mask"])
+    prefix = shape_key(shape) + "/"
+    with np.load(job["inputs"]) as npz:
+        arrays = {k[len(prefix) :]: npz[k] for k in npz.files if k.startswith(prefix)}
+    wanted = names if names is not None else sorted(arrays)
+    missing = [n for n in wanted if n not in arrays] or ([] if wanted else ["input_ids"])
+    if missing:
+        raise ModelError(f"{job['inputs']} has no {', '.join(missing)} at {shape_key(shape)}")
+    feed = {n: np.ascontiguousarray(arrays[n], dtype=np.int64) for n in wanted}
+    if any(v.shape != (batch, seq) for v in feed.values()):
+        got = {n: list(v.shape) for n, v in feed.items()}
+        raise ModelError(f"inputs at {shape_key(shape)} are not ({batch}, {seq}): {got}")
+    return feed
+
+
+def all_finite(out: Any) -> bool:
+    """Whether every float in a model's output (arrays, tensors, and lists / tuples / dicts of them) is finite."""
+    if isinstance(out, dict):
+        return all(all_finite(v) for v in out.values())
+    if isinstance(out, list | tuple):
+        return all(all_finite(v) for v in out)
+    if hasattr(out, "detach"):  # a torch tensor; torch is imported by the worker that made it
+        out = out.detach().float().cpu().numpy()
+    arr = np.asarray(out)
+    return arr.dtype.kind not in "fc" or bool(np.isfinite(arr).all())
 
 
 def peak_rss_mib() -> float:
@@ -178,6 +227,13 @@ def normalize_job(job: dict[str, Any]) -> dict[str, Any]:
         out[key] = int(out[key])
     out["min_seconds"] = float(out["min_seconds"])
     out["profile_ops"] = bool(out["profile_ops"])
+    out["check_finite"] = bool(out["check_finite"])
+    loader = out["loader"]
+    if loader is not None and (not isinstance(loader, str) or not all(loader.partition(":")[::2])):
+        raise ConfigError(f"timing job for {out['model']}: loader {loader!r} is not 'module:function'", "")
+    if loader is not None and out["engine"] != "torch":
+        raise ConfigError(f"timing job for {out['model']}: a loader is for engine torch", "drop it or use torch")
+    out["inputs"] = None if out["inputs"] is None else str(out["inputs"])
     out["providers"] = [str(p) for p in out["providers"]]
     return out
 
@@ -204,21 +260,27 @@ def _ort_session(job: dict[str, Any], profile_dir: str | None = None) -> Any:
 
 def _time_shapes(job: dict[str, Any], make_step: Callable[[list[int]], Callable[[], Any]]) -> dict[str, Any]:
     """First-run time (ms, the first call of the first shape, before any warm-up) and per-shape per-run wall
-    times (seconds) of the steps `make_step(shape)` builds."""
+    times (seconds) of the steps `make_step(shape)` builds. With check_finite, a step whose first output is not
+    finite is a ModelError (checked on an untimed call of each shape)."""
     first = make_step(job["shapes"][0])
     t0 = time.perf_counter()
-    first()
+    out = first()
     first_run_ms = (time.perf_counter() - t0) * 1e3
-    times = {
-        shape_key(s): time_runs(make_step(s), job["warmup"], job["min_runs"], job["min_seconds"]) for s in job["shapes"]
-    }
+    times: dict[str, list[float]] = {}
+    for s in job["shapes"]:
+        step = first if s == job["shapes"][0] else make_step(s)
+        if job["check_finite"] and not all_finite(out if step is first else step()):
+            raise ModelError(
+                f"its output at {shape_key(s)} is not finite (NaN or inf), so its latency "
+                "is not a result", "check the model's weights (a diverged or corrupted model)",
+            )  # fmt: skip
+        times[shape_key(s)] = time_runs(step, job["warmup"], job["min_runs"], job["min_seconds"])
     return {"first_run_ms": first_run_ms, "times_s": times}
 
 
 def _ort_top_ops(job: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
     """Top operator types of a separate, profiling session over a few runs of the first shape."""
-    batch, seq = job["shapes"][0]
-    feed = synthetic_feed(batch, seq, job["vocab_size"], names)
+    feed = job_feed(job, job["shapes"][0], names)
     with tempfile.TemporaryDirectory(prefix="kdpipe-ortprof-") as tmp:
         session = _ort_session(job, tmp)
         for _ in range(PROFILE_RUNS + 1):  # the first run included: its kernels are the same ops
@@ -238,7 +300,7 @@ def _ort_timed(job: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     names = [i.name for i in session.get_inputs()]
 
     def make_step(shape: list[int]) -> Callable[[], Any]:
-        feed = synthetic_feed(shape[0], shape[1], job["vocab_size"], names)
+        feed = job_feed(job, shape, names)
         return lambda: session.run(None, feed)
 
     out = {"rss_before_model_mib": rss_before, "session_init_ms": init_ms, **_time_shapes(job, make_step)}
@@ -258,13 +320,29 @@ def _run_onnxruntime(job: dict[str, Any]) -> dict[str, Any]:
     return {"import_ms": import_ms, **out, "top_ops": top_ops}
 
 
+def _load_torch(job: dict[str, Any]) -> Any:
+    """The job's PyTorch model in eval mode: its `loader`'s (imported by name), else a HF sequence classifier with
+    eager attention."""
+    if job["loader"] is None:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(job["model"], attn_implementation="eager").eval()
+    import importlib
+
+    module, _, attr = job["loader"].partition(":")
+    try:
+        load = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"timing job for {job['model']}: loader {job['loader']} cannot be imported ({e})", "") from e
+    return load(job["model"]).eval()
+
+
 def _run_torch(job: dict[str, Any]) -> dict[str, Any]:
-    """Load time (ms, as session_init_ms), first run and per-shape times of a HF model directory in PyTorch
-    eager mode (eager attention, inference_mode), input_ids and attention_mask as kdpipe.tasks.classification.profile
-    feeds them."""
+    """Load time (ms, as session_init_ms), first run and per-shape times of a model directory in PyTorch
+    eager mode (inference_mode; `_load_torch`), fed input_ids and attention_mask (synthetic, as
+    kdpipe.tasks.classification.profile feeds them) or the job's real inputs."""
     t0 = time.perf_counter()
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     import_ms = (time.perf_counter() - t0) * 1e3
     if job["intra_op_threads"] > 0:
@@ -273,16 +351,16 @@ def _run_torch(job: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_interop_threads(job["inter_op_threads"])
     rss_before = peak_rss_mib()
     t0 = time.perf_counter()
-    model = AutoModelForSequenceClassification.from_pretrained(job["model"], attn_implementation="eager").eval()
+    model = _load_torch(job)
     init_ms = (time.perf_counter() - t0) * 1e3
 
     def make_step(shape: list[int]) -> Callable[[], Any]:
-        feed = synthetic_feed(shape[0], shape[1], job["vocab_size"], ["input_ids", "attention_mask"])
+        feed = job_feed(job, shape, None if job["inputs"] else ["input_ids", "attention_mask"])
         batch = {k: torch.from_numpy(v) for k, v in feed.items()}
 
-        def step() -> None:
+        def step() -> Any:
             with torch.inference_mode():
-                model(**batch)
+                return model(**batch)
 
         return step
 
@@ -297,6 +375,8 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     job = normalize_job(job)
     if not Path(job["model"]).exists():
         raise ModelError(f"{job['model']} does not exist")
+    if job["inputs"] is not None and not Path(job["inputs"]).is_file():
+        raise ModelError(f"its inputs {job['inputs']} do not exist")
     result = _run_torch(job) if job["engine"] == "torch" else _run_onnxruntime(job)
     return {"model": job["model"], "engine": job["engine"], "started_at_s": started, **result}
 
