@@ -8,7 +8,7 @@ STAMP := $(VENV)/.kdpipe-installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,lm]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdpipe.errors import DiskFullError, disk_full
 from kdpipe.textcodec import printable
 
 _SPECIAL = (
@@ -90,3 +94,52 @@ def message(path: Path, problem: PathProblem) -> str:
 
 
 PERMISSION_HINT = "check its permissions (`ls -l`; e.g. `chmod u+r FILE`, and u+x on its directories)"
+
+
+# --------------------------------------------------------------------------- atomic directories
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this machine (signal 0 probes without sending)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _owner_pid(path: Path) -> int | None:
+    """The PID in a `.<name>.tmp-<pid>` / `.<name>.old-<pid>` directory name."""
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of `final`; on success it replaces `final`, on any error
+    (Ctrl-C included) it is deleted and `final` is left as it was."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # leftovers of a run killed without a chance to clean up (SIGKILL, power loss); a directory whose
+    # PID is still alive belongs to a live process and is never touched
+    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
+        pid = _owner_pid(stale)
+        if pid is None or pid == os.getpid() or not pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e) and not isinstance(e, DiskFullError):  # torch / safetensors word it as a RuntimeError
+            raise DiskFullError(final.parent) from None
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
