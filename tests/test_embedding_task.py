@@ -153,7 +153,8 @@ def test_a_parity_failure_fails_export(
     ("over", "needle"),
     [
         ({"distill__losses": [{"name": "hinton"}]}, "distill.losses: hinton are classification terms"),
-        ({"student__arch": "bilstm"}, "student: arch: bilstm is not available for embedding"),
+        ({"student__arch": "bilstm"}, "student.arch: bilstm: layers is not available"),
+        ({"student__vocab": {"min_count": 1}}, "student: vocab is not available for embedding"),
     ],
 )
 def test_bad_embedding_recipes_are_refused_before_a_model_loads(

@@ -96,10 +96,37 @@ class EmbeddingInfo(Record):
     transfer: str = Field(description="JSONL of the transfer sentences.")
 
 
+class CausalLMInfo(Record):
+    """A causal-LM teacher (teacher.task: causal_lm): where it came from, its shape, and the files the later
+    stages read (relative to the teacher stage). JSONL rows: train / held-out prompts {"prompt": raw, "input": the
+    model's input text (chat template applied, or the raw prompt), "chat": bool}; held-out texts {"text": ...};
+    generations {"index": prompt row, "kind": greedy | sampled, "input", "response", "response_ids"}."""
+
+    task: Literal["causal_lm"] = "causal_lm"
+    teacher: str = Field(description="The teacher's name (SmolLM2-135M-Instruct, a folder's name).")
+    teacher_kind: str = Field(description="default (materialized from the GGUF) or local.")
+    model_type: str
+    layers: int
+    hidden_size: int
+    vocab_size: int
+    tied_embeddings: bool
+    model_dir: str = Field(description="The teacher as a Hugging Face causal-LM folder (safetensors + tokenizer).")
+    train_prompts: str = Field(description="JSONL of the train prompts.")
+    held_out_texts: str = Field(description="JSONL of the held-out texts (perplexity; never trained on).")
+    held_out_prompts: str = Field(description="JSONL of the held-out prompts (generation comparisons).")
+    generations: str = Field(description="JSONL of the teacher's generations for the train prompts (SeqKD).")
+    held_out_generations: str = Field(description="JSONL of the teacher's greedy generations for the held-out prompts.")
+    max_new_tokens: int = Field(description="New tokens per generation (greedy; the same for every comparison).")
+    sampled: int = Field(description="Sampled generations per train prompt besides the greedy one.")
+    max_length: int = Field(description="Tokens per held-out text after truncation.")
+    chat_template: bool = Field(description="Whether prompts went through the tokenizer's chat template.")
+    data: str = Field(description="What the prompts and texts are (the file, or the embedded corpora and templates).")
+
+
 # The task's own part of a teacher record, told apart by its `task` tag (a discriminated union: a record of one
 # task never reads as another's). Adding a task adds its info class here and to this union (CONTRIBUTING.md).
-TaskInfo = Annotated[ClassificationInfo | TranslationInfo | EmbeddingInfo, Field(discriminator="task")]
-InfoT = TypeVar("InfoT", ClassificationInfo, TranslationInfo, EmbeddingInfo)
+TaskInfo = Annotated[ClassificationInfo | TranslationInfo | EmbeddingInfo | CausalLMInfo, Field(discriminator="task")]
+InfoT = TypeVar("InfoT", ClassificationInfo, TranslationInfo, EmbeddingInfo, CausalLMInfo)
 
 
 class TeacherRecord(Record):

@@ -26,7 +26,7 @@ torch is imported inside the functions, so importing this module stays cheap.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 M = TypeVar("M", bound="PreTrainedModel")
+# (model, batch on the model's device, head_mask (layers, B, heads, 1, 1)) -> the batch's summed per-example loss
+LossFn = Callable[[Any, "dict[str, Tensor]", "Tensor"], "Tensor"]
 
 FFN_MULTIPLE = 8  # kept FFN widths >= 8 are rounded to a multiple of 8: GEMM kernels like tile-aligned dims
 _LAYER_PARTS = ("attention.self", "attention.output.dense", "intermediate.dense", "output.dense")
@@ -69,11 +71,16 @@ class PruningPlan:
     ffn_keep: dict[int, list[int]]
 
 
-def importance(model: PreTrainedModel, batches: Iterable[dict[str, Tensor]], max_batches: int) -> Importance:
+def importance(
+    model: PreTrainedModel, batches: Iterable[dict[str, Tensor]], max_batches: int, loss_fn: LossFn | None = None
+) -> Importance:
     """Head and FFN-neuron importance on at most `max_batches` batches, model in eval mode (no dropout).
 
     Each batch: `input_ids` (B, T), `labels` (B,), optional `attention_mask` / `token_type_ids` (B, T); the loss is
-    the model's own loss on `labels` (cross-entropy for classifiers). The head mask is given per example, shape
+    the model's own loss on `labels` (cross-entropy for classifiers). With `loss_fn` (model, batch, head_mask) ->
+    the batch's SUMMED per-example loss, the objective is the caller's (e.g. an embedding MSE to a teacher's
+    vectors): batches then need only `input_ids`, and every tensor in them travels to the model's device. The head
+    mask is given per example, shape
     (layers, B, heads, 1, 1), so each example's |dL/dxi| is taken before summing (E_x |.|, not |E_x .|). Gradients
     are taken with `torch.autograd.grad` on the mask and activations only: no parameter `.grad` is written.
     The attention_mask keeps pad positions out of the FFN sums (in a CLS-pooled classifier they also get zero
@@ -98,7 +105,7 @@ def importance(model: PreTrainedModel, batches: Iterable[dict[str, Tensor]], max
         with torch.enable_grad():
             for batch in itertools.islice(batches, max_batches):
                 acts.clear()
-                head, ffn, n = _score_batch(model, batch, acts, (len(layers), n_heads))
+                head, ffn, n = _score_batch(model, batch, acts, (len(layers), n_heads), loss_fn)
                 head_sum = head if head_sum is None else head_sum + head
                 ffn_sum = ffn if ffn_sum is None else ffn_sum + ffn
                 examples += n
@@ -114,7 +121,11 @@ def importance(model: PreTrainedModel, batches: Iterable[dict[str, Tensor]], max
 
 
 def _score_batch(
-    model: PreTrainedModel, batch: dict[str, Tensor], acts: list[Tensor], shape: tuple[int, int]
+    model: PreTrainedModel,
+    batch: dict[str, Tensor],
+    acts: list[Tensor],
+    shape: tuple[int, int],
+    loss_fn: LossFn | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """One batch's summed |dL_i/dxi| (layers, heads) and |a * dL/da| (layers, intermediate), float64, and B.
 
@@ -122,29 +133,34 @@ def _score_batch(
     """
     import torch
 
-    inputs = _model_inputs(model, batch)
+    inputs = _model_inputs(model, batch, own_loss=loss_fn is None)
     ids = inputs["input_ids"]
     b = int(ids.shape[0])
     mask = torch.ones(shape[0], b, shape[1], 1, 1, device=ids.device, dtype=model.dtype, requires_grad=True)
-    out = model(**inputs, head_mask=mask)
-    if out.loss is None:
-        raise DataError("the model returned no loss for this batch", "batches must carry `labels`")
+    if loss_fn is not None:
+        total = loss_fn(model, inputs, mask)
+    else:
+        out = model(**inputs, head_mask=mask)
+        if out.loss is None:
+            raise DataError("the model returned no loss for this batch", "batches must carry `labels`")
+        total = out.loss * b
     # the loss is a mean over the batch; times B it is the sum of per-example losses, and since examples do not
     # interact in an encoder (eval mode), grad wrt mask[l, i, h] is example i's own dL_i/dxi_{l,h}
-    grads = torch.autograd.grad(out.loss * b, [mask, *acts])
+    grads = torch.autograd.grad(total, [mask, *acts])
     head = grads[0].abs().sum(dim=1).flatten(1)  # (layers, heads)
     real = inputs.get("attention_mask", torch.ones_like(ids)).to(acts[0].dtype).unsqueeze(-1)  # (B, T, 1)
     ffn = torch.stack([(a * g).abs().mul(real).sum(dim=(0, 1)) for a, g in zip(acts, grads[1:], strict=True)])
     return head.detach().double(), ffn.detach().double(), b
 
 
-def _model_inputs(model: PreTrainedModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The batch's model inputs, on the model's device; a DataError when input_ids or labels are missing."""
-    missing = [k for k in ("input_ids", "labels") if k not in batch]
+def _model_inputs(model: PreTrainedModel, batch: dict[str, Tensor], own_loss: bool = True) -> dict[str, Tensor]:
+    """The batch's model inputs, on the model's device; a DataError when input_ids or labels are missing (labels:
+    only for the model's own loss; with a loss_fn every tensor of the batch is passed on)."""
+    missing = [k for k in ("input_ids", "labels") if k not in batch and (own_loss or k == "input_ids")]
     if missing:
         raise DataError(f"importance batch lacks {', '.join(missing)}", "batches need input_ids and labels")
     device = next(model.parameters()).device
-    keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
+    keys = ("input_ids", "attention_mask", "token_type_ids", "labels") if own_loss else tuple(batch)
     return {k: batch[k].to(device) for k in keys if k in batch}
 
 
@@ -306,11 +322,12 @@ def prune(
     ffn_fraction: float,
     max_batches: int = 8,
     min_heads: int = 1,
+    loss_fn: LossFn | None = None,
 ) -> tuple[M, PruningPlan, Importance]:
     """importance() -> plan_pruning() -> apply_pruning(); fractions are checked before any scoring."""
     _check_fraction("heads_fraction", heads_fraction)
     _check_fraction("ffn_fraction", ffn_fraction)
-    imp = importance(model, batches, max_batches)
+    imp = importance(model, batches, max_batches, loss_fn)
     plan = plan_pruning(imp, heads_fraction, ffn_fraction, min_heads)
     return apply_pruning(model, plan), plan, imp
 

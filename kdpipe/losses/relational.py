@@ -1,4 +1,5 @@
-"""Relational and information-theoretic distillation, docs/methods.md §3 (plus CRD from §2.5).
+"""Relational and information-theoretic distillation, docs/methods.md §3 (plus CRD from §2.5, and RKD's
+distance and angle terms, which the embedding task uses: §8).
 
 Features are per-example vectors (B, D) unless stated otherwise: pool token states first (e.g.
 `kdpipe.losses.masks.mean_pool` or the [CLS] vector). Everything is computed in float32 and the
@@ -109,3 +110,48 @@ def crd_in_batch(
         # -inf drops a column from the softmax's denominator; the diagonal is always kept
         logits = logits.masked_fill(same & ~eye, -math.inf)
     return F.cross_entropy(logits, torch.arange(b, device=logits.device))
+
+
+def _pairwise_distances(f: Tensor, eps: float) -> Tensor:
+    """(B, D) -> (B, B) Euclidean distances, squared distances clamped at eps before the root, diagonal 0."""
+    sq = f.pow(2).sum(dim=1)
+    d = (sq[:, None] + sq[None, :] - 2 * f @ f.T).clamp(min=eps).sqrt()
+    return d * (1 - torch.eye(f.shape[0], device=f.device, dtype=d.dtype))
+
+
+def _check_pair(fs: Tensor, ft: Tensor, fn: str) -> None:
+    if fs.dim() != 2 or ft.dim() != 2 or fs.shape[0] != ft.shape[0]:
+        raise ValueError(f"{fn} needs features (B, D) with the same B, got {tuple(fs.shape)} and {tuple(ft.shape)}")
+
+
+def rkd_distance(fs: Tensor, ft: Tensor, eps: float = 1e-12) -> Tensor:
+    """Relational KD, distance-wise term (Park et al. 2019), on fs (B, D_s) and ft (B, D_t); widths may differ.
+
+    d[i, j] = ||f_i - f_j||_2 on each side, divided by that side's mean over the pairs with d > 0 (the diagonal
+    is 0); loss = mean over all B*B entries of Huber(d_s, d_t) (F.smooth_l1_loss, beta 1), as the reference code
+    (lenscloth/RKD, `RkdDistance`)."""
+    _check_pair(fs, ft, "rkd_distance")
+    with torch.no_grad():
+        d_t = _pairwise_distances(ft.detach().float(), eps)
+        d_t = d_t / d_t[d_t > 0].mean()
+    d_s = _pairwise_distances(fs.float(), eps)
+    d_s = d_s / d_s[d_s > 0].mean()
+    return F.smooth_l1_loss(d_s, d_t)
+
+
+def _angles(f: Tensor) -> Tensor:
+    """(B, D) -> (B * B * B,): cos of the angle at vertex j between i and k, <e_ij, e_kj>, e = unit difference."""
+    e = F.normalize(f[None, :, :] - f[:, None, :], p=2, dim=2)  # e[j, i] = (f_i - f_j) / ||f_i - f_j||
+    return torch.bmm(e, e.transpose(1, 2)).reshape(-1)
+
+
+def rkd_angle(fs: Tensor, ft: Tensor) -> Tensor:
+    """Relational KD, angle-wise term (Park et al. 2019), on fs (B, D_s) and ft (B, D_t); widths may differ.
+
+    For every triplet (i, j, k), cos angle_ijk = <e_ij, e_kj> with e_ij = (f_i - f_j) / ||f_i - f_j||
+    (0 when i = j); loss = mean over all B^3 triplets of Huber(cos_s, cos_t) (F.smooth_l1_loss, beta 1), as the
+    reference code (lenscloth/RKD, `RKdAngle`). Memory grows as B^2 D."""
+    _check_pair(fs, ft, "rkd_angle")
+    with torch.no_grad():
+        a_t = _angles(ft.detach().float())
+    return F.smooth_l1_loss(_angles(fs.float()), a_t)

@@ -25,12 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 
 from kdpipe.errors import ConfigError, ModelError, did_you_mean
 
 MODEL_TYPE = "kdpipe-bilstm"
+# the sentence-encoder body (BiLSTMEncoderModel): token states instead of logits
+ENCODER_MODEL_TYPE = "kdpipe-bilstm-encoder"
 # the distill stage must refuse feature (hidden-state / attention) losses for this student
 FEATURE_LOSSES_SUPPORTED = False
 EMBEDDINGS = ("teacher", "random")
@@ -89,6 +91,62 @@ def _time_indices(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return roll, reverse, (length - 1).squeeze(1)
 
 
+def _unroll(mask: Tensor) -> Tensor:
+    """The inverse of `_time_indices`' roll: position t of the original row is position (t - start) mod T of the
+    rolled one (the identity for right padding)."""
+    mask = mask.long()
+    t = _positions(mask)
+    start = torch.argmax(mask, dim=1, keepdim=True)
+    return torch.remainder(t - start, t[:, -1:] + 1)
+
+
+def _stack(
+    x: Tensor,
+    reverse: Tensor,
+    forward_lstms: nn.ModuleList,
+    backward_lstms: nn.ModuleList,
+    dropout: nn.Module,
+    layers: list[Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The stacked BiLSTM on rolled embeddings x (B, T, E): (forward states (B, T, H) in rolled time, backward
+    states (B, T, H) in reversed time: position s is token len-1-s). With `layers`, each layer's two directions
+    in rolled time, (B, T, 2H), are appended to it."""
+    fwd = bwd = x
+    for i, (f_lstm, b_lstm) in enumerate(zip(forward_lstms, backward_lstms, strict=True)):
+        if i:
+            x = dropout(torch.cat([fwd, _gather_time(bwd, reverse)], dim=-1))
+        fwd = f_lstm(x)[0]
+        bwd = b_lstm(_gather_time(x, reverse))[0]
+        if layers is not None:
+            layers.append(torch.cat([fwd, _gather_time(bwd, reverse)], dim=-1))
+    return fwd, bwd
+
+
+def _init_bilstm_weights(module: nn.Module, std: float) -> None:
+    """Normal embeddings (zero pad row), PyTorch's uniform LSTM init, normal linear weights, zero biases."""
+    with torch.no_grad():
+        if isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LSTM):
+            bound = 1.0 / math.sqrt(module.hidden_size)
+            for p in module.parameters():
+                p.uniform_(-bound, bound)
+        elif isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+
+
+def _lstms(config: BiLSTMConfig) -> tuple[nn.ModuleList, nn.ModuleList]:
+    sizes = [config.embedding_dim] + [2 * config.hidden_size] * (config.num_layers - 1)
+    return (
+        nn.ModuleList(nn.LSTM(n, config.hidden_size, batch_first=True) for n in sizes),
+        nn.ModuleList(nn.LSTM(n, config.hidden_size, batch_first=True) for n in sizes),
+    )
+
+
 class BiLSTMForSequenceClassification(PreTrainedModel):
     """Tang et al. 2019's BiLSTM classifier behind the HF sequence-classification interface."""
 
@@ -101,9 +159,7 @@ class BiLSTMForSequenceClassification(PreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.embeddings = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=config.pad_token_id)
-        sizes = [config.embedding_dim] + [2 * config.hidden_size] * (config.num_layers - 1)
-        self.forward_lstms = nn.ModuleList(nn.LSTM(n, config.hidden_size, batch_first=True) for n in sizes)
-        self.backward_lstms = nn.ModuleList(nn.LSTM(n, config.hidden_size, batch_first=True) for n in sizes)
+        self.forward_lstms, self.backward_lstms = _lstms(config)
         self.dropout = nn.Dropout(config.dropout)
         self.mlp = nn.Linear(2 * config.hidden_size, config.mlp_size)
         self.classifier = nn.Linear(config.mlp_size, config.num_labels)
@@ -111,20 +167,7 @@ class BiLSTMForSequenceClassification(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Normal embeddings (zero pad row), PyTorch's uniform LSTM init, normal linear weights, zero biases."""
-        std = self.config.initializer_range
-        with torch.no_grad():
-            if isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, std)
-                if module.padding_idx is not None:
-                    module.weight[module.padding_idx].zero_()
-            elif isinstance(module, nn.LSTM):
-                bound = 1.0 / math.sqrt(module.hidden_size)
-                for p in module.parameters():
-                    p.uniform_(-bound, bound)
-            elif isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, std)
-                if module.bias is not None:
-                    module.bias.zero_()
+        _init_bilstm_weights(module, self.config.initializer_range)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings
@@ -140,12 +183,7 @@ class BiLSTMForSequenceClassification(PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         roll, reverse, last = _time_indices(attention_mask)
         x = self.dropout(self.embeddings(_gather_time(input_ids.unsqueeze(-1), roll).squeeze(-1)))
-        fwd = bwd = x
-        for i, (f_lstm, b_lstm) in enumerate(zip(self.forward_lstms, self.backward_lstms, strict=True)):
-            if i:
-                x = self.dropout(torch.cat([fwd, _gather_time(bwd, reverse)], dim=-1))
-            fwd = f_lstm(x)[0]
-            bwd = b_lstm(_gather_time(x, reverse))[0]  # in reversed time: position s is token len-1-s
+        fwd, bwd = _stack(x, reverse, self.forward_lstms, self.backward_lstms, self.dropout)
         index = last.view(-1, 1, 1).expand(-1, 1, fwd.shape[-1])
         return torch.cat([fwd.gather(1, index).squeeze(1), bwd.gather(1, index).squeeze(1)], dim=-1)
 
@@ -173,10 +211,78 @@ class BiLSTMForSequenceClassification(PreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+class BiLSTMEncoderConfig(BiLSTMConfig):
+    """The sentence-encoder body's sizes (mlp_size and the labels are unused)."""
+
+    model_type = ENCODER_MODEL_TYPE
+
+
+class BiLSTMEncoderModel(PreTrainedModel):
+    """The BiLSTM as a sentence encoder's body: (B, T) ids -> token states (B, T, 2H), both directions'
+    outputs at every position, returned as a transformer's `last_hidden_state` (so a SentenceEncoder pools them).
+
+    The forward direction reads each row from its first real token, the backward one from its last (the same
+    roll / reversal as the classifier), so a real token's state does not depend on the padding; states at pad
+    positions are whatever the LSTMs give and must be masked out by the pooling. token_type_ids are ignored."""
+
+    config_class = BiLSTMEncoderConfig
+    base_model_prefix = "bilstm"
+    main_input_name = "input_ids"
+    supports_feature_losses = FEATURE_LOSSES_SUPPORTED
+
+    def __init__(self, config: BiLSTMEncoderConfig) -> None:
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=config.pad_token_id)
+        self.forward_lstms, self.backward_lstms = _lstms(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        _init_bilstm_weights(module, self.config.initializer_range)
+
+    @property
+    def token_width(self) -> int:
+        """The width of a token state: 2 x hidden_size (both directions)."""
+        return 2 * int(self.config.hidden_size)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        if not isinstance(value, nn.Embedding):
+            raise TypeError(f"the BiLSTM's input embeddings must be an nn.Embedding, got {type(value).__name__}")
+        self.embeddings = value
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutput:
+        """(B, T) ids and mask -> BaseModelOutput(last_hidden_state (B, T, 2H)) in the input's positions; with
+        output_hidden_states also hidden_states: the word vectors (B, T, E), then each layer's (B, T, 2H)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        roll, reverse, _ = _time_indices(attention_mask)
+        x = self.dropout(self.embeddings(_gather_time(input_ids.unsqueeze(-1), roll).squeeze(-1)))
+        layers: list[Tensor] = [x]
+        _stack(x, reverse, self.forward_lstms, self.backward_lstms, self.dropout, layers)
+        unroll = _unroll(attention_mask)
+        if not output_hidden_states:
+            return BaseModelOutput(last_hidden_state=_gather_time(layers[-1], unroll))  # type: ignore[arg-type]
+        states: Any = tuple(_gather_time(h, unroll) for h in layers)
+        return BaseModelOutput(last_hidden_state=states[-1], hidden_states=states)
+
+
 def register() -> None:
-    """Make AutoConfig / AutoModelForSequenceClassification know "kdpipe-bilstm" (idempotent)."""
+    """Make AutoConfig / AutoModelForSequenceClassification know "kdpipe-bilstm", and AutoConfig / AutoModel
+    "kdpipe-bilstm-encoder" (idempotent)."""
     AutoConfig.register(MODEL_TYPE, BiLSTMConfig, exist_ok=True)
     AutoModelForSequenceClassification.register(BiLSTMConfig, BiLSTMForSequenceClassification, exist_ok=True)
+    AutoConfig.register(ENCODER_MODEL_TYPE, BiLSTMEncoderConfig, exist_ok=True)
+    AutoModel.register(BiLSTMEncoderConfig, BiLSTMEncoderModel, exist_ok=True)
 
 
 register()

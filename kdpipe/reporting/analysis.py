@@ -54,3 +54,14 @@ def cka_matrix(teacher_feats: Sequence[Tensor], student_feats: Sequence[Tensor])
         for j, sf in enumerate(student_feats):
             out[i, j] = linear_cka(tf, sf)
     return out
+
+
+def cka_document(matrix: np.ndarray, examples: int) -> dict[str, object]:
+    """What cka.json holds: the axes' meaning, the example count and the (teacher, student) matrix rounded to 5
+    decimals (rows: teacher hidden states, columns: student hidden states, 0 = embeddings)."""
+    return {
+        "rows": "teacher hidden states (0 = embeddings)",
+        "cols": "student hidden states (0 = embeddings)",
+        "examples": examples,
+        "matrix": np.round(matrix, 5).tolist(),
+    }

@@ -11,6 +11,7 @@ from kdpipe.artifacts.manifest import MANIFEST, Manifest
 from kdpipe.config import TeacherConfig
 from kdpipe.errors import ArtifactError, ConfigError, did_you_mean
 from kdpipe.tasks.base import Task
+from kdpipe.tasks.causal_lm.task import CAUSAL_LM
 from kdpipe.tasks.classification.task import CLASSIFICATION
 from kdpipe.tasks.embedding.task import EMBEDDING
 from kdpipe.tasks.translation.task import TRANSLATION
@@ -19,6 +20,7 @@ TASKS: dict[str, Task] = {
     "classification": CLASSIFICATION,
     "translation": TRANSLATION,
     "embedding": EMBEDDING,
+    "causal_lm": CAUSAL_LM,
 }
 
 

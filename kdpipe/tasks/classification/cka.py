@@ -12,7 +12,7 @@ from kdpipe.config import DistillConfig
 from kdpipe.data.tables import Encoded, batches, encode, read_split, subset
 from kdpipe.losses.masks import mean_pool
 from kdpipe.models.loading import forward_kd
-from kdpipe.reporting.analysis import cka_matrix
+from kdpipe.reporting.analysis import cka_document, cka_matrix
 from kdpipe.reporting.plots import plot_cka
 from kdpipe.tasks.classification.pair import Pair
 from kdpipe.train.loop import Device
@@ -27,7 +27,7 @@ def write_cka(cfg: DistillConfig, pair: Pair, model: Any, device: Device, work: 
         texts = read_split(pair.teacher_manifest.path("data/test.jsonl"))
         test_part = subset(encode(pair.teacher_tokenizer, texts, pair.teacher_record.max_length), cfg.cka_samples)
     matrix = _layer_cka(pair.teachers[0], model.to(device.torch_device), test_part, device, pair.student_ids)
-    (work / "cka.json").write_text(json.dumps(_cka_json(matrix, len(test_part)), indent=2) + "\n")
+    (work / "cka.json").write_text(json.dumps(cka_document(matrix, len(test_part)), indent=2) + "\n")
     plot_cka(matrix, work / "cka.png")
     return [float(round(matrix[t][s], 5)) for s, t in sorted(pair.loss_ctx.layer_map.items())]
 
@@ -51,12 +51,3 @@ def _layer_cka(teacher: Any, student: Any, data: Encoded, device: Device, studen
                 feats[key].append([mean_pool(h.float(), mask).cpu() for h in out.hidden_states])
     per_layer = {k: [torch.cat([b[i] for b in v]) for i in range(len(v[0]))] for k, v in feats.items()}
     return cka_matrix(per_layer["teacher"], per_layer["student"])
-
-
-def _cka_json(matrix: np.ndarray, examples: int) -> dict[str, Any]:
-    return {
-        "rows": "teacher hidden states (0 = embeddings)",
-        "cols": "student hidden states (0 = embeddings)",
-        "examples": examples,
-        "matrix": np.round(matrix, 5).tolist(),
-    }

@@ -5,19 +5,31 @@
   sentences (held out / transfer, seeded) and score it on the Lee similarity set (Spearman, Pearson).
 - student: the teacher's backbone with a subset of its layers (kdpipe.compress.surgery), its pooling and
   normalisation; or a local sentence-transformers folder (student.pretrained) with a linear projection to the
-  teacher's width when the widths differ. Saved as a sentence-transformers folder.
+  teacher's width when the widths differ; or a BiLSTM on the teacher's tokenizer (student.arch: bilstm,
+  kdpipe.tasks.embedding.bilstm). student.width then prunes attention heads and FFN neurons of a transformer
+  student (kdpipe.compress.prune), by the gradient of MSE(student embedding, teacher embedding) on a few batches of
+  the transfer sentences. Saved as a sentence-transformers folder.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from kdpipe.artifacts.manifest import FileRecord, Manifest, Metric, input_records, sha256_file
-from kdpipe.artifacts.records import EmbeddingInfo, RunContext, StageOutput, StudentRecord, TeacherRecord, record
-from kdpipe.config import EmbeddingConfig, StudentConfig, TeacherConfig
+from kdpipe.artifacts.records import (
+    EmbeddingInfo,
+    RunContext,
+    StageOutput,
+    StudentRecord,
+    TeacherRecord,
+    WidthInfo,
+    record,
+)
+from kdpipe.config import EmbeddingConfig, StudentConfig, TeacherConfig, WidthConfig
 from kdpipe.errors import ConfigError
 from kdpipe.tasks.embedding import data
 from kdpipe.tasks.embedding.teachers import Teacher, resolve_teacher
@@ -130,33 +142,66 @@ def select_layers(cfg: StudentConfig, n: int) -> list[int]:
 
 
 def run_student(cfg: StudentConfig, upstream: Manifest, work: Path, ctx: RunContext) -> StageOutput:
-    from kdpipe.compress import surgery
-    from kdpipe.tasks.embedding.encoder import SentenceEncoder, save_sentence_transformers
+    from kdpipe.tasks.embedding.encoder import save_sentence_transformers
 
-    t_rec = record(upstream, TeacherRecord)
-    teacher, tok = load(upstream.directory(MODEL_DIR))
-    if cfg.pretrained is not None:
+    teacher, t_tok = load(upstream.directory(MODEL_DIR))
+    tok, kept = t_tok, list[int]()
+    if cfg.arch == "bilstm":
+        student = _bilstm(cfg, teacher, t_tok, ctx.seed)
+    elif cfg.pretrained is not None:
         student, tok, kept = _pretrained(cfg.pretrained, teacher, ctx.seed)
     else:
-        kept = select_layers(cfg, int(teacher.backbone.config.num_hidden_layers))
-        backbone, _ = surgery.remove_layers(teacher.backbone, {"encoder": kept})
-        student = SentenceEncoder(backbone, teacher.pooling, teacher.normalize, None, teacher.max_seq_length)
+        student, kept = _layer_subset(cfg, teacher)
+    width = _prune_width(student, tok, teacher, t_tok, cfg.width, upstream, ctx) if cfg.width else None
     save_sentence_transformers(student, tok, work / MODEL_DIR)
     tp, sp = _params(teacher), _params(student)
     ctx.console.print(
-        f"embedding student: teacher layers {kept} of {t_rec.info_as(EmbeddingInfo).layers}, "
-        f"{sp / 1e6:.1f}M params ({tp / sp:.2f}x smaller), {student.dim}-d"
-        + (", with a projection" if student.projection is not None else "")
+        f"embedding student: {_describe(cfg, student, kept, upstream)}, {sp / 1e6:.1f}M params ({tp / sp:.2f}x "
+        f"smaller), {student.dim}-d" + (", with a projection" if student.projection is not None else "")
     )
-    rec = StudentRecord(kept_layers=kept, layer_map={}, init="copy" if cfg.pretrained is None else "pretrained")
+    init = "copy" if cfg.pretrained is None else "pretrained"
+    rec = StudentRecord(kept_layers=kept, layer_map={}, init=init, width=width, arch=cfg.arch)
     metrics = {
         "params": Metric(sp, "parameters"),
-        "layers": Metric(int(student.backbone.config.num_hidden_layers), "layers"),
-        "teacher_layers": Metric(int(teacher.backbone.config.num_hidden_layers), "layers"),
+        "layers": Metric(_layers(student), "layers"),
+        "teacher_layers": Metric(_layers(teacher), "layers"),
         "compression": Metric(round(tp / sp, 3), "x"),
         "dim": Metric(student.dim, "dimensions"),
     }
     return StageOutput(record=rec, metrics=metrics)
+
+
+def _layers(encoder: Any) -> int:
+    config = encoder.backbone.config
+    return int(getattr(config, "num_hidden_layers", None) or config.num_layers)  # a BiLSTM: its LSTM layers
+
+
+def _describe(cfg: StudentConfig, student: Any, kept: list[int], upstream: Manifest) -> str:
+    if cfg.arch == "bilstm":
+        c, source = student.backbone.config, "the teacher's" if cfg.bilstm.embeddings == "teacher" else "random"
+        return (f"BiLSTM ({c.num_layers} layer(s) x {c.hidden_size} per direction, {c.embedding_dim}-d word vectors "
+                f"({source}), {student.pooling} pooling)")  # fmt: skip
+    info = record(upstream, TeacherRecord).info_as(EmbeddingInfo)
+    return f"teacher layers {kept} of {info.layers if info else '?'}"
+
+
+def _layer_subset(cfg: StudentConfig, teacher: Any) -> tuple[Any, list[int]]:
+    """The teacher's backbone with the layers `cfg.layers` keeps, its pooling and normalisation."""
+    from kdpipe.compress import surgery
+    from kdpipe.tasks.embedding.encoder import SentenceEncoder
+
+    kept = select_layers(cfg, int(teacher.backbone.config.num_hidden_layers))
+    backbone, _ = surgery.remove_layers(teacher.backbone, {"encoder": kept})
+    return SentenceEncoder(backbone, teacher.pooling, teacher.normalize, None, teacher.max_seq_length), kept
+
+
+def _bilstm(cfg: StudentConfig, teacher: Any, tok: Any, seed: int) -> Any:
+    """The BiLSTM sentence encoder (kdpipe.tasks.embedding.bilstm) on the teacher's tokenizer."""
+    from kdpipe.tasks.embedding.bilstm import build_parts
+    from kdpipe.tasks.embedding.encoder import SentenceEncoder
+
+    body, projection, pooling = build_parts(cfg.bilstm, teacher, tok, seed)
+    return SentenceEncoder(body, pooling, teacher.normalize, projection, teacher.max_seq_length)
 
 
 def _pretrained(folder: str, teacher: Any, seed: int) -> tuple[Any, Any, list[int]]:
@@ -174,3 +219,69 @@ def _pretrained(folder: str, teacher: Any, seed: int) -> tuple[Any, Any, list[in
         )
     n = int(student.backbone.config.num_hidden_layers)
     return student, tok, list(range(n))
+
+
+IMPORTANCE_BATCH = 32  # WidthConfig.batches counts batches of 32
+
+
+def _check_heads(cfg: WidthConfig, student: Any) -> None:
+    """student.width.heads must leave every layer one head (ConfigError naming the field, before any scoring)."""
+    config = student.backbone.config
+    layers, heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+    total = layers * heads
+    remove = math.floor(cfg.heads * total + 0.5 + 1e-9)  # prune's rounding (half up)
+    if remove > total - layers:
+        raise ConfigError(
+            f"student.width.heads: {cfg.heads} removes {remove} of the student's {total} attention heads, but each "
+            f"of its {layers} layers must keep one (at most {total - layers} can go)",
+            f"set student.width.heads to at most {(total - layers) / total:.3f}",
+        )
+
+
+def _prune_width(
+    student: Any, tok: Any, teacher: Any, t_tok: Any, cfg: WidthConfig, upstream: Manifest, ctx: RunContext
+) -> WidthInfo:
+    """Remove the least important heads and FFN neurons of the student's backbone (kdpipe.compress.prune), the
+    importance being the gradient of MSE(student embedding, teacher embedding) on transfer sentences."""
+    import numpy as np
+
+    from kdpipe.compress.prune import prune
+    from kdpipe.tasks.embedding.encoder import encode
+
+    _check_heads(cfg, student)
+    info = record(upstream, TeacherRecord).info_as(EmbeddingInfo)
+    assert info is not None
+    texts = data.read_sentences(upstream.path(info.transfer))
+    order = np.random.RandomState(ctx.seed).permutation(len(texts))[: cfg.batches * IMPORTANCE_BATCH]
+    sample = [texts[i] for i in order]
+    targets = encode(teacher, t_tok, sample, batch_size=IMPORTANCE_BATCH)  # the teacher's vectors, once
+    before, ffn_total = _params(student), int(student.backbone.config.intermediate_size)
+
+    def mse(_model: Any, batch: dict[str, Any], head_mask: Any) -> Any:
+        s = student(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), head_mask)
+        return ((s - batch["targets"]) ** 2).mean(dim=1).sum()  # per-example MSE, summed over the batch
+
+    batches = _importance_batches(tok, sample, targets, student.max_seq_length)
+    _, plan, _ = prune(student.backbone, batches, cfg.heads, cfg.ffn, cfg.batches, loss_fn=mse)
+    width = WidthInfo(
+        heads_removed={int(k): list(v) for k, v in plan.heads_to_prune.items()},
+        ffn_kept=int(student.backbone.config.intermediate_size), ffn_total=ffn_total, params_before=before,
+        params_after=_params(student),
+    )  # fmt: skip
+    removed = sum(len(v) for v in width.heads_removed.values())
+    ctx.console.print(
+        f"width: {removed} attention heads removed, {width.ffn_kept} of {ffn_total} FFN neurons kept per layer "
+        f"(importance: embedding MSE to the teacher on {len(sample)} transfer sentences); {before / 1e6:.1f}M -> "
+        f"{width.params_after / 1e6:.1f}M params"
+    )
+    return width
+
+
+def _importance_batches(tok: Any, texts: list[str], targets: Any, max_length: int | None) -> Any:
+    """Batches of 32 tokenized sentences with their teacher vectors under `targets`."""
+    import torch
+
+    for i in range(0, len(texts), IMPORTANCE_BATCH):
+        enc = tok(texts[i : i + IMPORTANCE_BATCH], padding=True, truncation=True, max_length=max_length,
+                  return_tensors="pt")  # fmt: skip
+        yield {**{k: v for k, v in enc.items()}, "targets": torch.from_numpy(targets[i : i + IMPORTANCE_BATCH])}

@@ -30,6 +30,8 @@ Embed = Callable[[Sequence[str]], np.ndarray]
 _IDENTITY = "torch.nn.modules.linear.Identity"
 # a tokenizer's "no limit" is a huge sentinel (int(1e30)); beyond this it is not a length
 _NO_LIMIT = 1_000_000
+# modules.json's type of a BiLSTM student's input module (kdpipe.tasks.embedding.bilstm.class_path())
+BILSTM_MODULE = "kdpipe.tasks.embedding.bilstm.BiLSTMTokens"
 
 
 class SentenceEncoder(nn.Module):
@@ -64,8 +66,8 @@ class SentenceEncoder(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        """The backbone's token-vector width H."""
-        return int(self.backbone.config.hidden_size)
+        """The backbone's token-vector width H (a BiLSTM body's `token_width`, both directions)."""
+        return int(getattr(self.backbone, "token_width", None) or self.backbone.config.hidden_size)
 
     @property
     def dim(self) -> int:
@@ -73,17 +75,31 @@ class SentenceEncoder(nn.Module):
         return self.projection.out_features if self.projection is not None else self.hidden_size
 
     def token_embeddings(
-        self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor | None = None,
+        head_mask: Tensor | None = None,
     ) -> Tensor:
-        """The backbone's last hidden state (B, T, H), before pooling."""
+        """The backbone's last hidden state (B, T, H), before pooling. `head_mask` (HF's, multiplied into the
+        attention probabilities) is what width pruning's importance differentiates (kdpipe.compress.prune)."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and self.takes_token_type_ids:
             inputs["token_type_ids"] = token_type_ids
+        if head_mask is not None:
+            inputs["head_mask"] = head_mask
         return self.backbone(**inputs, return_dict=True).last_hidden_state
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor | None = None,
+        head_mask: Tensor | None = None,
+    ) -> Tensor:
         """(B, T) ids and mask -> (B, D) sentence embeddings."""
-        vectors = pool(self.token_embeddings(input_ids, attention_mask, token_type_ids), attention_mask, self.pooling)
+        hidden = self.token_embeddings(input_ids, attention_mask, token_type_ids, head_mask)
+        vectors = pool(hidden, attention_mask, self.pooling)
         if self.projection is not None:
             vectors = self.projection(vectors)
         return unit_norm(vectors) if self.normalize else vectors
@@ -100,7 +116,10 @@ def load_encoder(
 
     `pooling` / `normalize` override the folder's modules.json (and make a plain transformer folder usable);
     `attn_implementation="eager"` is what the ONNX export wants. The tokenizer truncates at the model's
-    max_seq_length, as sentence-transformers does."""
+    max_seq_length, as sentence-transformers does. A BiLSTM student's folder (kdpipe.tasks.embedding.bilstm) loads
+    as the SentenceEncoder it was saved from."""
+    if pooling is None and normalize is None and _is_bilstm_folder(model_dir):
+        return _load_bilstm(model_dir)
     config = read_sentence_config(model_dir, pooling, normalize)
     folder = model_dir / config.backbone
     if not (folder / "config.json").is_file():
@@ -124,6 +143,26 @@ def load_encoder(
     projection = _load_dense(model_dir / config.dense[0], int(backbone.config.hidden_size)) if config.dense else None
     encoder = SentenceEncoder(backbone, config.pooling, config.normalize, projection, length)
     return encoder.eval(), tokenizer
+
+
+def _is_bilstm_folder(model_dir: Path) -> bool:
+    """Whether modules.json's first module is kdpipe's BiLSTMTokens (read without importing that module, which
+    imports sentence-transformers)."""
+    try:
+        entries = json.loads((Path(model_dir) / "modules.json").read_text(encoding="utf-8"))
+        return bool(entries) and entries[0].get("type") == BILSTM_MODULE
+    except (OSError, ValueError, AttributeError, TypeError, KeyError, IndexError):
+        return False
+
+
+def _load_bilstm(model_dir: Path) -> tuple[SentenceEncoder, Any]:
+    from kdpipe.tasks.embedding.bilstm import load_saved
+
+    saved = load_saved(model_dir)
+    width = saved.model.token_width
+    projection = _load_dense(saved.dense, width) if saved.dense is not None else None
+    encoder = SentenceEncoder(saved.model, saved.pooling, saved.normalize, projection, saved.max_seq_length)
+    return encoder.eval(), saved.tokenizer
 
 
 def _max_seq_length(config: SentenceConfig, tokenizer: Any, backbone: Any) -> int:
@@ -223,26 +262,44 @@ def embedder(encoder: SentenceEncoder, tokenizer: Any, batch_size: int = 32) -> 
 def save_sentence_transformers(encoder: SentenceEncoder, tokenizer: Any, out_dir: Path) -> Path:
     """Write `encoder` as a sentence-transformers folder (Transformer, Pooling, [Dense], [Normalize]) with
     sentence-transformers' own save, so `SentenceTransformer(out_dir)` loads it. All or nothing: it is built in a
-    temporary folder beside `out_dir` and renamed into place (replacing an older one)."""
+    temporary folder beside `out_dir` and renamed into place (replacing an older one). A BiLSTM backbone is saved
+    with kdpipe's BiLSTMTokens input module in place of Transformer (kdpipe.tasks.embedding.bilstm)."""
     from sentence_transformers import SentenceTransformer
 
     out_dir = Path(out_dir)
     with replacing_dir(out_dir) as staging:
         hf = staging.parent / "hf"
-        encoder.backbone.save_pretrained(hf)
-        tokenizer.save_pretrained(hf)
-        model = SentenceTransformer(modules=_st_modules(encoder, hf), device="cpu")
+        if _is_bilstm(encoder):
+            from kdpipe.tasks.embedding.bilstm import st_modules
+
+            first = st_modules(encoder, tokenizer, _st_module_classes())
+        else:
+            encoder.backbone.save_pretrained(hf)
+            tokenizer.save_pretrained(hf)
+            first = _st_input(encoder, hf)
+        model = SentenceTransformer(modules=[*first, *_st_head(encoder)], device="cpu")
         model.save(str(staging), create_model_card=False)
     return out_dir
 
 
-def _st_modules(encoder: SentenceEncoder, hf: Path) -> list[Any]:
+def _is_bilstm(encoder: SentenceEncoder) -> bool:
+    from kdpipe.models.bilstm import ENCODER_MODEL_TYPE
+
+    return getattr(getattr(encoder.backbone, "config", None), "model_type", None) == ENCODER_MODEL_TYPE
+
+
+def _st_input(encoder: SentenceEncoder, hf: Path) -> list[Any]:
     models = _st_module_classes()
-    length = encoder.max_seq_length
-    modules: list[Any] = [
-        models.Transformer(str(hf), max_seq_length=length),
+    return [
+        models.Transformer(str(hf), max_seq_length=encoder.max_seq_length),
         models.Pooling(encoder.hidden_size, pooling_mode=encoder.pooling),
     ]
+
+
+def _st_head(encoder: SentenceEncoder) -> list[Any]:
+    """Dense (no activation) and Normalize, as the encoder has them."""
+    models = _st_module_classes()
+    modules: list[Any] = []
     if encoder.projection is not None:
         proj = encoder.projection
         modules.append(

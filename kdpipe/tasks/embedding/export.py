@@ -6,7 +6,9 @@ the sentence-transformers ONNX layout, and the student's variants gated on the L
   held-out sentences at three batch x length shapes, else ExportToleranceError and nothing is written.
 - `student/st/`: the distilled student's sentence-transformers folder with `onnx/model.onnx` (the backbone graph
   sentence-transformers' ONNX backend reads), checked with SentenceTransformer(dir, backend="onnx"), and with
-  int8-dynamic among the variants `onnx/model_qint8.onnx` beside it (gated on the Lee Spearman as below).
+  int8-dynamic among the variants `onnx/model_qint8.onnx` beside it (gated on the Lee Spearman as below). Not for
+  a BiLSTM student (that backend reads a Transformer module only): its spec records why.
+- a student or teacher with a NaN or inf weight is refused before anything is exported.
 - variants (export.variants, kdpipe.compress.quantize.make_variant) beside the student's model.onnx: each is gated
   on the Lee set: Spearman >= ref - (1 - export.accuracy_budget) |ref|, ref the fp32 PyTorch student's (NaN fails). A
   variant that misses is removed and recorded as such (gate.ok false); the Gate record (metric "lee_spearman") holds
@@ -77,6 +79,7 @@ def _export_one(name: str, folder: Path, work: Path, sentences: list[str], opset
     from kdpipe.tasks.embedding.onnx import PARITY_SHAPES, export_onnx, onnx_parity
 
     encoder, tok = load(folder)
+    _require_finite(name, encoder)
     exported = export_onnx(encoder, work / name / "model.onnx", opset=opset)
     parity = onnx_parity(encoder, tok, exported.path, sentences)  # raises below 0.9999: fail closed
     size = exported.path.stat().st_size
@@ -90,10 +93,34 @@ def _export_one(name: str, folder: Path, work: Path, sentences: list[str], opset
     return encoder, tok, spec, _parity_record(parity, len(sentences))
 
 
+def _require_finite(name: str, encoder: Any) -> None:
+    """A NaN or inf weight is refused before anything is exported (its graph would give NaN vectors)."""
+    import torch
+
+    bad = next((n for n, p in encoder.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise ModelError(
+            f"{name}: weight {bad} holds NaN or inf; not exported",
+            "re-run distill (a lower distill.lr) or rebuild the student",
+        )
+
+
+def _is_bilstm(encoder: Any) -> bool:
+    return getattr(encoder.backbone, "token_width", None) is not None  # kdpipe.models.bilstm.BiLSTMEncoderModel
+
+
+# sentence-transformers' ONNX backend (optimum's ORTModelForFeatureExtraction) reads a Transformer module's graph
+NO_ST_ONNX = "a BiLSTM student has no Transformer module, which sentence-transformers' ONNX backend needs"
+
+
 def _st_layout(
     encoder: Any, tok: Any, folder: Path, work: Path, sentences: list[str], ctx: RunContext
 ) -> dict[str, Any]:
     from kdpipe.tasks.embedding.onnx import st_backend_parity, write_st_onnx
+
+    if _is_bilstm(encoder):
+        ctx.console.print(f"student/st: skipped ({NO_ST_ONNX}); the deployable graph is student/model.onnx")
+        return {"dir": None, "skipped": NO_ST_ONNX}
 
     st_dir = work / "student" / "st"
     shutil.copytree(folder, st_dir)
@@ -133,8 +160,12 @@ def _variants(cfg: ExportConfig, encoder: Any, tok: Any, fp32: Path, ref: float,
     models: dict[str, ExportedModel] = {}
     metrics: dict[str, Metric] = {}
     config = encoder.backbone.config
+    # a BiLSTM has no heads, and a width-pruned student has fewer in some layers than config.num_attention_heads:
+    # 0 and 0 let onnxruntime's optimizer read each attention's heads from its graph (or skip attention fusion)
+    heads = 0 if config.pruned_heads or _is_bilstm(encoder) else int(config.num_attention_heads)
+    hidden = int(config.hidden_size) if heads else 0
     for variant in cfg.variants:
-        done = make_variant(variant, fp32, int(config.num_attention_heads), int(config.hidden_size),
+        done = make_variant(variant, fp32, heads, hidden,
                             calibration=_calibration(tok, sentences, encoder.max_seq_length))  # fmt: skip
         path = fp32.with_name(done["file"])
         gate = _gate(path, tok, encoder, ref, sentences, cfg.accuracy_budget)
@@ -227,7 +258,7 @@ def run_export(cfg: ExportConfig, upstream: Manifest, work: Path, ctx: RunContex
     encoder, tok = student
     ref = lee_score(onnx_embed(work / "student" / "model.onnx", tok, encoder.max_seq_length), name="student").spearman
     metrics["student_onnx_lee_spearman"] = Metric(round(ref, 5), "Spearman rho")
-    if "int8-dynamic" in cfg.variants:
+    if "int8-dynamic" in cfg.variants and not _is_bilstm(encoder):
         spec = models["student"].spec["sentence_transformers"]
         spec["int8"] = _st_int8(work / "student" / "st", upstream.metric("lee_spearman"), cfg.accuracy_budget, ctx)
     extra, extra_metrics = _variants(cfg, encoder, tok, work / "student" / "model.onnx", upstream.metric(

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdpipe.errors import ExportToleranceError
+from kdpipe.files import shown
 from kdpipe.tasks.embedding.onnx import (
     MIN_COSINE,
     OPSET,
@@ -42,12 +44,20 @@ class StaticExport:
 
 
 def export_static_onnx(model: Any, path: Path, *, opset: int = OPSET, table: np.ndarray | None = None) -> StaticExport:
-    """Write the StaticModel `model` as ONNX at `path` (`table` overrides its token table: tests plant a fault)."""
+    """Write the StaticModel `model` as ONNX at `path` (`table` overrides its token table: tests plant a fault).
+    A table with NaN or inf is refused (ExportToleranceError) before anything is written."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = token_table(model) if table is None else np.asarray(table, dtype=np.float32)
+    bad = ~np.isfinite(w).all(axis=1)
+    if bad.any():
+        raise ExportToleranceError(
+            f"{shown(path)}: the static token table has {int(bad.sum())} of {len(w)} rows with NaN or inf (first: "
+            f"token id {int(np.argmax(bad))}); the graph is not exported",
+            "rebuild the student stage (kdpipe refuses such a student when it distils it)",
+        )
     nodes = [
         helper.make_node("Gather", ["table", "input_ids"], ["rows"], axis=0),
         helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),

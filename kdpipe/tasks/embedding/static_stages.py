@@ -2,7 +2,10 @@
 
 - student: model2vec's distillation of the teacher stage's folder into `student/model/` (a folder
   model2vec.StaticModel and sentence-transformers' StaticEmbedding load), on the CPU; deterministic (PCA with the
-  full SVD, no sampling), so a seed changes nothing.
+  full SVD, no sampling). With student.static.sif_frequencies: corpus the SIF weights come from the token counts
+  of the teacher stage's transfer sentences, and with finetune_epochs > 0 the table is then trained on the
+  teacher's embeddings of them (kdpipe.tasks.embedding.static.finetune_static; the run's seed picks the validation
+  split and the batch order; without training a seed changes nothing).
 - distill: static: no training. The student's folder is passed through unchanged and scored like the transformer
   student (Lee Spearman / Pearson, retention, recall@10 and the cosine figure; mean cosine to the teacher is
   undefined when pca_dims differs from the teacher's width: the spaces differ, and is recorded as null).
@@ -47,10 +50,22 @@ def run_static_student(cfg: StudentConfig, upstream: Manifest, work: Path, ctx: 
 
     settings = cfg.static or StaticStudentConfig()
     t_info = record(upstream, TeacherRecord).info_as(EmbeddingInfo)
+    assert t_info is not None
+    transfer = data.read_sentences(upstream.path(t_info.transfer))
+    frequencies = transfer if settings.sif_frequencies == "corpus" else None  # token counts for the SIF weights
     start = time.perf_counter()
+    train_on = None
+    if settings.finetune_epochs > 0:  # the teacher's embeddings of the transfer sentences, the table's targets
+        from kdpipe.tasks.embedding.build import load
+        from kdpipe.tasks.embedding.encoder import encode
+
+        teacher, t_tok = load(upstream.directory(MODEL_DIR))
+        train_on = (transfer, encode(teacher, t_tok, transfer))
+        del teacher
     student = distill_static(
         upstream.directory(MODEL_DIR), work / MODEL_DIR, pca_dims=settings.pca_dims,
-        sif_coefficient=settings.sif_coefficient, device="cpu",
+        sif_coefficient=settings.sif_coefficient, device="cpu", frequencies=frequencies, train_on=train_on,
+        epochs=settings.finetune_epochs, seed=ctx.seed,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     params = student.vocab_size * student.dim

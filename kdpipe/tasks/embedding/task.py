@@ -17,6 +17,7 @@ from kdpipe.artifacts.records import RunContext, StageOutput
 from kdpipe.config import DistillConfig, ExportConfig, Recipe, StudentConfig, TargetProfile, TeacherConfig
 from kdpipe.errors import ConfigError
 from kdpipe.tasks.embedding import build, data
+from kdpipe.tasks.embedding.distill import check_recipe_terms
 
 
 def _check_distill(d: DistillConfig) -> None:
@@ -38,16 +39,24 @@ def _check_distill(d: DistillConfig) -> None:
 
 
 def _check_student(s: StudentConfig) -> None:
-    clash = [f for f in ("width", "vocab") if getattr(s, f) is not None]
-    clash += [f"arch: {s.arch}"] if s.arch not in ("teacher", "static") else []
+    clash = ["vocab"] if s.vocab is not None else []
     clash += [f"init: {s.init}"] if s.init != "copy" else []
     if isinstance(s.layers, dict):
         clash.append("layers per stack")
     if clash:
         raise ConfigError(
             f"student: {', '.join(clash)} is not available for embedding",
-            "an embedding student keeps teacher layers (student.layers) or is student.pretrained",
+            "an embedding student keeps teacher layers (student.layers, student.width), is student.pretrained, "
+            "arch: bilstm or arch: static",
         )
+    if s.arch == "bilstm":  # (width, pretrained and vocab are refused by StudentConfig itself)
+        given = [f for f in ("layers", "k") if f in s.model_fields_set]
+        if given:
+            raise ConfigError(
+                f"student.arch: bilstm: {', '.join(given)} is not available (the BiLSTM is not built from teacher "
+                "layers)",
+                f"drop {', '.join(given)}; size the BiLSTM with student.bilstm",
+            )
     if s.arch == "static":
         from kdpipe.tasks.embedding.static import require_model2vec
 
@@ -100,6 +109,7 @@ def check_recipe(recipe: Recipe) -> None:
         raise ConfigError("assistant: a teaching assistant is not available for embedding", "drop assistant")
     _check_distill(recipe.distill)
     _check_student(recipe.student)
+    check_recipe_terms(recipe)
     bad = [v for v in recipe.export.variants if v not in ("optimized", "int8-dynamic", "int8-static", "int4", "fp16")]
     if bad:
         raise ConfigError(f"export.variants: {bad} are not available for embedding", "drop them")
