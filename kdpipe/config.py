@@ -792,6 +792,17 @@ class Budgets(_Strict):
     retention: float | None = Field(
         None, gt=0, le=1, description="Test accuracy at least this fraction of the teacher's."
     )
+    ttft_ms: float | None = Field(
+        None, gt=0, le=1e6, description="Causal LMs: time to first token at most this (ms) at the budget shape."
+    )
+    decode_tokens_per_s: float | None = Field(
+        None, gt=0, le=1e7, description="Causal LMs: decode speed at least this (tokens/s) at the budget shape."
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_unset_lm_budgets(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # no `ttft_ms: None` / `decode_tokens_per_s: None`: the run ids of existing profiles stay as they were
+        return _drop_none(_drop_none(handler(self), "ttft_ms"), "decode_tokens_per_s")
 
 
 class TargetProfile(_Strict):

@@ -47,6 +47,6 @@ STAGE = StageSpec(
     upstream="export",
     section=lambda recipe, ctx: ctx.profile,
     run=run_profile,
-    summary="onnxruntime latency and the report",
+    summary="latency (onnxruntime; PyTorch eager beside it) and the report",
     identity=_identity,
 )

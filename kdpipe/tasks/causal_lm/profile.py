@@ -15,15 +15,27 @@ the layout kdpipe.reporting.figures reads ({"profile", "providers", "onnxruntime
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kdpipe.artifacts.records import BudgetCheck, ExportRecord
+from kdpipe.artifacts.manifest import Manifest, Metric
+from kdpipe.artifacts.records import (
+    BudgetCheck,
+    CausalLMInfo,
+    ExportRecord,
+    ProfileRecord,
+    RunContext,
+    StageOutput,
+    TeacherRecord,
+    record,
+)
 from kdpipe.config import TargetProfile
 from kdpipe.errors import ConfigError
 from kdpipe.profiling.budgets import check_budgets, deployed_name
-from kdpipe.tasks.causal_lm.export import GATE_METRIC, onnx_bytes
+from kdpipe.tasks.causal_lm.data import read_jsonl
+from kdpipe.tasks.causal_lm.distill import SAMPLES
+from kdpipe.tasks.causal_lm.export import GATE_METRIC, gate_line, onnx_bytes
 
 PROMPT_LENGTHS = (32, 128, 512)
 NEW_TOKENS = 64
@@ -61,8 +73,8 @@ def lm_job(
 
 
 def profile_lm(
-    onnx: dict[str, str | Path],
-    eager: dict[str, str | Path],
+    onnx: Mapping[str, str | Path],
+    eager: Mapping[str, str | Path],
     prof: TargetProfile,
     sentences: Sequence[str],
     *,
@@ -123,9 +135,8 @@ def check_lm_budgets(
     checks = check_budgets(prof, results, export, sizes, reference, metric=QUALITY_METRIC, latency_key=shape)
     stats = timed.get("shapes", {}).get(shape, {})
     extra = [
-        _at_most(f"TTFT at {shape}", getattr(b, "ttft_ms", None), stats.get("ttft_ms"), "ms"),
-        _at_least(f"decode at {shape}", getattr(b, "decode_tokens_per_s", None), stats.get("decode_tokens_per_s"),
-                  "tokens/s"),
+        _at_most(f"TTFT at {shape}", b.ttft_ms, stats.get("ttft_ms"), "ms"),
+        _at_least(f"decode at {shape}", b.decode_tokens_per_s, stats.get("decode_tokens_per_s"), "tokens/s"),
     ]  # fmt: skip
     return checks + [c for c in extra if c is not None]
 
@@ -159,3 +170,177 @@ def report_lines(results: dict[str, Any], checks: Sequence[BudgetCheck], deploy:
         value = "missing" if c.value is None else f"{c.value:.4g}"
         lines.append(f"- {c.budget}: {value} vs {c.limit:g} {c.unit}: {'ok' if c.ok else 'MISSED'}")
     return lines
+
+
+# --------------------------------------------------------------------------- the stage
+def prompt_lengths(prof: TargetProfile, context: int | None, new_tokens: int) -> tuple[list[int], list[int]]:
+    """(prompt lengths to time, those dropped): the profile's shapes' `seq` when the profile sets `shapes`, else
+    PROMPT_LENGTHS; a length whose prompt and `new_tokens` do not fit the model's context is dropped, and none
+    fitting is one ConfigError."""
+    wanted = sorted({s.seq for s in prof.shapes}) if "shapes" in prof.model_fields_set else list(PROMPT_LENGTHS)
+    fit = [n for n in wanted if context is None or n + new_tokens <= context]
+    if not fit:
+        raise ConfigError(
+            f"profile {prof.name}: no prompt length of {wanted} fits the model's context of {context} tokens with "
+            f"{new_tokens} new tokens",
+            f"give the profile shapes with seq at most {(context or 0) - new_tokens}",
+        )
+    return fit, [n for n in wanted if n not in fit]
+
+
+def _context(model_dir: Path) -> int | None:
+    import json
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    limit = cfg.get("max_position_embeddings", cfg.get("n_positions"))
+    return int(limit) if isinstance(limit, int) else None
+
+
+def timed_models(
+    prof: TargetProfile, upstream: Manifest, export: ExportRecord, ctx: RunContext
+) -> tuple[dict[str, Path], dict[str, Path]]:
+    """({name: ONNX folder}: the fp32 student and the profile's variants that the export wrote and that passed
+    their gate; {name: PyTorch folder}: teacher and student when the profile times PyTorch eager)."""
+    onnx: dict[str, Path] = {}
+    for variant in dict.fromkeys(["fp32", *prof.variants]):
+        name = "student" if variant == "fp32" else f"student-{variant}"
+        m = export.models.get(name)
+        if m is None or (m.gate is not None and not m.gate.ok):
+            ctx.console.print(f"causal_lm: profile variant {variant} not timed (the export has no passing {name})")
+            continue
+        onnx[name] = upstream.directory(Path(m.onnx).parent.as_posix())
+    eager: dict[str, Path] = {}
+    if prof.torch_eager:
+        t_manifest = upstream.upstream("teacher")
+        info = record(t_manifest, TeacherRecord).info_as(CausalLMInfo)
+        assert info is not None
+        eager["teacher"] = t_manifest.directory(info.model_dir)
+        source = export.models["student"].source
+        eager["student"] = upstream.upstream(source.stage).directory(source.dir)
+    return onnx, eager
+
+
+def _inverted(report: dict[str, Any]) -> dict[str, Any]:
+    """figures() read with quality "perplexity" holds perplexities where the gates hold 1/perplexity: make the
+    teacher's, the students' and the eager models' `accuracy` 1/perplexity too (higher is better, as --compare
+    reads it)."""
+
+    def inv(x: Any) -> float | None:
+        return 1 / x if isinstance(x, int | float) and x > 0 and math.isfinite(x) else None
+
+    for key in ("teacher", "student"):
+        report[key]["accuracy"] = inv(report[key]["accuracy"])
+    report["student"]["baseline_accuracy"] = inv(report["student"]["baseline_accuracy"])
+    for m in report["models"].values():
+        if m["engine"] == "torch eager":
+            m["accuracy"] = inv(m["accuracy"])
+    report["quality"] = QUALITY_METRIC
+    return report
+
+
+def run_profile(
+    prof: TargetProfile, upstream: Manifest, work: Path, ctx: RunContext, providers: list[str], missing: list[str]
+) -> StageOutput:
+    """TTFT and decode tokens/s of the ONNX student and its passed variants (and PyTorch eager teacher and
+    student when prof.torch_eager) at the profile's prompt lengths (`prompt_lengths`), the teacher's
+    max_new_tokens new tokens (at most NEW_TOKENS), prompts cut from the held-out texts; the budgets on the
+    deployed variant (`check_lm_budgets`); latency.json, report.json (kdpipe.reporting.figures, 1/perplexity as
+    its accuracy) and report.md."""
+    import json
+
+    from kdpipe.reporting.figures import Run, figures
+
+    export = record(upstream, ExportRecord)
+    t_manifest = upstream.upstream("teacher")
+    info = record(t_manifest, TeacherRecord).info_as(CausalLMInfo)
+    assert info is not None
+    if missing:
+        ctx.console.print(f"[yellow]warning:[/] {', '.join(missing)} not available here; timing on "
+                          f"{', '.join(providers)} (allow_fallback)")  # fmt: skip
+    onnx, eager = timed_models(prof, upstream, export, ctx)
+    new_tokens = min(NEW_TOKENS, info.max_new_tokens)
+    lengths, dropped = prompt_lengths(prof, _context(onnx["student"]), new_tokens)
+    if dropped:
+        ctx.console.print(f"causal_lm: prompt lengths {dropped} skipped (with {new_tokens} new tokens they exceed "
+                          "the model's context)")  # fmt: skip
+    sentences = [str(r["text"]) for r in read_jsonl(t_manifest.path(info.held_out_texts))]
+    ctx.console.print(f"profiling generation (causal_lm) of {', '.join([*onnx, *(f'{n}-eager' for n in eager)])} at "
+                      f"prompt lengths {lengths}, {new_tokens} new tokens, on {prof.name}, each in its own "
+                      f"process, {prof.rounds} round(s) ...")  # fmt: skip
+    results = profile_lm(onnx, eager, prof, sentences, providers=providers, prompt_lengths=lengths,
+                         max_new_tokens=new_tokens)  # fmt: skip
+    results["providers"]["missing"] = missing
+    checks = check_lm_budgets(prof, results, export, t_manifest.metric("perplexity"))
+    rec = ProfileRecord(report="report.md", profile=prof.name, deploy=deployed_name(prof), budgets=checks)
+    (work / "latency.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    report = _inverted(figures(Run.of(upstream), results, rec, quality="perplexity"))
+    (work / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    lines = quality_lines(upstream, export) + report_lines(results, checks, rec.deploy) + sample_lines(upstream)
+    (work / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for c in checks:
+        value = "missing" if c.value is None else f"{c.value:.4g}"
+        ctx.console.print(f"budget {c.budget}: {value} vs {c.limit:g} {c.unit}: {'ok' if c.ok else 'MISSED'}")
+    return StageOutput(record=rec, metrics=_metrics(results))
+
+
+def _metrics(results: dict[str, Any]) -> dict[str, Metric]:
+    metrics: dict[str, Metric] = {}
+    for engine, tag in (("onnxruntime", ""), ("torch_eager", "_eager")):
+        for name, r in results.get(engine, {}).items():
+            for shape, s in r["shapes"].items():
+                ttft, rate = s.get("ttft_ms"), s.get("decode_tokens_per_s")
+                metrics[f"{name}{tag}_ttft_ms_{shape}"] = Metric(_rounded(ttft, 3), "ms")
+                metrics[f"{name}{tag}_decode_tokens_per_s_{shape}"] = Metric(_rounded(rate, 2), "tokens/s")
+    return metrics
+
+
+def _rounded(x: Any, digits: int) -> float | None:
+    return round(float(x), digits) if isinstance(x, int | float) and math.isfinite(x) else None
+
+
+def quality_lines(upstream: Manifest, export: ExportRecord) -> list[str]:
+    """The report's head: teacher / student / no-KD baseline on the held-out split (the distill manifest's
+    perplexity, next-token top-1 agreement with the teacher, Rouge-L of greedy generations against the teacher's),
+    then each export's parity or gate."""
+    teacher, student, distill = (upstream.upstream(s) for s in ("teacher", "student", "distill"))
+    lines = [
+        "# kdpipe causal-LM report",
+        "",
+        "| model | layers | params | held-out perplexity | top-1 agreement with the teacher | Rouge-L vs the teacher |",
+        "|---|---|---|---|---|---|",
+        f"| teacher | {teacher.metric('layers')} | {teacher.metric('params')} | {teacher.metric('perplexity')} "
+        "| - | - |",
+        f"| student, KD | {student.metric('layers')} | {student.metric('params')} | {distill.metric('perplexity')} | "
+        f"{distill.metric('top1_agreement')} | {distill.metric('rouge_l')} |",
+    ]
+    if distill.metric("baseline_perplexity") is not None:
+        lines.append(f"| student, no KD (ce) | {student.metric('layers')} | {student.metric('params')} | "
+                     f"{distill.metric('baseline_perplexity')} | {distill.metric('baseline_top1_agreement')} | "
+                     f"{distill.metric('baseline_rouge_l')} |")  # fmt: skip
+    lines += ["", "ONNX exports (KV cache; gates against the fp32 PyTorch student on the held-out split):", ""]
+    for name, m in export.models.items():
+        lines.append(f"- {gate_line(name, m.gate)}" if m.gate is not None else f"- {name}: parity ok {m.parity.ok}")
+    if "teacher" not in export.models:
+        lines.append(f"- teacher: {export.models['student'].spec.get('teacher', 'not exported')}")
+    return [*lines, ""]
+
+
+def sample_lines(upstream: Manifest) -> list[str]:
+    """Side-by-side greedy answers of the distill stage's samples.json (teacher, student, no-KD baseline)."""
+    import json
+
+    distill = upstream.upstream("distill")
+    if not distill.has(SAMPLES):
+        return []
+    rows = json.loads(distill.path(SAMPLES).read_text(encoding="utf-8"))
+    lines = ["", "## Side by side (held-out prompts, greedy)", ""]
+    for i, row in enumerate(rows, 1):
+        lines.append(f"{i}. **prompt**: {_one_line(row['prompt'])}")
+        for key in ("teacher", "student", "baseline"):
+            if key in row:
+                lines.append(f"   - **{key}**: {_one_line(row[key])}")
+    return lines
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split()) or "(empty)"

@@ -2,8 +2,8 @@
 the hooks of kdpipe.tasks.base.Task, each handing its stage to a module of this package (build: teacher and
 student; distill; export; profile). `check_recipe` refuses, before any model loads, what a causal-LM run cannot do:
 classification loss terms (distill.losses; the LM terms are distill.lm), classification-only student and distill
-options, on-policy batches without a KD term, a student.pretrained with another tokenizer, student layers outside the
-teacher's, and a prompt file with a missing column or no rows.
+options, on-policy batches without a KD term, listed export.variants it has no export for, a student.pretrained
+with another tokenizer, student layers outside the teacher's, and a prompt file with a missing column or no rows.
 """
 
 from __future__ import annotations
@@ -60,6 +60,23 @@ def _check_student(s: StudentConfig) -> None:
         )
 
 
+LM_VARIANTS = ("int8-dynamic", "int4")  # kdpipe.tasks.causal_lm.export.VARIANTS (export.py loads onnx: not here)
+
+
+def _check_export(e: ExportConfig) -> None:
+    """Listed export.variants that a causal LM has no export for (the default list's `optimized` is skipped by the
+    export stage, with a note: a recipe that never named variants is not refused for it)."""
+    if "variants" not in e.model_fields_set:
+        return
+    refused = [v for v in e.variants if v not in LM_VARIANTS]
+    if refused:
+        raise ConfigError(
+            f"export.variants: {', '.join(refused)} is not available for causal_lm (it exports fp32, "
+            f"{' and '.join(LM_VARIANTS)})",
+            f"list only {' / '.join(LM_VARIANTS)} in export.variants",
+        )
+
+
 def _teacher_folder(t: TeacherConfig) -> Path | None:
     """The teacher's local folder when it is on this machine (the default: once materialized), else None."""
     if t.model == "default":
@@ -89,6 +106,7 @@ def check_recipe(recipe: Recipe) -> None:
         raise ConfigError("assistant: a teaching assistant is not available for causal_lm", "drop assistant")
     _check_distill(recipe.distill)
     _check_student(recipe.student)
+    _check_export(recipe.export)
     folder = _teacher_folder(recipe.teacher)
     _check_layers(recipe, folder)
     pretrained = recipe.student.pretrained
