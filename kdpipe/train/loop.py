@@ -221,12 +221,35 @@ def _setup(
     warmup = int(plan.warmup_ratio * total)
     # fused AdamW: one kernel for every parameter on CUDA (the CPU keeps the default for-each path)
     opt = torch.optim.AdamW(groups, weight_decay=plan.weight_decay, fused=True if device.cuda else None)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
-    )
+    sched = linear_schedule(opt, total, warmup)
     fp16 = device.amp_dtype is torch.float16
     scaler = torch.amp.GradScaler(device.torch_device) if fp16 else None
     return _Loop(opt=opt, sched=sched, trained=trained, total=total, scaler=scaler)
+
+
+def linear_schedule(opt: Any, total: int, warmup: int) -> Any:
+    """The learning-rate factor of every kdpipe training run: linear warm-up over `warmup` steps ((s + 1) / warmup),
+    then linear decay to 0 at step `total`."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+
+
+def optimizer_step(total: torch.Tensor, opt: Any, params: Any, clip: float) -> float:
+    """One plain optimiser step on the loss `total`: its value, and, when it is finite, backward, the gradient norm
+    clipped to `clip`, and the step (a non-finite loss is returned untouched, for the caller to stop on)."""
+    import torch
+
+    value = float(total.detach())
+    if not math.isfinite(value):
+        return value
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    return value
 
 
 def _progress(console: Console | None, training: bool = True) -> Any:

@@ -105,30 +105,22 @@ def train_seqs(cfg: DistillConfig, teacher: Manifest, tok: Any) -> list[lm.Seq]:
 
 
 def _schedule(opt: Any, total: int, warmup_ratio: float) -> Any:
-    import torch
+    from kdpipe.train.loop import linear_schedule
 
-    warm = round(warmup_ratio * total)
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm))
-    )
+    return linear_schedule(opt, total, round(warmup_ratio * total))
 
 
 def _step(student: Any, teacher: Any, b: dict[str, Tensor], w: CausalLMDistillConfig, opt: Any, clip: float) -> float:
     import torch
+
+    from kdpipe.train.loop import optimizer_step
 
     t = None
     if _needs_teacher(w):
         with torch.no_grad():
             t = lm.logits(teacher, b)
     total, _ = objective(lm.logits(student, b), t, b["labels"], w)
-    value = float(total.detach())
-    if not math.isfinite(value):
-        return value
-    opt.zero_grad(set_to_none=True)
-    total.backward()
-    torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
-    opt.step()
-    return value
+    return optimizer_step(total, opt, student.parameters(), clip)
 
 
 @dataclass(frozen=True)

@@ -166,12 +166,9 @@ def _texts(cfg: DistillConfig, teacher: Manifest) -> list[str]:
 
 
 def _schedule(opt: Any, total: int, warmup_ratio: float) -> Any:
-    import torch
+    from kdpipe.train.loop import linear_schedule
 
-    warm = round(warmup_ratio * total)
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm))
-    )
+    return linear_schedule(opt, total, round(warmup_ratio * total))
 
 
 def _diverged(step: int, epoch: int, value: float, lr: float) -> TrainingDivergedError:
@@ -238,20 +235,13 @@ def _objective(
 def _step(
     student: Any, tok: Any, b: Batches, rows: np.ndarray, w: EmbeddingDistillConfig, opt: Any, clip: float
 ) -> float:
-    import torch
+    from kdpipe.train.loop import optimizer_step
 
     texts = [b.texts[r] for r in rows]
     batch = tok(texts, padding=True, truncation=True, max_length=student.max_seq_length, return_tensors="pt")
     device = next(student.parameters()).device
     total = _objective(student, {k: v.to(device) for k, v in batch.items()}, b, rows, w)
-    value = float(total.detach())
-    if not math.isfinite(value):
-        return value
-    opt.zero_grad(set_to_none=True)
-    total.backward()
-    torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
-    opt.step()
-    return value
+    return optimizer_step(total, opt, student.parameters(), clip)
 
 
 def evaluate(student: Any, s_tok: Any, teacher: Any, t_tok: Any, held_out: list[str], work: Path) -> dict[str, float]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from kdpipe.errors import ConfigError, ModelError, TrainingDivergedError
 from kdpipe.losses.logits import reverse_kl, soft_kl
 from kdpipe.losses.masks import masked_mean
-from kdpipe.train.loop import _progress
+from kdpipe.train.loop import _progress, linear_schedule
 
 if TYPE_CHECKING:
     import torch
@@ -257,9 +257,7 @@ def _optimiser(model: torch.nn.Module, lr: float, warmup_steps: int, total: int,
 
     warmup = max(0, min(warmup_steps, total - 1))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
-    )
+    sched = linear_schedule(opt, total, warmup)
     return _Run(opt=opt, sched=sched, total=total)
 
 
