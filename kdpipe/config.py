@@ -376,13 +376,20 @@ StackLayers = Literal["all"] | list[int]
 
 
 class StudentConfig(_Strict):
-    layers: Literal["every-other", "last-k", "first-k"] | list[int] | dict[str, StackLayers] = Field(
-        "every-other",
-        description="Teacher layers the student keeps: 'every-other' (DistilBERT's init: 0, 2, 4, ...), "
-        "'last-k' / 'first-k' (k layers), an explicit list of 0-based teacher layer indices, or per stack "
-        "{encoder: all, decoder: [0, 1, 3]} for models with an encoder and a decoder.",
+    layers: Literal["every-other", "last-k", "first-k", "importance", "block"] | list[int] | dict[str, StackLayers] = (
+        Field(
+            "every-other",
+            description="Teacher layers the student keeps: 'every-other' (DistilBERT's init: 0, 2, 4, ...), "
+            "'last-k' / 'first-k' (k layers), an explicit list of 0-based teacher layer indices, or per stack "
+            "{encoder: all, decoder: [0, 1, 3]} for models with an encoder and a decoder. teacher.task: causal_lm "
+            "also scores the layers on the teacher's hidden states over train text: 'importance' keeps the k of "
+            "highest Block Influence (ShortGPT), 'block' drops the contiguous block of the others whose input and "
+            "output are most alike (Gromov et al.); kdpipe.compress.layerscore.",
+        )
     )
-    k: int | None = Field(None, gt=0, le=1000, description="Layer count for 'last-k' / 'first-k'.")
+    k: int | None = Field(
+        None, gt=0, le=1000, description="Layer count for 'last-k' / 'first-k' / 'importance' / 'block'."
+    )
     arch: Literal["teacher", "bilstm", "static"] = Field(
         "teacher",
         description="'teacher': the teacher's architecture with fewer layers; 'bilstm': a BiLSTM classifier "

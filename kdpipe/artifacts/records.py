@@ -194,6 +194,17 @@ class WidthInfo(Record):
     params_after: int
 
 
+class LayerSelection(Record):
+    """How student.layers: importance / block chose the kept layers (kdpipe.compress.layerscore)."""
+
+    criterion: str
+    scores: list[float] = Field(
+        description="'importance': each teacher layer's Block Influence; 'block': the angular distance of the "
+        "dropped block starting at each layer."
+    )
+    tokens: int = Field(description="Real train tokens the scores were measured on.")
+
+
 class StudentRecord(Record):
     kept_layers: list[int]
     layer_map: dict[int, int] = Field(description="Student hidden-state index -> teacher hidden-state index.")
@@ -205,6 +216,7 @@ class StudentRecord(Record):
     )
     stacks: dict[str, list[int]] | None = Field(None, description="Teacher layers kept per stack (encoder/decoder).")
     prior: PriorInfo | None = Field(None, description="Set for init: bayes.")
+    selection: LayerSelection | None = Field(None, description="Set for student.layers: importance / block.")
 
 
 class DistillRecord(Record):

@@ -35,6 +35,9 @@ class Stacks:
     of: str  # whose layers, for messages: "the teacher's" / "the assistant's"
 
 
+SCORED = ("importance", "block")  # kdpipe.compress.layerscore.CRITERIA, scored by causal_lm (torch-free here)
+
+
 def raise_problems(problems: list[Problem]) -> None:
     """One ConfigError listing every problem (a line each), with their distinct hints; nothing when there is none."""
     if problems:
@@ -108,13 +111,15 @@ def kept(cfg: StudentConfig, n: int | None) -> int | None:
             return n
     if spec == "every-other":
         return None if n is None else math.ceil(n / 2)
-    if spec in ("last-k", "first-k"):
+    if spec in ("last-k", "first-k", *SCORED):
         return cfg.k
     return len(spec)
 
 
 # --------------------------------------------------------------------------- the selections
-def selection_problems(cfg: StudentConfig, stacks: Stacks, name: str) -> list[Problem]:
+
+
+def selection_problems(cfg: StudentConfig, stacks: Stacks, name: str, scored: bool = False) -> list[Problem]:
     """kdpipe.tasks.classification.student.select_layers on a one-stack model, and the stack name of {stack: layers}
     (which it takes on trust): what `student.arch: teacher` without `pretrained` builds (a BiLSTM or pretrained student
     keeps no teacher layers)."""
@@ -135,7 +140,15 @@ def selection_problems(cfg: StudentConfig, stacks: Stacks, name: str) -> list[Pr
             return problems
         ((stack, value),) = spec.items()
         return [] if value == "all" else indices(value, n, f"{field}.{stack}", stacks.of)
-    if spec in ("last-k", "first-k"):
+    if spec in SCORED and not scored:
+        return [
+            (
+                f"{field}: {spec} scores decoder layers on the teacher's hidden states, which teacher.task: "
+                "causal_lm does (kdpipe.compress.layerscore)",
+                "use every-other, last-k, first-k or a list of layers",
+            )
+        ]
+    if spec in ("last-k", "first-k", *SCORED):
         if cfg.k is None:
             return [(f"{name}.k is required with {field}: {spec}", f"e.g. --set {name}.k=3")]
         if n is not None and cfg.k > n:

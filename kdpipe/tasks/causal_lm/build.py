@@ -8,8 +8,9 @@
   greedy ones for the held-out prompts) as JSONL outputs, scores its held-out perplexity and copies the model
   folder into the stage.
 - student: the teacher with a subset of its decoder layers (kdpipe.compress.surgery.remove_layers; every-other,
-  first-k / last-k or a list), tied embeddings kept as in the teacher; or student.pretrained, which must share the
-  teacher's vocabulary (token-level KD compares logits token by token).
+  first-k / last-k, a list, or student.k layers scored on the teacher's hidden states over train text:
+  'importance' / 'block', kdpipe.compress.layerscore), tied embeddings kept as in the teacher; or
+  student.pretrained, which must share the teacher's vocabulary (token-level KD compares logits token by token).
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.artifacts.manifest import FileRecord, Manifest, Metric, input_records, sha256_file
-from kdpipe.artifacts.records import CausalLMInfo, RunContext, StageOutput, StudentRecord, TeacherRecord, record
+from kdpipe.artifacts.records import (
+    CausalLMInfo,
+    LayerSelection,
+    RunContext,
+    StageOutput,
+    StudentRecord,
+    TeacherRecord,
+    record,
+)
 from kdpipe.config import CausalLMConfig, StudentConfig, TeacherConfig
 from kdpipe.errors import ConfigError, DataError, ModelError
 from kdpipe.tasks.causal_lm import data
@@ -200,6 +209,31 @@ def _teacher_record(cfg: TeacherConfig, model: Any, chat: bool, splits: data.Spl
 
 
 # --------------------------------------------------------------------------- student
+CALIBRATION_TEXTS = 64  # train texts the layers are scored on (student.layers: importance / block)
+CALIBRATION_LENGTH = 128
+
+
+def score_layers(teacher: Any, tok: Any, upstream: Manifest, info: CausalLMInfo, cfg: StudentConfig) -> Any:
+    """kdpipe.compress.layerscore's choice of student.k layers, on the teacher's hidden states over the first
+    CALIBRATION_TEXTS train texts (the held-out ones never: they score the student later)."""
+    import torch
+
+    from kdpipe.compress import layerscore
+    from kdpipe.tasks.causal_lm import lm
+
+    n = info.layers
+    if cfg.k is None or not 1 <= cfg.k <= n:
+        raise ConfigError(f"student.layers: {cfg.layers} needs student.k in 1..{n}", f"e.g. student.k: {n // 2}")
+    rows = data.read_jsonl(upstream.path(info.train_prompts))[:CALIBRATION_TEXTS]
+    seqs = lm.text_seqs(tok, [str(r["text"]) for r in rows], CALIBRATION_LENGTH)
+    if not seqs:
+        raise DataError("student.layers: no train text of 2+ tokens to score the layers on", "give longer texts")
+    b = lm.batch(seqs, int(tok.pad_token_id))
+    with torch.inference_mode():
+        out = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+    return layerscore.choose(str(cfg.layers), out.hidden_states, b["attention_mask"], cfg.k)
+
+
 def select_layers(cfg: StudentConfig, n: int) -> list[int]:
     """The teacher layers (0-based) the student keeps: every-other, first-k / last-k or an explicit list."""
     if cfg.layers == "every-other":
@@ -273,13 +307,21 @@ def run_student(cfg: StudentConfig, upstream: Manifest, work: Path, ctx: RunCont
     info = record(upstream, TeacherRecord).info_as(CausalLMInfo)
     t_dir = upstream.directory(info.model_dir)
     teacher, tok = lm.load(t_dir)
+    scored = None
     if cfg.pretrained is not None:
         check_vocab(t_dir, Path(cfg.pretrained))
         student, _ = lm.load(Path(cfg.pretrained))
         kept, init = list(range(int(student.config.num_hidden_layers))), "pretrained"
     else:
-        kept, init = select_layers(cfg, info.layers), "copy"
+        scored = score_layers(teacher, tok, upstream, info, cfg) if cfg.layers in ("importance", "block") else None
+        kept, init = (scored.kept if scored else select_layers(cfg, info.layers)), "copy"
         student, _ = surgery.remove_layers(teacher, {"decoder": kept})
+        if scored is not None:
+            shown = ", ".join(f"{v:.3f}" for v in scored.scores)
+            what = (
+                "Block Influence per layer" if scored.criterion == "importance" else "angular distance per block start"
+            )
+            ctx.console.print(f"student.layers: {scored.criterion} on {scored.tokens} train tokens; {what}: {shown}")
     if lm.tied(student) != lm.tied(teacher):
         raise ModelError(
             f"student: the student's embeddings are {'' if lm.tied(student) else 'not '}tied, the teacher's are "
@@ -293,7 +335,12 @@ def run_student(cfg: StudentConfig, upstream: Manifest, work: Path, ctx: RunCont
         f"causal-LM student: {'teacher layers ' + str(kept) if init == 'copy' else cfg.pretrained} of {info.layers}, "
         f"{sp / 1e6:.2f}M params ({tp / sp:.2f}x smaller), embeddings {'tied' if lm.tied(student) else 'untied'}"
     )
-    rec = StudentRecord(kept_layers=kept, layer_map={}, init=init, arch="teacher", stacks={"decoder": kept})
+    rec = StudentRecord(
+        kept_layers=kept, layer_map={}, init=init, arch="teacher", stacks={"decoder": kept},
+        selection=None if scored is None else LayerSelection(
+            criterion=scored.criterion, scores=[round(v, 6) for v in scored.scores], tokens=scored.tokens
+        ),
+    )  # fmt: skip
     metrics = {
         "params": Metric(sp, "parameters"),
         "layers": Metric(int(student.config.num_hidden_layers), "layers"),

@@ -97,7 +97,7 @@ def _check_layers(recipe: Recipe, folder: Path | None) -> None:
     if conf is None and recipe.teacher.model == "default":
         conf = {"model_type": "llama", "num_hidden_layers": build.DEFAULT_LAYERS}
     stacks = layercheck.one_stack(conf, "the teacher's")
-    layercheck.raise_problems(layercheck.selection_problems(s, stacks, "student"))
+    layercheck.raise_problems(layercheck.selection_problems(s, stacks, "student", scored=True))
 
 
 def check_recipe(recipe: Recipe) -> None:
