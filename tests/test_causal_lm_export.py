@@ -140,6 +140,8 @@ def test_int8_and_int4_variants_quantize_the_decoder_and_pass_their_gate(built: 
     assert int8["quantized_ops"].get("MatMulInteger", 0) >= 9 and int8["bytes"] < fp32_bytes
     # every projection (GPT-2's Conv1D exports as Gemm: rewritten to MatMul first) and the LM head
     assert int4["quantized_ops"]["MatMulNBits"] >= 9 and int4["bytes"] < fp32_bytes
+    # the token-embedding table too (a tied head leaves it fp32 otherwise): no fp32 table Gather is left
+    assert int4["quantized_ops"].get("GatherBlockQuantized", 0) >= 1, int4["quantized_ops"]
     ref_ppl = built[arch]["ref"].perplexity
     assert math.isfinite(ref_ppl) and ref_ppl < 50  # trained: far below the vocabulary size
     for g in (g8, g4):

@@ -376,10 +376,12 @@ def gemms_to_matmuls(model: Any) -> int:
     return rewritten
 
 
-def quantize_int4(src: Path, dst: Path, gemm: bool = False) -> None:
+def quantize_int4(src: Path, dst: Path, gemm: bool = False, gather: bool = False) -> None:
     """Weight-only int4 of the MatMuls of `src` with a constant weight: MatMulNBits, INT4_BLOCK weights per
     symmetric scale; activations and every other operator stay fp32. `gemm`: rewrite plain Gemms with a constant
-    weight as MatMul (+ Add) first (`gemms_to_matmuls`), so they are quantised too (decoder graphs: GPT-2)."""
+    weight as MatMul (+ Add) first (`gemms_to_matmuls`), so they are quantised too (decoder graphs: GPT-2).
+    `gather`: the constant-table Gathers too (GatherBlockQuantized, blocks along the embedding width): a causal
+    LM's token-embedding table, which a tied LM head otherwise leaves in fp32 (28M of SmolLM2's 135M weights)."""
     import onnx
 
     quantizer_class = _nbits_quantizer()
@@ -387,7 +389,8 @@ def quantize_int4(src: Path, dst: Path, gemm: bool = False) -> None:
         model = onnx.load(str(src))
         if gemm:
             gemms_to_matmuls(model)
-        quantizer = quantizer_class(model, block_size=INT4_BLOCK, is_symmetric=True)
+        ops = {"op_types_to_quantize": ("MatMul", "Gather"), "quant_axes": (("MatMul", 0), ("Gather", 1))}
+        quantizer = quantizer_class(model, block_size=INT4_BLOCK, is_symmetric=True, **(ops if gather else {}))
         quantizer.process()
         if not _op_counts_of(quantizer.model.model).get("MatMulNBits"):
             raise ValueError("no MatMul with a constant weight to quantise")

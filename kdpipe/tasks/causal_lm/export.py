@@ -273,7 +273,7 @@ def lm_parity(
 # --------------------------------------------------------------------------- variants
 def make_lm_variant(fp32_dir: str | Path, out_dir: str | Path, variant: str) -> dict[str, Any]:
     """`variant` (int8-dynamic: quantize_dynamic, QInt8 per-channel weights; int4: MatMulNBits weight-only, block
-    32, symmetric, Gemms included) of the fp32 export in `fp32_dir`, written to `out_dir` with the config and
+    32, symmetric, Gemms included, and the embedding table as GatherBlockQuantized) of the fp32 export in `fp32_dir`, written to `out_dir` with the config and
     tokenizer copied, so it loads as the fp32 export does. Returns what was done: quantised operators, MatMuls
     left fp32, bytes."""
     from kdpipe.compress import quantize
@@ -289,8 +289,8 @@ def make_lm_variant(fp32_dir: str | Path, out_dir: str | Path, variant: str) -> 
             shutil.copy2(f, dst / f.name)
     if variant == "int8-dynamic":
         quantize.quantize_int8(src / ONNX_FILE, dst / ONNX_FILE)
-    else:  # Gemms too: GPT-2's projections export as Gemm
-        quantize.quantize_int4(src / ONNX_FILE, dst / ONNX_FILE, gemm=True)
+    else:  # Gemms too (GPT-2's projections export as Gemm), and the token-embedding Gather
+        quantize.quantize_int4(src / ONNX_FILE, dst / ONNX_FILE, gemm=True, gather=True)
     before, after = quantize.op_counts(src / ONNX_FILE), quantize.op_counts(dst / ONNX_FILE)
     done: dict[str, Any] = {
         "variant": variant,
