@@ -114,3 +114,31 @@ def test_a_scored_selection_is_refused_for_classification(tmp_path: Path) -> Non
     recipe.write_text(yaml.safe_dump({"out": str(tmp_path / "runs"), "student": {"layers": "importance", "k": 2}}))
     code, out = invoke("validate", recipe)
     assert_one_line_error(code, out, "student.layers: importance", "causal_lm")
+
+
+def test_a_width_pruned_student_through_the_student_stage(tmp_path: Path) -> None:
+    """student.width on a causal LM (kdpipe.compress.lmwidth through the stage): the record and the saved model
+    say the same widths, embeddings stay tied, and the dead FFN neurons planted in the teacher are the ones cut."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    teacher = make_lm(tmp_path / "teacher", layers=4)  # FFN 64, 4 heads / 2 KV heads
+    state = load_file(teacher / "model.safetensors")
+    for name in state:
+        if "mlp.gate_proj" in name:
+            state[name][:32] = 0  # neurons 0..31 of every layer are dead: silu(0) * up = 0
+    save_file(state, teacher / "model.safetensors", metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path, teacher, make_prompts(tmp_path / "prompts.jsonl"),
+                          student={"layers": "importance", "k": 3, "width": {"ffn": 0.5, "heads": 0.5}})  # fmt: skip
+    for stage in ("teacher", "student"):
+        code, out = invoke(stage, "-r", recipe)
+        assert code == 0, out
+    rec = json.loads((tmp_path / "runs" / "student" / "manifest.json").read_text())["record"]
+    w = rec["lm_width"]
+    assert (w["ffn_before"], w["ffn_after"], w["kv_groups_before"], w["kv_groups_after"]) == (64, 32, 2, 1)
+    assert w["heads_after"] == 2 and w["params_after"] < w["params_before"] and w["scored_tokens"] > 0
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "student" / "model")
+    assert student.config.intermediate_size == 32 and student.config.num_key_value_heads == 1
+    assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
+    kept_gate = student.model.layers[0].mlp.gate_proj.weight
+    assert bool((kept_gate.abs().sum(dim=1) > 0).all())  # no dead neuron was kept

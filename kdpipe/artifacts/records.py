@@ -194,6 +194,20 @@ class WidthInfo(Record):
     params_after: int
 
 
+class LMWidthRecord(Record):
+    """What student.width pruned from a causal LM (kdpipe.compress.lmwidth; the same count in every layer)."""
+
+    ffn_before: int
+    ffn_after: int
+    kv_groups_before: int
+    kv_groups_after: int
+    heads_before: int
+    heads_after: int
+    params_before: int
+    params_after: int
+    scored_tokens: int
+
+
 class LayerSelection(Record):
     """How student.layers: importance / block chose the kept layers (kdpipe.compress.layerscore)."""
 
@@ -217,6 +231,7 @@ class StudentRecord(Record):
     stacks: dict[str, list[int]] | None = Field(None, description="Teacher layers kept per stack (encoder/decoder).")
     prior: PriorInfo | None = Field(None, description="Set for init: bayes.")
     selection: LayerSelection | None = Field(None, description="Set for student.layers: importance / block.")
+    lm_width: LMWidthRecord | None = Field(None, description="Set for a causal LM with student.width.")
 
 
 class DistillRecord(Record):

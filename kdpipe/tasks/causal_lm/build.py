@@ -9,12 +9,15 @@
   folder into the stage.
 - student: the teacher with a subset of its decoder layers (kdpipe.compress.surgery.remove_layers; every-other,
   first-k / last-k, a list, or student.k layers scored on the teacher's hidden states over train text:
-  'importance' / 'block', kdpipe.compress.layerscore), tied embeddings kept as in the teacher; or
-  student.pretrained, which must share the teacher's vocabulary (token-level KD compares logits token by token).
+  'importance' / 'block', kdpipe.compress.layerscore), then, with student.width, its FFN neurons and KV-head
+  groups pruned by activation importance (Minitron; kdpipe.compress.lmwidth), tied embeddings kept as in the
+  teacher; or student.pretrained, which must share the teacher's vocabulary (token-level KD compares logits token
+  by token).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +29,7 @@ from kdpipe.artifacts.manifest import FileRecord, Manifest, Metric, input_record
 from kdpipe.artifacts.records import (
     CausalLMInfo,
     LayerSelection,
+    LMWidthRecord,
     RunContext,
     StageOutput,
     StudentRecord,
@@ -211,11 +215,23 @@ def _teacher_record(cfg: TeacherConfig, model: Any, chat: bool, splits: data.Spl
 # --------------------------------------------------------------------------- student
 CALIBRATION_TEXTS = 64  # train texts the layers are scored on (student.layers: importance / block)
 CALIBRATION_LENGTH = 128
+WIDTH_BATCH = 8  # student.width.batches batches of this many train texts (Minitron's activation importance)
+
+
+def calibration_seqs(tok: Any, upstream: Manifest, info: CausalLMInfo, texts: int) -> list[Any]:
+    """The first `texts` train texts as scoring sequences (the held-out ones never: they score the student later)."""
+    from kdpipe.tasks.causal_lm import lm
+
+    rows = data.read_jsonl(upstream.path(info.train_prompts))[:texts]
+    seqs = lm.text_seqs(tok, [str(r["text"]) for r in rows], CALIBRATION_LENGTH)
+    if not seqs:
+        raise DataError("student: no train text of 2+ tokens to score the teacher on", "give longer texts")
+    return seqs
 
 
 def score_layers(teacher: Any, tok: Any, upstream: Manifest, info: CausalLMInfo, cfg: StudentConfig) -> Any:
     """kdpipe.compress.layerscore's choice of student.k layers, on the teacher's hidden states over the first
-    CALIBRATION_TEXTS train texts (the held-out ones never: they score the student later)."""
+    CALIBRATION_TEXTS train texts."""
     import torch
 
     from kdpipe.compress import layerscore
@@ -224,11 +240,7 @@ def score_layers(teacher: Any, tok: Any, upstream: Manifest, info: CausalLMInfo,
     n = info.layers
     if cfg.k is None or not 1 <= cfg.k <= n:
         raise ConfigError(f"student.layers: {cfg.layers} needs student.k in 1..{n}", f"e.g. student.k: {n // 2}")
-    rows = data.read_jsonl(upstream.path(info.train_prompts))[:CALIBRATION_TEXTS]
-    seqs = lm.text_seqs(tok, [str(r["text"]) for r in rows], CALIBRATION_LENGTH)
-    if not seqs:
-        raise DataError("student.layers: no train text of 2+ tokens to score the layers on", "give longer texts")
-    b = lm.batch(seqs, int(tok.pad_token_id))
+    b = lm.batch(calibration_seqs(tok, upstream, info, CALIBRATION_TEXTS), int(tok.pad_token_id))
     with torch.inference_mode():
         out = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
     return layerscore.choose(str(cfg.layers), out.hidden_states, b["attention_mask"], cfg.k)
@@ -322,6 +334,20 @@ def run_student(cfg: StudentConfig, upstream: Manifest, work: Path, ctx: RunCont
                 "Block Influence per layer" if scored.criterion == "importance" else "angular distance per block start"
             )
             ctx.console.print(f"student.layers: {scored.criterion} on {scored.tokens} train tokens; {what}: {shown}")
+    width = None
+    if cfg.width is not None:
+        from kdpipe.compress.lmwidth import prune_lm_width
+
+        seqs = calibration_seqs(tok, upstream, info, cfg.width.batches * WIDTH_BATCH)
+        pad = int(tok.pad_token_id)
+        batches = [lm.batch(seqs[i : i + WIDTH_BATCH], pad) for i in range(0, len(seqs), WIDTH_BATCH)]
+        student, done = prune_lm_width(student, batches, cfg.width.ffn, cfg.width.heads)
+        width = LMWidthRecord(**dataclasses.asdict(done))
+        ctx.console.print(
+            f"student.width: FFN {done.ffn_before} -> {done.ffn_after} neurons, KV groups {done.kv_groups_before} -> "
+            f"{done.kv_groups_after} ({done.heads_before} -> {done.heads_after} query heads) per layer, by "
+            f"activation importance on {done.scored_tokens} train tokens"
+        )
     if lm.tied(student) != lm.tied(teacher):
         raise ModelError(
             f"student: the student's embeddings are {'' if lm.tied(student) else 'not '}tied, the teacher's are "
@@ -339,7 +365,7 @@ def run_student(cfg: StudentConfig, upstream: Manifest, work: Path, ctx: RunCont
         kept_layers=kept, layer_map={}, init=init, arch="teacher", stacks={"decoder": kept},
         selection=None if scored is None else LayerSelection(
             criterion=scored.criterion, scores=[round(v, 6) for v in scored.scores], tokens=scored.tokens
-        ),
+        ), lm_width=width,
     )  # fmt: skip
     metrics = {
         "params": Metric(sp, "parameters"),

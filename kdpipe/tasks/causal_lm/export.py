@@ -273,9 +273,9 @@ def lm_parity(
 # --------------------------------------------------------------------------- variants
 def make_lm_variant(fp32_dir: str | Path, out_dir: str | Path, variant: str) -> dict[str, Any]:
     """`variant` (int8-dynamic: quantize_dynamic, QInt8 per-channel weights; int4: MatMulNBits weight-only, block
-    32, symmetric, Gemms included, and the embedding table as GatherBlockQuantized) of the fp32 export in `fp32_dir`, written to `out_dir` with the config and
-    tokenizer copied, so it loads as the fp32 export does. Returns what was done: quantised operators, MatMuls
-    left fp32, bytes."""
+    32, symmetric, Gemms included, and the embedding table as GatherBlockQuantized) of the fp32 export in
+    `fp32_dir`, written to `out_dir` with the config and tokenizer copied, so it loads as the fp32 export does.
+    Returns what was done: quantised operators, MatMuls left fp32, bytes."""
     from kdpipe.compress import quantize
 
     src, dst = Path(fp32_dir), Path(out_dir)

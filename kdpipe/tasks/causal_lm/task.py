@@ -49,14 +49,16 @@ def _check_distill(d: DistillConfig) -> None:
 
 
 def _check_student(s: StudentConfig) -> None:
-    clash = [f for f in ("vocab", "width") if getattr(s, f) is not None]
+    clash = ["vocab"] if s.vocab is not None else []
+    clash += ["width with student.pretrained"] if s.width is not None and s.pretrained is not None else []
     clash += [f"init: {s.init}"] if s.init != "copy" else []
     clash += [f"arch: {s.arch}"] if s.arch != "teacher" else []
     clash += ["layers per stack"] if isinstance(s.layers, dict) else []
     if clash:
         raise ConfigError(
             f"student: {', '.join(clash)} is not available for causal_lm",
-            "a causal-LM student keeps teacher decoder layers (student.layers, init: copy) or is student.pretrained",
+            "a causal-LM student keeps teacher decoder layers (student.layers, init: copy; student.width prunes "
+            "them) or is student.pretrained",
         )
 
 
