@@ -47,6 +47,9 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
     "jsd": lambda s, t, m: lt.gkd_jsd(s, t, m, beta=0.3),
     "tvd": lt.tvd,
     "topk": lambda s, t, m: lt.topk_forward_kl(s, *lt.topk_compress(t, 2), m),
+    "topk_reverse_kl": lambda s, t, m: lt.topk_reverse_kl(s, *lt.topk_compress(t, 2), m),
+    "topk_jsd": lambda s, t, m: lt.topk_gkd_jsd(s, *lt.topk_compress(t, 2), m, beta=0.3),
+    "topk_tvd": lambda s, t, m: lt.topk_tvd(s, *lt.topk_compress(t, 2), m),
 }
 
 
@@ -260,3 +263,103 @@ def test_topk_tail_at_tau_is_the_caches_uniform_reconstruction() -> None:
     dense = reconstruct_logits(values[0], indices[0], rest[0], 4)[None]
     assert lt.topk_forward_kl(dense, values, indices, rest, M2, 2.5).item() == pytest.approx(0.0, abs=1e-6)
     assert lt.topk_forward_kl(t, values, indices, rest, M2, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- top-k reverse KL, JSD, TVD
+DENSE = {
+    "forward_kl": (lt.forward_kl, lt.topk_forward_kl),
+    "reverse_kl": (lt.reverse_kl, lt.topk_reverse_kl),
+    "tvd": (lt.tvd, lt.topk_tvd),
+    "jsd_0.3": (
+        lambda s, t, m, tau: lt.gkd_jsd(s, t, m, 0.3, tau),
+        lambda s, *a: lt.topk_gkd_jsd(s, *a[:-1], beta=0.3, temperature=a[-1]),
+    ),
+    "jsd_0.5": (
+        lambda s, t, m, tau: lt.gkd_jsd(s, t, m, 0.5, tau),
+        lambda s, *a: lt.topk_gkd_jsd(s, *a[:-1], beta=0.5, temperature=a[-1]),
+    ),
+}
+
+
+def _random_case(vocab: int = 9, tokens: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    s = 2 * torch.randn(2, tokens, vocab, generator=g)
+    t = 2 * torch.randn(2, tokens, vocab, generator=g)
+    mask = torch.ones(2, tokens, dtype=torch.bool)
+    mask[1, -2:] = False  # padding
+    return s, t, mask
+
+
+@pytest.mark.parametrize("name", sorted(DENSE))
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_topk_forms_with_k_v_minus_1_are_the_dense_forms(name: str, tau: float) -> None:
+    """A one-token tail bucket is that token: every top-k form is its dense form, at any tau."""
+    dense, top = DENSE[name]
+    s, t, mask = _random_case()
+    want = dense(s, t, mask, tau).item()
+    assert top(s, *lt.topk_compress(t, 8), mask, tau).item() == pytest.approx(want, abs=1e-5)
+    assert top(s, *lt.topk_compress(t, 9), mask, tau).item() == pytest.approx(want, abs=1e-5)  # k = V: no tail
+
+
+@pytest.mark.parametrize("name", sorted(DENSE))
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_topk_forms_with_a_tail_of_mass_0_are_the_dense_forms(name: str, tau: float) -> None:
+    """The teacher's (and, for reverse KL, the student's: it weighs the student's tail by log q / p) tail logits far
+    below the top-3: its tail mass is ~0 and the k + 1-bucket forms are the dense ones."""
+    dense, top = DENSE[name]
+    s, t, mask = _random_case()
+    t[..., 3:] -= 1e4  # the teacher's top-3 are tokens 0-2, its tail mass ~0
+    if name == "reverse_kl":
+        s[..., 3:] -= 1e4
+    values, indices, rest = lt.topk_compress(t, 3)
+    assert sorted(indices[0, 0].tolist()) == [0, 1, 2]
+    want = dense(s, t, mask, tau).item()
+    assert top(s, values, indices, rest, mask, tau).item() == pytest.approx(want, abs=1e-5)
+
+
+def test_topk_reverse_kl_by_hand_on_a_3_token_vocabulary() -> None:
+    """V = 3, k = 1: buckets {top-1, tail of 2 tokens}; KL(q_b || p_b) by hand."""
+    pt = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]])  # teacher top-1: token 0, then token 1
+    ps = np.array([[0.3, 0.2, 0.5], [0.4, 0.4, 0.2]])
+    s, t = torch.tensor(np.log(ps)).float()[None], torch.tensor(np.log(pt)).float()[None]
+    # token 1: p_b = (0.6, 0.4), q_b = (0.3, 0.7): 0.3 ln(0.3/0.6) + 0.7 ln(0.7/0.4) = 0.183787
+    # token 2: p_b = (0.5, 0.5), q_b = (0.4, 0.6): 0.4 ln(0.4/0.5) + 0.6 ln(0.6/0.5) = 0.020136
+    hand = (0.3 * np.log(0.3 / 0.6) + 0.7 * np.log(0.7 / 0.4) + 0.4 * np.log(0.4 / 0.5) + 0.6 * np.log(0.6 / 0.5)) / 2
+    assert hand == pytest.approx((0.183787 + 0.020136) / 2, abs=1e-6)
+    got = lt.topk_reverse_kl(s, *lt.topk_compress(t, 1), M2).item()
+    assert got == pytest.approx(hand, rel=1e-5)
+    assert got <= lt.reverse_kl(s, t, M2).item()  # the chain rule: the bucket form never exceeds the dense one
+    assert lt.topk_reverse_kl(s, *lt.topk_compress(t, 1), M2, 2.0).item() > 0  # tau works (tail at tau)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_topk_jsd_at_beta_0_and_1_is_topk_forward_and_reverse(tau: float) -> None:
+    s, t, mask = _random_case()
+    top = lt.topk_compress(t, 3)
+    fwd, rev = lt.topk_forward_kl(s, *top, mask, tau).item(), lt.topk_reverse_kl(s, *top, mask, tau).item()
+    assert lt.topk_gkd_jsd(s, *top, mask, 0.0, tau).item() == fwd
+    assert lt.topk_gkd_jsd(s, *top, mask, 1.0, tau).item() == rev
+    assert fwd != pytest.approx(rev, rel=1e-3)
+    # continuous at the ends, like the dense scaled form
+    assert lt.topk_gkd_jsd(s, *top, mask, 1e-3, tau).item() == pytest.approx(fwd, rel=5e-2)
+    assert lt.topk_gkd_jsd(s, *top, mask, 1 - 1e-3, tau).item() == pytest.approx(rev, rel=5e-2)
+    for beta in (-0.1, 1.1, float("nan")):
+        with pytest.raises(ValueError, match="beta"):
+            lt.topk_gkd_jsd(s, *top, mask, beta)
+
+
+def test_topk_tvd_never_exceeds_the_dense_tvd() -> None:
+    s, t, mask = _random_case()
+    for k in range(1, 9):
+        assert lt.topk_tvd(s, *lt.topk_compress(t, k), mask).item() <= lt.tvd(s, t, mask).item() + 1e-6
+
+
+@pytest.mark.parametrize("name", ["topk", "topk_reverse_kl", "topk_jsd", "topk_tvd"])
+def test_nan_in_the_cached_teacher_on_a_counted_token_gives_nan(name: str) -> None:
+    fn = {"topk": lt.topk_forward_kl, "topk_reverse_kl": lt.topk_reverse_kl, "topk_tvd": lt.topk_tvd,
+          "topk_jsd": lambda *a: lt.topk_gkd_jsd(*a, beta=0.3)}[name]  # fmt: skip
+    values, indices, rest = lt.topk_compress(T, 2)
+    for bad in (values.clone(), rest.clone()):
+        bad.view(-1)[0] = float("nan")
+        args = (bad, indices, rest) if bad.shape == values.shape else (values, indices, bad)
+        assert torch.isnan(fn(S, *args, M2))

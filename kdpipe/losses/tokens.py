@@ -15,6 +15,8 @@ the vocabulary v, and KL(a || b) = sum_v a_v (log a_v - log b_v) with a term 0 w
 - tvd          0.5 * sum_v |p_v - q_v|                             (at tau, NOT scaled by tau^2)
 - token_ce     -log SM(s[:, i])[labels[:, i + 1]], the data's next-token CE at T = 1
 - topk_forward_kl  forward_kl with the teacher as the cache's top-k logits + tail (k + 1 buckets)
+- topk_reverse_kl, topk_gkd_jsd, topk_tvd  reverse_kl, gkd_jsd, tvd on the same k + 1 buckets (the student's
+               distribution collapsed onto the teacher's top-k indices + one tail bucket, its mass outside them)
 
 The tau^2 factor on the KL terms (forward, reverse, JSD, top-k) is Hinton's: it keeps the soft terms'
 gradient scale independent of tau. TVD and CE are not scaled.
@@ -178,6 +180,31 @@ def _teacher_buckets(values: Tensor, lse_rest: Tensor, vocab: int, temperature: 
     return F.log_softmax(torch.cat([values / temperature, tail[:, None]], dim=-1), dim=-1)
 
 
+def _topk_rows(
+    s: Tensor, values: Tensor, indices: Tensor, lse_rest: Tensor, mask: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """The (N, k + 1) teacher and student log-probabilities at tau on the buckets of the N counted positions: the
+    top-k tokens A (the teacher's indices) and one tail bucket, the teacher's from `_teacher_buckets`, the student's
+    log q_tail = log sum_{v not in A} q_v; (N, k) with no tail bucket when k = V (its logsumexp over nothing would
+    give a NaN gradient). Shapes as in topk_forward_kl; ValueError when they do not fit."""
+    _check_temperature(temperature)
+    vocab, k = s.shape[-1], values.shape[-1]
+    if s.dim() != 3 or tuple(values.shape[:2]) != tuple(s.shape[:2]) or indices.shape != values.shape:
+        raise ValueError(f"top-k teacher (B, T, k) does not fit the logits {tuple(s.shape)}: {tuple(values.shape)}")
+    if tuple(lse_rest.shape) != tuple(s.shape[:2]) or not 1 <= k <= vocab:
+        raise ValueError(f"lse_rest must be (B, T) and 1 <= k <= V, got {tuple(lse_rest.shape)}, k={k}, V={vocab}")
+    keep = _counted(mask, tuple(s.shape[:2]))
+    log_q = F.log_softmax(s[keep].float() / temperature, dim=-1)  # (N, V)
+    idx = indices.detach()[keep].long()
+    log_q_a = log_q.gather(-1, idx)
+    v_a = values.detach()[keep].float()
+    if k == vocab:
+        return F.log_softmax(v_a / temperature, dim=-1), log_q_a
+    log_q_tail = torch.logsumexp(log_q.scatter(-1, idx, float("-inf")), dim=-1)
+    log_p = _teacher_buckets(v_a, lse_rest.detach()[keep].float(), vocab, temperature)
+    return log_p, torch.cat([log_q_a, log_q_tail[:, None]], dim=-1)
+
+
 def topk_forward_kl(
     s: Tensor, values: Tensor, indices: Tensor, lse_rest: Tensor, mask: Tensor, temperature: float = 1.0
 ) -> Tensor:
@@ -191,19 +218,46 @@ def topk_forward_kl(
     (the chain rule of KL) gives forward_kl - topk_forward_kl = r KL(p(. | tail) || q(. | tail)) >= 0, r the
     teacher's tail mass, and the gradient w.r.t. s differs from the full one by at most 2 r in L1 norm per
     token (the cache's bound). s (B, T, V); values, indices (B, T, k); lse_rest, mask (B, T) -> ()."""
-    _check_temperature(temperature)
-    vocab, k = s.shape[-1], values.shape[-1]
-    if s.dim() != 3 or tuple(values.shape[:2]) != tuple(s.shape[:2]) or indices.shape != values.shape:
-        raise ValueError(f"top-k teacher (B, T, k) does not fit the logits {tuple(s.shape)}: {tuple(values.shape)}")
-    if tuple(lse_rest.shape) != tuple(s.shape[:2]) or not 1 <= k <= vocab:
-        raise ValueError(f"lse_rest must be (B, T) and 1 <= k <= V, got {tuple(lse_rest.shape)}, k={k}, V={vocab}")
-    keep = _counted(mask, tuple(s.shape[:2]))
-    log_q = F.log_softmax(s[keep].float() / temperature, dim=-1)  # (N, V)
-    idx = indices.detach()[keep].long()
-    log_q_a = log_q.gather(-1, idx)
-    v_a = values.detach()[keep].float()
-    if k == vocab:  # no tail bucket (its logsumexp over nothing would give a NaN gradient)
-        return temperature**2 * _kl_rows(F.log_softmax(v_a / temperature, dim=-1), log_q_a).mean()
-    log_q_tail = torch.logsumexp(log_q.scatter(-1, idx, float("-inf")), dim=-1)
-    log_p = _teacher_buckets(v_a, lse_rest.detach()[keep].float(), vocab, temperature)
-    return temperature**2 * _kl_rows(log_p, torch.cat([log_q_a, log_q_tail[:, None]], dim=-1)).mean()
+    log_p, log_q = _topk_rows(s, values, indices, lse_rest, mask, temperature)
+    return temperature**2 * _kl_rows(log_p, log_q).mean()
+
+
+def topk_reverse_kl(
+    s: Tensor, values: Tensor, indices: Tensor, lse_rest: Tensor, mask: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """reverse_kl on the k + 1 buckets of topk_forward_kl: tau^2 * (1/N) sum_n KL(q_b || p_b), q_b the student's
+    distribution collapsed onto the teacher's top-k tokens and the tail (q_tail = its mass outside them). The
+    dense form minus this one is q_tail KL(q(. | tail) || p(. | tail)) >= 0 (the chain rule): the top-k form does
+    not see how the student spreads its tail mass, only how much there is. Equal to reverse_kl when k = V or
+    k = V - 1 (a one-token tail), and when both tails are ~0. Shapes as in topk_forward_kl -> ()."""
+    log_p, log_q = _topk_rows(s, values, indices, lse_rest, mask, temperature)
+    return temperature**2 * _kl_rows(log_q, log_p).mean()
+
+
+def topk_gkd_jsd(
+    s: Tensor, values: Tensor, indices: Tensor, lse_rest: Tensor, mask: Tensor, beta: float = 0.5,
+    temperature: float = 1.0, scaled: bool = True,
+) -> Tensor:  # fmt: skip
+    """gkd_jsd on the k + 1 buckets of topk_forward_kl (the same beta, scaling and endpoints: beta = 0 is
+    topk_forward_kl, beta = 1 is topk_reverse_kl, computed as those exactly). Shapes as in topk_forward_kl -> ()."""
+    if not 0 <= beta <= 1:  # NaN fails
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0:
+        return topk_forward_kl(s, values, indices, lse_rest, mask, temperature)
+    if beta == 1:
+        return topk_reverse_kl(s, values, indices, lse_rest, mask, temperature)
+    log_p, log_q = _topk_rows(s, values, indices, lse_rest, mask, temperature)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+    jsd = beta * _kl_rows(log_p, log_m) + (1 - beta) * _kl_rows(log_q, log_m)
+    scale = 1 / (beta * (1 - beta)) if scaled else 1.0
+    return temperature**2 * scale * jsd.mean()
+
+
+def topk_tvd(
+    s: Tensor, values: Tensor, indices: Tensor, lse_rest: Tensor, mask: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """tvd on the k + 1 buckets of topk_forward_kl: (1/N) sum_n 0.5 sum_b |p_b - q_b|, not scaled by tau^2. At most
+    the dense tvd (merging buckets never increases an L1 distance), equal to it when k >= V - 1 or when the
+    teacher's tail is ~0. Shapes as in topk_forward_kl -> ()."""
+    log_p, log_q = _topk_rows(s, values, indices, lse_rest, mask, temperature)
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1).mean()

@@ -3,8 +3,11 @@
 Data (distill.lm.data): 'seqkd', each train prompt followed by the teacher's generation (the teacher stage's
 generations.jsonl, greedy and sampled rows alike), or 'texts', the train rows' responses after their prompts (a row
 without a response: its whole text). Labels are the response tokens; prompt and padding are -100, and every KD term
-is masked to the same positions (kdpipe.losses.tokens.logit_mask) and averaged over tokens. The teacher runs on
-every batch (no_grad; no teacher-output cache yet). distill.lm.on_policy (GKD's lambda) is the share of KD batches
+is masked to the same positions (kdpipe.losses.tokens.logit_mask) and averaged over tokens. With distill.cache.use
+(the default) the teacher runs once over the training sequences and its top-k logits (distill.cache.top_k, 64 when
+unset) are cached (kdpipe.tasks.causal_lm.lmcache, <out>/cache/causal_lm/); every off-policy KD batch reads them and
+the KD terms are their k + 1-bucket forms (tokens.topk_*); with distill.cache.use false the teacher runs on every
+batch (no_grad) and the terms are the dense ones. distill.lm.on_policy (GKD's lambda) is the share of KD batches
 whose continuations the student samples itself (OnPolicy), scored by the teacher. AdamW, linear warm-up and decay,
 gradient clipping and a finite-loss check every step (a NaN or inf is a TrainingDivergedError naming the step;
 nothing is written). With distill.baseline the same student is trained again from its initial weights on the CE
@@ -28,15 +31,16 @@ from kdpipe.artifacts.manifest import Manifest, Metric
 from kdpipe.artifacts.records import CausalLMInfo, DistillRecord, RunContext, StageOutput, TeacherRecord, record
 from kdpipe.config import CausalLMDistillConfig, DistillConfig
 from kdpipe.errors import DataError, TrainingDivergedError
-from kdpipe.tasks.causal_lm import data, lm
+from kdpipe.tasks.causal_lm import data, lm, lmcache
 from kdpipe.tasks.causal_lm.build import MODEL_DIR
 
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from kdpipe.tasks.causal_lm.lmcache import LMCache
+
 SAMPLES = "samples.json"
 SIDE_BY_SIDE = 5
-NO_CACHE = "causal_lm: the teacher runs on every batch (no teacher-output cache yet)"
 BASELINE = CausalLMDistillConfig(forward_kl=0.0, ce=1.0)
 
 
@@ -62,6 +66,29 @@ def objective(s: Tensor, t: Tensor | None, labels: Tensor, w: CausalLMDistillCon
     if w.jsd:
         assert t is not None
         parts["jsd"] = tokens.gkd_jsd(s, t, mask, w.beta, w.temperature)
+    if w.ce:
+        parts["ce"] = tokens.token_ce(s, labels)
+    total = sum((getattr(w, k) * v for k, v in parts.items()), torch.zeros((), device=s.device))
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def topk_objective(
+    s: Tensor, top: tuple[Tensor, Tensor, Tensor], labels: Tensor, w: CausalLMDistillConfig
+) -> tuple[Tensor, dict[str, float]]:
+    """`objective` against the cached teacher: `top` the batch's (B, T, k) values, (B, T, k) indices and (B, T)
+    lse_rest (lmcache.LMCache.batch); the KD terms are their k + 1-bucket forms, CE is unchanged."""
+    import torch
+
+    from kdpipe.losses import tokens
+
+    mask = tokens.logit_mask(labels)
+    parts: dict[str, Tensor] = {}
+    kd = {"forward_kl": tokens.topk_forward_kl, "reverse_kl": tokens.topk_reverse_kl, "tvd": tokens.topk_tvd}
+    for name, fn in kd.items():
+        if getattr(w, name):
+            parts[name] = fn(s, *top, mask, w.temperature)
+    if w.jsd:
+        parts["jsd"] = tokens.topk_gkd_jsd(s, *top, mask, w.beta, w.temperature)
     if w.ce:
         parts["ce"] = tokens.token_ce(s, labels)
     total = sum((getattr(w, k) * v for k, v in parts.items()), torch.zeros((), device=s.device))
@@ -110,11 +137,18 @@ def _schedule(opt: Any, total: int, warmup_ratio: float) -> Any:
     return linear_schedule(opt, total, round(warmup_ratio * total))
 
 
-def _step(student: Any, teacher: Any, b: dict[str, Tensor], w: CausalLMDistillConfig, opt: Any, clip: float) -> float:
+def _step(
+    student: Any, teacher: Any, b: dict[str, Tensor], w: CausalLMDistillConfig, opt: Any, clip: float,
+    top: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> float:  # fmt: skip
+    """One optimiser step; against the cached teacher `top` (the top-k forms) when given, else the live one."""
     import torch
 
     from kdpipe.train.loop import optimizer_step
 
+    if top is not None:
+        total, _ = topk_objective(lm.logits(student, b), top, b["labels"], w)
+        return optimizer_step(total, opt, student.parameters(), clip)
     t = None
     if _needs_teacher(w):
         with torch.no_grad():
@@ -154,9 +188,11 @@ def _pick(student: Any, seqs: list[lm.Seq], policy: OnPolicy | None, rng: np.ran
 
 def fit(
     student: Any, teacher: Any, seqs: list[lm.Seq], pad: int, w: CausalLMDistillConfig, cfg: DistillConfig,
-    ctx: RunContext, name: str, policy: OnPolicy | None = None,
+    ctx: RunContext, name: str, policy: OnPolicy | None = None, cache: LMCache | None = None,
 ) -> list[dict[str, float]]:  # fmt: skip
-    """Train `student` in place on the sequences (on-policy batches as `policy` says); one history row per epoch."""
+    """Train `student` in place on the sequences (on-policy batches as `policy` says); one history row per epoch.
+    With `cache` (the teacher's top-k on `seqs`) the off-policy KD batches read it instead of running the teacher;
+    on-policy batches (the student's samples) always run the teacher."""
     import torch
 
     from kdpipe.train.loop import _progress
@@ -175,9 +211,14 @@ def fit(
             for i in range(0, len(order), cfg.batch_size):
                 if step >= total:
                     break
-                chosen, used = _pick(student, [seqs[j] for j in order[i : i + cfg.batch_size]], policy, rng, step)
+                rows = [int(j) for j in order[i : i + cfg.batch_size]]
+                chosen, used = _pick(student, [seqs[j] for j in rows], policy, rng, step)
                 on += used
-                value = _step(student, teacher, lm.batch(chosen, pad), w, opt, cfg.grad_clip)
+                b = lm.batch(chosen, pad)
+                top = None
+                if cache is not None and not used and _needs_teacher(w):
+                    top = cache.batch(rows, chosen, b["input_ids"].shape[1])
+                value = _step(student, teacher, b, w, opt, cfg.grad_clip, top)
                 if not math.isfinite(value):
                     raise TrainingDivergedError(
                         f"distill (causal_lm, {name}): training diverged at step {step + 1}, epoch {epoch}: the loss "
@@ -265,7 +306,9 @@ def run_distill(cfg: DistillConfig, upstream: Manifest, work: Path, ctx: RunCont
     torch.manual_seed(ctx.seed)
     student, _ = lm.load(upstream.directory(MODEL_DIR))
     policy = OnPolicy(w.on_policy, tok, info.max_new_tokens, ctx.seed) if w.on_policy else None
-    history = fit(student, teacher, seqs, pad, w, cfg, ctx, "kd", policy)
+    cache, cache_info = lmcache.teacher_topk(cfg, t_manifest, teacher, seqs, pad, _needs_teacher(w), w.on_policy,
+                                             work, ctx)  # fmt: skip
+    history = fit(student, teacher, seqs, pad, w, cfg, ctx, "kd", policy, cache)
     kd = evaluate(student, teacher, tok, t_manifest, info, cfg.batch_size)
     student.save_pretrained(work / MODEL_DIR, safe_serialization=True)
     tok.save_pretrained(work / MODEL_DIR)
@@ -276,12 +319,13 @@ def run_distill(cfg: DistillConfig, upstream: Manifest, work: Path, ctx: RunCont
         base_history = fit(plain, teacher, seqs, pad, BASELINE, cfg, ctx, "baseline")
         base = evaluate(plain, teacher, tok, t_manifest, info, cfg.batch_size)
     (work / SAMPLES).write_text(json.dumps(_samples(t_manifest, info, kd, base), indent=2, ensure_ascii=False) + "\n")
-    return _output(cfg, t_manifest, kd, base, history, base_history, len(seqs), ctx)
+    return _output(cfg, t_manifest, kd, base, history, base_history, len(seqs), ctx, cache_info)
 
 
 def _output(
     cfg: DistillConfig, teacher: Manifest, kd: dict[str, Any], base: dict[str, Any] | None,
     history: list[dict[str, float]], base_history: list[dict[str, float]] | None, examples: int, ctx: RunContext,
+    teacher_cache: dict[str, Any],
 ) -> StageOutput:  # fmt: skip
     t_ppl = teacher.metric("perplexity")
     ctx.console.print(
@@ -305,6 +349,6 @@ def _output(
     rec = DistillRecord(
         device="cpu", precision="fp32", history=history, baseline_history=base_history,
         losses=[terms(cfg).model_dump(mode="json")], schedule_kind="all", schedule_events=[],
-        train_examples=examples, teacher_cache={"status": "bypassed", "reason": NO_CACHE},
+        train_examples=examples, teacher_cache=teacher_cache,
     )  # fmt: skip
     return StageOutput(record=rec, metrics=metrics)
