@@ -37,6 +37,7 @@ from kdpipe.artifacts.records import (
     record,
 )
 from kdpipe.config import ExportConfig
+from kdpipe.env import cpu_model, int8_saturates
 from kdpipe.errors import ConfigError, ExportToleranceError, ModelError
 from kdpipe.tasks.causal_lm.build import MODEL_DIR
 
@@ -272,7 +273,8 @@ def lm_parity(
 
 # --------------------------------------------------------------------------- variants
 def make_lm_variant(fp32_dir: str | Path, out_dir: str | Path, variant: str) -> dict[str, Any]:
-    """`variant` (int8-dynamic: quantize_dynamic, QInt8 per-channel weights; int4: MatMulNBits weight-only, block
+    """`variant` (int8-dynamic: quantize_dynamic, QInt8 per-channel weights, 7-bit where kdpipe.env.int8_saturates
+    says this CPU's int8 kernels saturate; int4: MatMulNBits weight-only, block
     32, symmetric, Gemms included, and the embedding table as GatherBlockQuantized) of the fp32 export in
     `fp32_dir`, written to `out_dir` with the config and tokenizer copied, so it loads as the fp32 export does.
     Returns what was done: quantised operators, MatMuls left fp32, bytes."""
@@ -287,8 +289,9 @@ def make_lm_variant(fp32_dir: str | Path, out_dir: str | Path, variant: str) -> 
     for f in src.iterdir():
         if f.is_file() and ".onnx" not in f.name:
             shutil.copy2(f, dst / f.name)
+    reduce_range = variant == "int8-dynamic" and int8_saturates()
     if variant == "int8-dynamic":
-        quantize.quantize_int8(src / ONNX_FILE, dst / ONNX_FILE)
+        quantize.quantize_int8(src / ONNX_FILE, dst / ONNX_FILE, reduce_range=reduce_range)
     else:  # Gemms too (GPT-2's projections export as Gemm), and the token-embedding Gather
         quantize.quantize_int4(src / ONNX_FILE, dst / ONNX_FILE, gemm=True, gather=True)
     before, after = quantize.op_counts(src / ONNX_FILE), quantize.op_counts(dst / ONNX_FILE)
@@ -298,6 +301,8 @@ def make_lm_variant(fp32_dir: str | Path, out_dir: str | Path, variant: str) -> 
         "fp32_matmuls": after.get("MatMul", 0),
         "bytes": onnx_bytes(dst),
     }
+    if variant == "int8-dynamic":
+        done |= {"reduce_range": reduce_range, "cpu_flags": cpu_model()["flags"]}
     if variant == "int4":
         done |= {"block_size": quantize.INT4_BLOCK, "symmetric": True}
     return done

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +37,7 @@ from kdpipe.artifacts.records import (
     record,
 )
 from kdpipe.config import TargetProfile
+from kdpipe.env import cpu_model
 from kdpipe.errors import DataError
 from kdpipe.profiling import timing
 from kdpipe.profiling.budgets import check_budgets, deployed_name
@@ -265,21 +265,6 @@ def _metrics(results: dict[str, Any], eager: dict[str, Any], names: list[str], k
             metrics[f"{label}_speedup_vs_teacher_eager_{shape}"] = Metric(None if x is None else round(x, 3),
                                                                           "x (teacher eager p50 / p50)")  # fmt: skip
     return metrics
-
-
-def cpu_model() -> dict[str, Any]:
-    """The CPU's model name and the SIMD flags that matter for int8 (avx2, avx512_vnni, amx)."""
-    name, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"]
-    return {"model": name, "flags": [f for f in wanted if f in flags]}
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
