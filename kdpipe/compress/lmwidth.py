@@ -218,6 +218,23 @@ def _top(scores: Tensor, k: int) -> list[int]:
     return sorted(sorted(range(len(row)), key=lambda j: (-row[j], j))[:k])
 
 
+def _ids_and_mask(batch: dict[str, Tensor], b: int, device: Any) -> tuple[Tensor, Tensor]:
+    """A scoring batch's input_ids and attention_mask (all ones when absent) on `device`; DataError when malformed."""
+    import torch
+
+    if "input_ids" not in batch:
+        raise DataError(f"batch {b} has no input_ids", "each batch needs input_ids and attention_mask")
+    ids = batch["input_ids"].to(device)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(device)
+    if mask.shape != ids.shape:
+        raise DataError(
+            f"batch {b}: attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}",
+            "pass a (batch, seq) mask with 1 at real tokens",
+        )
+    return ids, mask
+
+
 def _score(
     model: Any, family: str, layers: list[Any], batches: list[dict[str, Tensor]], dims: dict[str, int]
 ) -> _Scores:
@@ -260,16 +277,7 @@ def _score(
     try:
         with torch.no_grad():
             for b, batch in enumerate(batches):
-                if "input_ids" not in batch:
-                    raise DataError(f"batch {b} has no input_ids", "each batch needs input_ids and attention_mask")
-                ids = batch["input_ids"].to(device)
-                mask = batch.get("attention_mask")
-                mask = torch.ones_like(ids) if mask is None else mask.to(device)
-                if mask.shape != ids.shape:
-                    raise DataError(
-                        f"batch {b}: attention_mask shape {tuple(mask.shape)} != input_ids {tuple(ids.shape)}",
-                        "pass a (batch, seq) mask with 1 at real tokens",
-                    )
+                ids, mask = _ids_and_mask(batch, b, device)
                 n = int((mask == 1).sum())
                 if n == 0:
                     continue

@@ -312,6 +312,26 @@ def check_vocab(teacher: Path, student: Path) -> None:
         )
 
 
+def _prune_width(
+    student: Any, tok: Any, upstream: Manifest, info: CausalLMInfo, cfg: StudentConfig, ctx: RunContext
+) -> tuple[Any, LMWidthRecord]:
+    """student.width on the layer-subset student: kdpipe.compress.lmwidth on width.batches batches of train texts."""
+    from kdpipe.compress.lmwidth import prune_lm_width
+    from kdpipe.tasks.causal_lm import lm
+
+    assert cfg.width is not None
+    seqs = calibration_seqs(tok, upstream, info, cfg.width.batches * WIDTH_BATCH)
+    pad = int(tok.pad_token_id)
+    batches = [lm.batch(seqs[i : i + WIDTH_BATCH], pad) for i in range(0, len(seqs), WIDTH_BATCH)]
+    student, done = prune_lm_width(student, batches, cfg.width.ffn, cfg.width.heads)
+    ctx.console.print(
+        f"student.width: FFN {done.ffn_before} -> {done.ffn_after} neurons, KV groups {done.kv_groups_before} -> "
+        f"{done.kv_groups_after} ({done.heads_before} -> {done.heads_after} query heads) per layer, by "
+        f"activation importance on {done.scored_tokens} train tokens"
+    )
+    return student, LMWidthRecord(**dataclasses.asdict(done))
+
+
 def run_student(cfg: StudentConfig, upstream: Manifest, work: Path, ctx: RunContext) -> StageOutput:
     from kdpipe.compress import surgery
     from kdpipe.tasks.causal_lm import lm
@@ -336,18 +356,7 @@ def run_student(cfg: StudentConfig, upstream: Manifest, work: Path, ctx: RunCont
             ctx.console.print(f"student.layers: {scored.criterion} on {scored.tokens} train tokens; {what}: {shown}")
     width = None
     if cfg.width is not None:
-        from kdpipe.compress.lmwidth import prune_lm_width
-
-        seqs = calibration_seqs(tok, upstream, info, cfg.width.batches * WIDTH_BATCH)
-        pad = int(tok.pad_token_id)
-        batches = [lm.batch(seqs[i : i + WIDTH_BATCH], pad) for i in range(0, len(seqs), WIDTH_BATCH)]
-        student, done = prune_lm_width(student, batches, cfg.width.ffn, cfg.width.heads)
-        width = LMWidthRecord(**dataclasses.asdict(done))
-        ctx.console.print(
-            f"student.width: FFN {done.ffn_before} -> {done.ffn_after} neurons, KV groups {done.kv_groups_before} -> "
-            f"{done.kv_groups_after} ({done.heads_before} -> {done.heads_after} query heads) per layer, by "
-            f"activation importance on {done.scored_tokens} train tokens"
-        )
+        student, width = _prune_width(student, tok, upstream, info, cfg, ctx)
     if lm.tied(student) != lm.tied(teacher):
         raise ModelError(
             f"student: the student's embeddings are {'' if lm.tied(student) else 'not '}tied, the teacher's are "

@@ -193,6 +193,19 @@ def open_cache(directory: Path, key: str) -> LMCache | None:
     return LMCache(directory, meta, {name: np.load(directory / name, mmap_mode="r") for name in FILES})
 
 
+def _require_finite(rows: Any, i: int, s: lm.Seq) -> None:
+    """ModelError naming training sequence i when the teacher's logits on it hold NaN / inf."""
+    import torch
+
+    if not bool(torch.isfinite(rows).all()):
+        raise ModelError(
+            f"the teacher's logits are non-finite (NaN/inf) on training sequence {i} (ids "
+            f"{s.ids[:8]}{'...' if len(s.ids) > 8 else ''}): a cache of them would be silently invalid, nothing "
+            "was written",
+            "check the teacher (NaN weights?)",
+        )
+
+
 def build(
     directory: Path, key: str, teacher: Any, seqs: Sequence[lm.Seq], pad: int, k: int, console: Console | None = None
 ) -> LMCache:
@@ -225,13 +238,7 @@ def build(
                 for j, s in enumerate(chunk):
                     i = lo + j
                     rows = z[j][mask[j]]  # (counted(s), V), positions first_counted(s) .. len - 2
-                    if not bool(torch.isfinite(rows).all()):
-                        raise ModelError(
-                            f"the teacher's logits are non-finite (NaN/inf) on training sequence {i} (ids "
-                            f"{s.ids[:8]}{'...' if len(s.ids) > 8 else ''}): a cache of them would be silently "
-                            "invalid, nothing was written",
-                            "check the teacher (NaN weights?)",
-                        )
+                    _require_finite(rows, i, s)
                     values, idx, rest = tokens.topk_compress(rows, k)
                     tail = (rest.double() - rows.double().logsumexp(-1)).exp()  # the teacher's tail mass at T = 1
                     tail_sum += float(tail.sum())

@@ -1,0 +1,227 @@
+"""The space `kdpipe search` explores (a recipe's future `search:` section) and the candidates in it.
+
+A candidate is one student shape (depth, heads and FFN fractions removed), one precision it ships in and one
+distillation budget. Its `key()` names the whole candidate; its `arch_key()` only what its latency and size
+depend on (not the epochs), so candidates that differ only in training share one cost measurement
+(kdpipe.search.costs). `student_overrides` turns a candidate into the `--set` strings of a normal run.
+Cheap to import: no torch, no optuna.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from kdpipe.config import SEED_MAX, TargetProfile, _Strict
+from kdpipe.errors import ConfigError
+
+Precision = Literal["fp32", "optimized", "int8-dynamic", "int8-static", "int4"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "optimized", "int8-dynamic", "int8-static", "int4")
+MAX_DEPTH = 64  # StudentConfig's teachers: kdpipe.config.TranslationConfig.layers has the same ceiling
+MAX_EPOCHS = 1000.0  # DistillConfig.epochs: at most 1000
+
+
+def _default_precision() -> list[Precision]:
+    return ["int8-dynamic"]
+
+
+def _twice(values: list[Any]) -> list[Any]:
+    """The values listed more than once, each once, in the order they first repeat."""
+    seen: set[Any] = set()
+    out: list[Any] = []
+    for v in values:
+        if v in seen and v not in out:
+            out.append(v)
+        seen.add(v)
+    return out
+
+
+def _problems(values: list[Any], what: str, bad: Callable[[Any], str | None]) -> list[Any]:
+    """`values` unchanged, or a ValueError naming every problem of the list in one line."""
+    if not values:
+        raise ValueError(f"is empty; give at least one {what}")
+    problems = [p for p in (bad(v) for v in values) if p]
+    repeated = _twice(values)
+    if repeated:
+        problems.append(f"{', '.join(str(v) for v in repeated)} listed twice")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return values
+
+
+def _fraction(v: float) -> str | None:
+    if not math.isfinite(v) or not 0 <= v < 1:
+        return f"{v} is not a fraction in [0, 1) (the share removed: 0 keeps all, 1 would remove all)"
+    return None
+
+
+class SearchSpace(_Strict):
+    """`search:` — every value of each list is tried against every value of the others (a grid; the sampler
+    may visit only `trials` of it)."""
+
+    layers: list[int] = Field(
+        default_factory=lambda: [2, 3, 4],
+        description="Student depths (layer counts) to try; the kept teacher layers are evenly spaced "
+        "(kdpipe.search.space.spaced_layers). Depths above the teacher's are dropped with a note.",
+    )
+    heads: list[float] = Field(
+        default_factory=lambda: [0.0],
+        description="Fractions of attention heads to remove (student.width.heads), each in [0, 1).",
+    )
+    ffn: list[float] = Field(
+        default_factory=lambda: [0.0, 0.5],
+        description="Fractions of FFN neurons to remove (student.width.ffn), each in [0, 1).",
+    )
+    precision: list[Precision] = Field(
+        default_factory=_default_precision,
+        description="Precisions the student may ship in: 'fp32' (the plain export) or an export variant "
+        "(optimized, int8-dynamic, int8-static, int4); the profile deploys it.",
+    )
+    epochs: list[float] = Field(
+        default_factory=lambda: [1.0],
+        description="Distillation budgets (distill.epochs, fractions allowed; each in (0, 1000]).",
+    )
+    trials: int = Field(20, ge=1, le=100_000, description="Candidates trained at most.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the sampler (0 to 2**32 - 1).")
+
+    @field_validator("layers")
+    @classmethod
+    def _depths(cls, v: list[int]) -> list[int]:
+        def bad(d: int) -> str | None:
+            if d < 1:
+                return f"depth {d} is below 1 (a student keeps at least one layer)"
+            if d > MAX_DEPTH:
+                return f"depth {d} is above {MAX_DEPTH}"
+            return None
+
+        return _problems(v, "student depth, e.g. [2, 3, 4]", bad)
+
+    @field_validator("heads", "ffn")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        return _problems(v, "fraction, e.g. [0.0] (remove none)", _fraction)
+
+    @field_validator("precision")
+    @classmethod
+    def _precisions(cls, v: list[str]) -> list[str]:
+        return _problems(v, f"precision ({', '.join(PRECISIONS)})", lambda _: None)
+
+    @field_validator("epochs")
+    @classmethod
+    def _budgets(cls, v: list[float]) -> list[float]:
+        def bad(e: float) -> str | None:
+            if not math.isfinite(e) or not 0 < e <= MAX_EPOCHS:
+                return f"{e} epochs is not in (0, {MAX_EPOCHS:g}]"
+            return None
+
+        return _problems(v, "distillation budget in epochs, e.g. [1.0]", bad)
+
+
+def _digest(data: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces), first 16 hex digits."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the space. Numbers are normalised (int depth, float fractions and epochs) so that
+    `Candidate(3, 0, 0, ...)` and `Candidate(3, 0.0, 0.0, ...)` are the same candidate with the same keys."""
+
+    layers: int
+    heads: float
+    ffn: float
+    precision: Precision
+    epochs: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", int(self.layers))
+        for name in ("heads", "ffn", "epochs"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    def arch(self) -> dict[str, Any]:
+        """What the candidate's latency, size and memory depend on (its weights do not: so not the epochs)."""
+        return {"layers": self.layers, "heads": self.heads, "ffn": self.ffn, "precision": self.precision}
+
+    def key(self) -> str:
+        """A stable name of the whole candidate: 16 hex digits of sha256 over its canonical JSON."""
+        return _digest({**self.arch(), "epochs": self.epochs})
+
+    def arch_key(self) -> str:
+        """A stable name of its architecture: candidates differing only in epochs share it (and one cost)."""
+        return _digest(self.arch())
+
+
+def candidates(space: SearchSpace, teacher_layers: int, note: Callable[[str], None] | None = None) -> list[Candidate]:
+    """The grid of the space in a fixed order (layers, heads, ffn, precision, epochs, each as listed). Depths
+    above the teacher's are dropped, said once through `note` (default: a UserWarning); nothing left is a
+    ConfigError in one line, raised before anything is built or trained."""
+    if teacher_layers < 1:
+        raise ConfigError(f"the teacher has {teacher_layers} layers", "a search needs a teacher with layers")
+    depths = [d for d in space.layers if d <= teacher_layers]
+    dropped = [d for d in space.layers if d > teacher_layers]
+    if not depths:
+        raise ConfigError(
+            f"every depth in search.layers ({', '.join(map(str, space.layers))}) exceeds the teacher's "
+            f"{teacher_layers} layers",
+            f"give depths from 1 to {teacher_layers}, e.g. search.layers: [{max(1, teacher_layers // 2)}]",
+        )
+    if dropped:
+        text = (
+            f"search.layers: {', '.join(map(str, dropped))} exceed(s) the teacher's {teacher_layers} layers; "
+            "dropped from the search"
+        )
+        if note is None:
+            warnings.warn(text, UserWarning, stacklevel=2)
+        else:
+            note(text)
+    grid = itertools.product(depths, space.heads, space.ffn, space.precision, space.epochs)
+    return [Candidate(layers=d, heads=h, ffn=f, precision=p, epochs=e) for d, h, f, p, e in grid]
+
+
+def spaced_layers(depth: int, teacher_layers: int) -> list[int]:
+    """The `depth` teacher layers (0-based) a student keeps: index ceil(i * n / depth) for i < depth, n the
+    teacher's layers. Evenly spaced, starting at layer 0, strictly increasing, all below n; depth = ceil(n / 2)
+    gives exactly every-other (0, 2, 4, ..., DistilBERT's init), depth = n keeps every layer."""
+    if not 1 <= depth <= teacher_layers:
+        raise ConfigError(
+            f"a student of {depth} layers cannot be taken from a teacher of {teacher_layers}",
+            f"give a depth from 1 to {teacher_layers}",
+        )
+    return [-(-i * teacher_layers // depth) for i in range(depth)]
+
+
+def _number(v: float) -> str:
+    return repr(float(v))  # YAML reads 0.25 / 1.0 back as the same float
+
+
+def student_overrides(c: Candidate, teacher_layers: int) -> list[str]:
+    """The `--set key=value` strings (kdpipe.config.parse_overrides) that make a recipe train and export `c`:
+    the kept layers, the width pruning (`student.width=null` when nothing is removed, so that a width in the
+    recipe does not leak into a candidate measured without it), the one export variant it ships in (none
+    besides the plain export for fp32) and the distillation budget. The profile side is `deploy_profile`."""
+    kept = ",".join(map(str, spaced_layers(c.layers, teacher_layers)))
+    if c.heads > 0 or c.ffn > 0:
+        width = f"student.width={{heads: {_number(c.heads)}, ffn: {_number(c.ffn)}}}"
+    else:
+        width = "student.width=null"
+    variants = "" if c.precision == "fp32" else c.precision
+    return [
+        f"student.layers=[{kept}]",
+        width,
+        f"export.variants=[{variants}]",
+        f"distill.epochs={_number(c.epochs)}",
+    ]
+
+
+def deploy_profile(prof: TargetProfile, c: Candidate) -> TargetProfile:
+    """The target profile timing only the variant `c` ships in, and deploying it (its budgets apply to it)."""
+    return prof.model_copy(update={"variants": [c.precision], "deploy": c.precision})
