@@ -348,6 +348,42 @@ def _after_profile(profile_dir: Path, strict: bool, compare: Path | None) -> Non
 
 
 @app.command()
+def search(
+    recipe: str = typer.Argument("default", help=RECIPE_HELP + " Its `search:` section is the space."),
+    target: str | None = typer.Option(None, "--profile", "-p", help="Target profile whose budgets to meet."),
+    trials: int | None = typer.Option(None, "--trials", min=1, help="Candidates trained at most (search.trials)."),
+    hours: float | None = typer.Option(None, "--hours", help="Start no new candidate after this many hours."),
+    workers: int = typer.Option(1, "--workers", help="Processes training candidates of one study at once."),
+    storage: str | None = typer.Option(
+        None, "--storage", help="Optuna RDB URL (default: sqlite in <out>/search/study.db); resumable."
+    ),
+    sets: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output root (default: the recipe's `out`)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when no candidate meets every budget."),
+) -> None:
+    """Find the most accurate student that meets the profile's budgets: each architecture timed untrained
+    first (over budget: never trained), then an Optuna study with successive halving on the distillation budget.
+    Writes <out>/search/report.md (+ .json, pareto.png) and links <out>/best; a killed search resumes."""
+    with _guard():
+        from kdpipe.config import load_recipe
+        from kdpipe.data.tables import check_source
+        from kdpipe.search.study import Options, run_search
+
+        s = _opt(sets, "profile", target, "--profile")
+        cfg, path = load_recipe(recipe, s)
+        check_source(cfg.teacher.data, finetune=cfg.teacher.finetune)
+        root = _out_root(out, cfg.out)
+        err.print(f"search {path} (profile {cfg.profile}) -> {root / 'search'}")
+        opts = Options(trials=trials, hours=hours, workers=workers, storage=storage, strict=strict)
+        data = run_search(recipe, list(s), root, opts, err)
+        typer.echo(f"report: {root / 'search' / 'report.md'}")
+        if data["best"]:
+            typer.echo(f"best: {root / 'best'} ({data['best']})")
+        else:
+            err.print(f"[bold red]no candidate meets every budget[/]; closest: {data['closest']}")
+
+
+@app.command()
 def validate(files: list[Path] = typer.Argument(..., help="Recipe or profile YAML files to check.")) -> None:
     """Check recipes and profiles without running anything."""
     from kdpipe.pipeline.validate import validate_file

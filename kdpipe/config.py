@@ -900,6 +900,33 @@ class Recipe(_Strict):
     )
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export stage.")
     profile: str = Field("cpu", description="Target profile: a name in profiles/ or a YAML path.")
+    search: dict[str, Any] | None = Field(
+        None,
+        description="The space `kdpipe search` explores (kdpipe.search.space.SearchSpace: layers, heads, ffn, "
+        "precision, epochs, trials, seed, fidelities); no stage reads it, so it never changes a run id.",
+    )
+
+    @field_validator("search")
+    @classmethod
+    def _search_space(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return None
+        from kdpipe.search.space import SearchSpace  # imports this module: only at validation time
+
+        try:
+            return SearchSpace.model_validate(v).model_dump(mode="json")
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            msg = str(first["msg"]).removeprefix("Value error, ")
+            extra = " (an unknown key)" if first["type"] == "extra_forbidden" else ""
+            raise ValueError(f"search.{where}{extra}: {msg}") from None
+
+    def search_space(self) -> Any:
+        """The `search:` section as a kdpipe.search.space.SearchSpace (its defaults when the recipe has none)."""
+        from kdpipe.search.space import SearchSpace
+
+        return SearchSpace.model_validate(self.search or {})
 
     @model_validator(mode="after")
     def _static_for_embedding(self) -> Recipe:

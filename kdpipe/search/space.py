@@ -90,6 +90,14 @@ class SearchSpace(_Strict):
         description="Distillation budgets (distill.epochs, fractions allowed; each in (0, 1000]).",
     )
     trials: int = Field(20, ge=1, le=100_000, description="Candidates trained at most.")
+    rungs: int = Field(
+        2,
+        ge=1,
+        le=6,
+        description="Fidelities of successive halving: a candidate of E epochs is first distilled for "
+        "E / reduction^(rungs-1) epochs, and only the best 1 / reduction go on to the next, up to E (1: no pruning).",
+    )
+    reduction: int = Field(3, ge=2, le=10, description="Successive halving's reduction factor (eta).")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the sampler (0 to 2**32 - 1).")
 
     @field_validator("layers")
@@ -223,5 +231,17 @@ def student_overrides(c: Candidate, teacher_layers: int) -> list[str]:
 
 
 def deploy_profile(prof: TargetProfile, c: Candidate) -> TargetProfile:
-    """The target profile timing only the variant `c` ships in, and deploying it (its budgets apply to it)."""
-    return prof.model_copy(update={"variants": [c.precision], "deploy": c.precision})
+    """The target profile timing only the variant `c` ships in, and deploying it (its budgets apply to it), at
+    the budget's shape alone, without PyTorch eager beside it (a search times many candidates; the teacher's
+    figures come from one profile of their own)."""
+    shape = prof.budgets.shape
+    shapes = [s for s in prof.shapes if f"{s.batch}x{s.seq}" == shape] if shape else prof.shapes[:1]
+    return prof.model_copy(
+        update={"variants": [c.precision], "deploy": c.precision, "torch_eager": False, "shapes": shapes or prof.shapes}
+    )
+
+
+def fidelities(c: Candidate, space: SearchSpace) -> list[float]:
+    """The distillation budgets (epochs) of a candidate's rungs, smallest first, ending at its own `epochs`:
+    epochs / reduction^k for k = rungs-1 .. 0."""
+    return [c.epochs / space.reduction**k for k in range(space.rungs - 1, -1, -1)]

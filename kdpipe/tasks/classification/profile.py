@@ -97,7 +97,7 @@ def run_profile(
     )
     report = write_report(upstream, results, rec, work)
     ctx.console.print(report.summary)
-    return StageOutput(record=rec, metrics=_metrics(results))
+    return StageOutput(record=rec, metrics=_metrics(results, deployed_name(prof)))
 
 
 def _cost(path: Path, fp32: Path | None, batch: int, seq: int) -> tuple[Any, bool]:
@@ -202,12 +202,14 @@ def _vocab_size(model_dir: Path) -> int:
     return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
 
 
-def _metrics(results: dict[str, Any]) -> dict[str, Metric]:
-    """Student (and teacher) onnxruntime p50 per shape, and the speed-up."""
+def _metrics(results: dict[str, Any], deployed: str = "student") -> dict[str, Metric]:
+    """Student (and teacher) onnxruntime p50 per shape, and the speed-up: of the fp32 student when it was timed,
+    else of the deployed variant (a profile may time that alone, as `kdpipe search` does)."""
     metrics: dict[str, Metric] = {}
     ort_res = results["onnxruntime"]
-    for shape in ort_res["student"]["shapes"]:
-        s = ort_res["student"]["shapes"][shape]["p50_ms"]
+    name = "student" if "student" in ort_res else deployed
+    for shape in ort_res.get(name, {}).get("shapes", {}):
+        s = ort_res[name]["shapes"][shape]["p50_ms"]
         metrics[f"student_p50_ms_{shape}"] = Metric(round(s, 3), "ms")
         if "teacher" in ort_res:
             t = ort_res["teacher"]["shapes"][shape]["p50_ms"]
