@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from kdpipe import __version__
+from kdpipe.artifacts.cache_cli import cache_app
 from kdpipe.errors import BudgetError, ConfigError, KdpipeError
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(cache_app, name="cache")
 err = Console(stderr=True, highlight=False)
 _state = {"debug": os.environ.get("KDPIPE_DEBUG") == "1"}
 

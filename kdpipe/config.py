@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -884,6 +886,117 @@ class TargetProfile(_Strict):
 
 
 # --------------------------------------------------------------------------- recipe
+# `kdpipe search`'s space (kdpipe.search.space builds its candidates): here, so that Recipe validates it
+Precision = Literal["fp32", "optimized", "int8-dynamic", "int8-static", "int4"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "optimized", "int8-dynamic", "int8-static", "int4")
+MAX_DEPTH = 64  # StudentConfig's teachers: kdpipe.config.TranslationConfig.layers has the same ceiling
+MAX_EPOCHS = 1000.0  # DistillConfig.epochs: at most 1000
+
+
+def _default_precision() -> list[Precision]:
+    return ["int8-dynamic"]
+
+
+def _twice(values: list[Any]) -> list[Any]:
+    """The values listed more than once, each once, in the order they first repeat."""
+    seen: set[Any] = set()
+    out: list[Any] = []
+    for v in values:
+        if v in seen and v not in out:
+            out.append(v)
+        seen.add(v)
+    return out
+
+
+def _problems(values: list[Any], what: str, bad: Callable[[Any], str | None]) -> list[Any]:
+    """`values` unchanged, or a ValueError naming every problem of the list in one line."""
+    if not values:
+        raise ValueError(f"is empty; give at least one {what}")
+    problems = [p for p in (bad(v) for v in values) if p]
+    repeated = _twice(values)
+    if repeated:
+        problems.append(f"{', '.join(str(v) for v in repeated)} listed twice")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return values
+
+
+def _fraction(v: float) -> str | None:
+    if not math.isfinite(v) or not 0 <= v < 1:
+        return f"{v} is not a fraction in [0, 1) (the share removed: 0 keeps all, 1 would remove all)"
+    return None
+
+
+class SearchSpace(_Strict):
+    """`search:` — every value of each list is tried against every value of the others (a grid; the sampler
+    may visit only `trials` of it)."""
+
+    layers: list[int] = Field(
+        default_factory=lambda: [2, 3, 4],
+        description="Student depths (layer counts) to try; the kept teacher layers are evenly spaced "
+        "(kdpipe.search.space.spaced_layers). Depths above the teacher's are dropped with a note.",
+    )
+    heads: list[float] = Field(
+        default_factory=lambda: [0.0],
+        description="Fractions of attention heads to remove (student.width.heads), each in [0, 1).",
+    )
+    ffn: list[float] = Field(
+        default_factory=lambda: [0.0, 0.5],
+        description="Fractions of FFN neurons to remove (student.width.ffn), each in [0, 1).",
+    )
+    precision: list[Precision] = Field(
+        default_factory=_default_precision,
+        description="Precisions the student may ship in: 'fp32' (the plain export) or an export variant "
+        "(optimized, int8-dynamic, int8-static, int4); the profile deploys it.",
+    )
+    epochs: list[float] = Field(
+        default_factory=lambda: [1.0],
+        description="Distillation budgets (distill.epochs, fractions allowed; each in (0, 1000]).",
+    )
+    trials: int = Field(20, ge=1, le=100_000, description="Candidates trained at most.")
+    rungs: int = Field(
+        2,
+        ge=1,
+        le=6,
+        description="Fidelities of successive halving: a candidate of E epochs is first distilled for "
+        "E / reduction^(rungs-1) epochs, and only the best 1 / reduction go on to the next, up to E (1: no pruning).",
+    )
+    reduction: int = Field(3, ge=2, le=10, description="Successive halving's reduction factor (eta).")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the sampler (0 to 2**32 - 1).")
+
+    @field_validator("layers")
+    @classmethod
+    def _depths(cls, v: list[int]) -> list[int]:
+        def bad(d: int) -> str | None:
+            if d < 1:
+                return f"depth {d} is below 1 (a student keeps at least one layer)"
+            if d > MAX_DEPTH:
+                return f"depth {d} is above {MAX_DEPTH}"
+            return None
+
+        return _problems(v, "student depth, e.g. [2, 3, 4]", bad)
+
+    @field_validator("heads", "ffn")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        return _problems(v, "fraction, e.g. [0.0] (remove none)", _fraction)
+
+    @field_validator("precision")
+    @classmethod
+    def _precisions(cls, v: list[str]) -> list[str]:
+        return _problems(v, f"precision ({', '.join(PRECISIONS)})", lambda _: None)
+
+    @field_validator("epochs")
+    @classmethod
+    def _budgets(cls, v: list[float]) -> list[float]:
+        def bad(e: float) -> str | None:
+            if not math.isfinite(e) or not 0 < e <= MAX_EPOCHS:
+                return f"{e} epochs is not in (0, {MAX_EPOCHS:g}]"
+            return None
+
+        return _problems(v, "distillation budget in epochs, e.g. [1.0]", bad)
+
+
 class Recipe(_Strict):
     kind: Literal["recipe"] | None = Field(None, description="'recipe': tells `kdpipe validate` what this file is.")
     out: str = Field("runs/default", description="Output directory; each stage writes <out>/<stage>/.")
@@ -911,8 +1024,6 @@ class Recipe(_Strict):
     def _search_space(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is None:
             return None
-        from kdpipe.search.space import SearchSpace  # imports this module: only at validation time
-
         try:
             return SearchSpace.model_validate(v).model_dump(mode="json")
         except ValidationError as e:
@@ -922,10 +1033,8 @@ class Recipe(_Strict):
             extra = " (an unknown key)" if first["type"] == "extra_forbidden" else ""
             raise ValueError(f"search.{where}{extra}: {msg}") from None
 
-    def search_space(self) -> Any:
-        """The `search:` section as a kdpipe.search.space.SearchSpace (its defaults when the recipe has none)."""
-        from kdpipe.search.space import SearchSpace
-
+    def search_space(self) -> SearchSpace:
+        """The `search:` section as a SearchSpace (its defaults when the recipe has none)."""
         return SearchSpace.model_validate(self.search or {})
 
     @model_validator(mode="after")

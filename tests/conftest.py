@@ -225,3 +225,14 @@ def write_profile(path: Path, **over: object) -> Path:
     doc = {"name": "p", "description": "d", "shapes": [{"batch": 1, "seq": 8}], **over}
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _no_stage_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs every stage and leaves ~/.cache alone: the stage store is off (tests/test_store.py turns it
+    on, in a temporary directory, with a fixture of its own)."""
+    monkeypatch.setenv("KDPIPE_STORE", "off")
+
+
+# and for the session fixtures too (`finished` runs before any function-scoped fixture is set up)
+os.environ["KDPIPE_STORE"] = "off"

@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+from kdpipe.artifacts import store
 from kdpipe.artifacts.manifest import (
     MANIFEST,
     Manifest,
@@ -86,7 +87,7 @@ def execute(
         chash = config_hash(identity)
         inputs = spec.inputs(cfg, upstream)
         rid = run_id(spec.name, chash, inputs, [upstream.run_id] if upstream else [])
-        old = _up_to_date(final, rid, identity, force, ctx.console)
+        old = _reuse(spec, final, rid, identity, upstream, force, ctx)
         if old is not None:
             return old, False
         ctx.console.rule(f"[bold]{final.name}[/]: {spec.summary}")
@@ -110,10 +111,41 @@ def execute(
             )
             write_json_atomic(work / MANIFEST, manifest.to_json())  # last: it marks the stage finished
         manifest.dir = final
+        if spec.name not in UNSTORED:
+            store.publish(manifest, final, ctx.console)  # for every output root with this very run
         shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing left to resume
         distributed.barrier()  # the followers read the manifest once it is in place
         ctx.console.print(f"[green]done[/] {final.name} -> {final}")
         return manifest, True
+
+
+UNSTORED = frozenset({"profile"})  # a measurement of this machine at this moment: never shared nor reused
+
+
+def _reuse(
+    spec: StageSpec[Any],
+    final: Path,
+    rid: str,
+    identity: dict[str, Any],
+    upstream: Manifest | None,
+    force: bool,
+    ctx: RunContext,
+) -> Manifest | None:
+    """This very run, finished: the one on disk (published to the stage store when it is not there yet), or the
+    store's copy materialised at `final`; None when the stage must run. `--force`, the profile stage and a torchrun
+    run (its followers decide from `final` alone) never reuse from the store."""
+    shared = spec.name not in UNSTORED
+    old = _up_to_date(final, rid, identity, force, ctx.console)
+    if old is not None:
+        if shared:
+            store.publish(old, final, ctx.console)
+        return old
+    if force or not shared or distributed.world().distributed:
+        return None
+    got = store.fetch(spec.kind or spec.name, rid, final, _lineage(upstream, final, spec.name), ctx.console)
+    if got is not None:
+        ctx.console.print(f"[green]reused[/] {final.name}: from the stage store (run_id {rid})")
+    return got
 
 
 def _follow(

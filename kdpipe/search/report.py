@@ -17,6 +17,7 @@ from kdpipe.search.pareto import Point, best, closest, front
 from kdpipe.search.space import Candidate, SearchSpace
 
 SEARCH = "search"
+COSTS = ("p50_ms", "p99_ms", "model_mib", "peak_rss_mib")  # the first the profile budgets ranks ties
 
 
 def _row(
@@ -71,17 +72,18 @@ def write_report(
     dropped: list[tuple[Candidate, list[str]]],
     teacher: Manifest,
     seconds: float,
+    trials: dict[str, Any],
 ) -> dict[str, Any]:
-    """report.json, report.md and pareto.png under <out>/search, and <out>/best; returns the report's data."""
+    """report.json, report.md and pareto.png under <out>/search, and <out>/best; returns the report's data.
+    `trials`: candidate key -> its finished Optuna trial (kdpipe.search.study.finished)."""
     from kdpipe.env import cpu_model
-    from kdpipe.search.study import _study, finished
 
     prof = TargetProfile.model_validate(plan.profile)
-    trials = finished(_study(plan))
     cost_misses = {c.key(): m for c, m in dropped}
     rows = [_row(c, measured, cost_misses, trials.get(c.key())) for c in cands]
-    top = best(_points(rows, "p50_ms"))
-    near = closest(_points(rows, "p50_ms"), prof.budgets) if top is None else None
+    primary = next((n for n in COSTS if getattr(prof.budgets, n, None) is not None), "model_mib")
+    top = best(_points(rows, primary))
+    near = closest(_points(rows, primary), prof.budgets) if top is None else None
     data = {
         "profile": prof.name,
         "budgets": prof.budgets.model_dump(mode="json", exclude_none=True),

@@ -184,7 +184,9 @@ def run_search(recipe: str, sets: list[str], root: Path, opts: Options, console:
         )
         _recover(plan)
         _run_workers(plan, opts.workers, console)
-        data = write_report(root, plan, cands, measured, dropped, teacher, time.time() - started)
+        data = write_report(
+            root, plan, cands, measured, dropped, teacher, time.time() - started, finished(_study(plan))
+        )
     if opts.strict and data["best"] is None:
         raise BudgetError(
             f"no searched candidate meets every budget of profile {prof.name}; closest: {data['closest']}",
@@ -233,8 +235,8 @@ def _recover(plan: Plan) -> None:
     study = _study(plan)
     queued: list[str] = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)  # noqa: SLF001
         study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted (the search was killed)")  # noqa: SLF001
+        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)  # noqa: SLF001
         queued.append(t.params["candidate"])
     space = SearchSpace.model_validate(plan.space)
     tried = {t.params.get("candidate") for t in study.get_trials(deepcopy=False)} - set(queued)
