@@ -56,6 +56,8 @@ def test_search_filters_by_cost_trains_the_rest_reports_and_a_second_search_trai
             assert not trained
         else:
             assert r["state"] == "complete" and trained, r
+            shared = runs / "search" / "trials" / r["key"] / "cache"  # one teacher-output cache for all
+            assert shared.is_symlink() and shared.resolve() == (runs / "cache").resolve()
             assert 0 <= r["figures"]["accuracy"] <= 1 and r["figures"]["model_mib"] <= ONE_LAYER_FITS
             assert [e for e, _ in r["rungs"]] == pytest.approx([2 / 3, 2.0])  # two fidelities, eta 3
     assert data["best"] in rows and rows[data["best"]]["meets"]

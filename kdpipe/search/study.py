@@ -149,7 +149,7 @@ def _costs(
 
 
 def _label(c: Candidate) -> str:
-    return f"{c.layers} layers, heads -{c.heads:.0%}, FFN -{c.ffn:.0%}, {c.precision}, {c.epochs:g} epochs"
+    return f"{c.layers} layers, heads -{100 * c.heads:g}%, FFN -{100 * c.ffn:g}%, {c.precision}, {c.epochs:g} epochs"
 
 
 def run_search(recipe: str, sets: list[str], root: Path, opts: Options, console: Console) -> dict[str, Any]:

@@ -88,6 +88,7 @@ def _chain(s: Setting, cfg: Recipe, root: Path, upto: str) -> dict[str, Manifest
     from kdpipe.pipeline.validate import check_recipe
 
     check_recipe(cfg)
+    _share_cache(root, s.teacher_dir.parent / "cache")
     ctx = context(cfg, s.console)
     done: dict[str, Manifest] = {}
     upstream: Path | None = s.teacher_dir
@@ -96,6 +97,19 @@ def _chain(s: Setting, cfg: Recipe, root: Path, upto: str) -> dict[str, Manifest
         done[name], _ = execute(spec, spec.section(cfg, ctx), ctx, root, upstream)
         upstream = None  # the later stages read their upstream from `root`
     return done
+
+
+def _share_cache(root: Path, shared: Path) -> None:
+    """<root>/cache -> the search's shared <out>/cache (relative link): the teacher-output cache is keyed by its
+    content (kdpipe.train.cache), so every candidate that reads the same teacher outputs builds them once."""
+    import os
+
+    link = root / "cache"
+    if link.is_symlink() or link.exists():
+        return
+    shared.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(shared, root), target_is_directory=True)
 
 
 def figures(prof_manifest: Manifest) -> dict[str, float]:
