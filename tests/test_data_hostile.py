@@ -12,7 +12,8 @@ import pytest
 from conftest import assert_one_line_error, invoke
 
 from kdpipe.config import DataConfig
-from kdpipe.data.tables import check_source, read_table
+from kdpipe.data.splits import check_source
+from kdpipe.data.tables import read_table
 from kdpipe.errors import DataError
 
 ROWS = [(f"some words {i}", "ab"[i % 2]) for i in range(40)]
@@ -47,7 +48,7 @@ def test_a_directory_is_said_to_be_one(tmp_path: Path, name: str) -> None:
     _csv(path / "train.csv")
     e = _error(path)
     assert e.message.startswith(f"{path}: is a directory, not a data file") and "no such" not in e.message
-    assert "a file is expected" in e.hint and "datasets" in e.hint and f"{path / 'train.csv'}" in e.hint
+    assert "a file or a Hugging Face `datasets` directory" in e.hint and f"{path / 'train.csv'}" in e.hint
     assert_one_line_error(*_teacher(tmp_path, "--data", path), "is a directory, not a data file")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "kdpipe"
 MAX_LINES = 60
 # the only modules directly in kdpipe/; anything else belongs in a folder (pipeline/, tasks/, data/, ...)
-TOP_LEVEL = {"__init__", "cli", "config", "yamlio", "files", "textcodec", "errors", "env"}
+TOP_LEVEL = {"__init__", "api", "cli", "config", "yamlio", "files", "textcodec", "errors", "env"}
 
 
 def _modules() -> dict[str, Path]:

@@ -37,6 +37,17 @@ class AssistantInfo(Record):
     teacher_layers: int = Field(description="Layers of the original teacher.")
 
 
+class LeakageCount(Record):
+    """Texts of a held-out split also found in the train split after case / whitespace normalisation."""
+
+    overlap: int = Field(ge=0, description="Held-out texts whose normalised form is a normalised train text.")
+    of: int = Field(ge=0, description="Texts of the held-out split.")
+
+    @property
+    def share(self) -> float:
+        return self.overlap / self.of if self.of else 0.0
+
+
 class PosteriorInfo(Record):
     """The teacher's posterior N(m, S) over its weights (kdpipe.methods.bayes), stored next to its model."""
 
@@ -139,6 +150,12 @@ class TeacherRecord(Record):
     data_source: str
     data_sha256: str
     data_rows: dict[str, int] | None = None
+    data_splits: dict[str, str] = Field(
+        default_factory=dict, description="train / val / test -> where it came from (a given file, or drawn)."
+    )
+    leakage: dict[str, LeakageCount] = Field(
+        default_factory=dict, description="val / test -> its texts also in train (kdpipe.data.splits)."
+    )
     model_source: str
     finetuned: bool
     trained_params: Literal["head", "all"]

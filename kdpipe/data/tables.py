@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kdpipe.config import DataConfig
+from kdpipe.data.hfdatasets import is_datasets_dir
 from kdpipe.errors import DataError
 from kdpipe.files import PERMISSION_HINT, message, path_problem, shown
 from kdpipe.textcodec import binary_kind, encoding_problem, printable, utf16_without_bom
@@ -74,11 +75,13 @@ def source_path(cfg: DataConfig) -> Path:
             "e.g. --data reviews.csv, or --set teacher.data.source=default (the embedded tweets)",
         )
     path = Path(cfg.source)
+    if is_datasets_dir(path):
+        return path
     check_file(
         path,
         "data file",
         f"set teacher.data.source (--data) to a {_FORMATS} file",
-        "a file is expected; a directory (such as a Hugging Face `datasets` save) is not read today",
+        "a file or a Hugging Face `datasets` directory (save_to_disk) is expected; this directory is neither",
     )
     if path.suffix.lower() not in _SUFFIXES:
         compressed = "decompress it first (e.g. `gzip -dk FILE`); " if path.suffix.lower() in _COMPRESSED else ""
@@ -321,12 +324,41 @@ def read_counted(
     path: Path, text_column: str, label_column: str, encoding: str = "auto"
 ) -> tuple[pd.DataFrame, RowCounts]:
     """`read_table` and how many rows were read and dropped, by reason."""
-    import pandas as pd
+    table = read_labeled(path, text_column, label_column, encoding)
+    return table.frame, table.counts
 
+
+@dataclass(frozen=True)
+class Labeled:
+    """A table as read: `frame` (text, label as str; unusable rows dropped), the counts, the file's own columns
+    and, for a `datasets` directory whose label is a ClassLabel, its names."""
+
+    frame: pd.DataFrame
+    counts: RowCounts
+    columns: tuple[str, ...]
+    names: list[str] | None = None
+
+
+def read_labeled(path: Path, text_column: str, label_column: str, encoding: str = "auto") -> Labeled:
+    """A data file (CSV / TSV / JSON / JSONL / parquet) or a `datasets` directory, read strictly."""
+    if is_datasets_dir(path):
+        from kdpipe.data.hfdatasets import read_dataset
+
+        df, names = read_dataset(path, (text_column, label_column))
+        frame, counts = _rows(df, text_column, label_column)
+        return Labeled(frame, counts, tuple(str(c) for c in df.columns), names)
     if encoding == "auto" and _is_default(path):
         encoding = _DEFAULT_ENCODING
     df, sep = _read_frame(path, encoding, (text_column, label_column))
     _check_columns(df, path, sep, (text_column, label_column))
+    frame, counts = _rows(df, text_column, label_column)
+    return Labeled(frame, counts, tuple(str(c) for c in df.columns))
+
+
+def _rows(df: pd.DataFrame, text_column: str, label_column: str) -> tuple[pd.DataFrame, RowCounts]:
+    """The text and label columns as str, rows with an empty text or a missing label dropped (and counted)."""
+    import pandas as pd
+
     texts = [_text(x) for x in df[text_column].tolist()]
     labels = [_label(x) for x in df[label_column].tolist()]
     empty_text = [not t.strip() for t in texts]
@@ -506,8 +538,15 @@ def _is_default(path: Path) -> bool:
 def load_source(cfg: DataConfig, finetune: bool = True) -> tuple[Path, pd.DataFrame, RowCounts]:
     """The configured table, read strictly and checked: columns, enough rows for the splits and,
     when a head is trained on it, at least two classes. Pandas only, no torch: seconds, not ten."""
+    path, table = load_labeled(cfg, finetune)
+    return path, table.frame, table.counts
+
+
+def load_labeled(cfg: DataConfig, finetune: bool = True) -> tuple[Path, Labeled]:
+    """`load_source`, with the table's columns and ClassLabel names (kdpipe.data.splits names the labels)."""
     path = source_path(cfg)
-    df, counts = read_counted(path, cfg.text_column, cfg.label_column, source_encoding(cfg))
+    table = read_labeled(path, cfg.text_column, cfg.label_column, source_encoding(cfg))
+    df, counts = table.frame, table.counts
     need = cfg.test_size + cfg.val_size + 2
     if len(df) < need:
         raise DataError(
@@ -522,7 +561,7 @@ def load_source(cfg: DataConfig, finetune: bool = True) -> tuple[Path, pd.DataFr
                 f"({', '.join(repr(n) for n in names[:3])}) in {len(df)} rows; classification needs >= 2",
                 "check --label-column (teacher.data.label_column)",
             )
-    return path, df, counts
+    return path, table
 
 
 def _why(counts: RowCounts) -> str:
@@ -547,11 +586,6 @@ def _too_few_hint(counts: RowCounts, label_column: str) -> str:
             f"check --label-column (teacher.data.label_column); or {hint}"
         )
     return hint
-
-
-def check_source(cfg: DataConfig, finetune: bool = True) -> None:
-    """`load_source` for its errors only: what the CLI runs before any model or torch import."""
-    load_source(cfg, finetune)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,11 @@ from typing import Any
 from rich.table import Table
 
 from kdpipe.artifacts.manifest import Manifest
-from kdpipe.artifacts.records import ProfileRecord, TeacherRecord, record
+from kdpipe.artifacts.records import ExportRecord, ProfileRecord, TeacherRecord, record
 from kdpipe.compress.quantize import VARIANTS
 from kdpipe.data.tables import rows_summary
+from kdpipe.env import int8_kernels, machine, machine_line
+from kdpipe.errors import ArtifactError
 from kdpipe.reporting.figures import Run, figures
 from kdpipe.reporting.plots import plot_pareto
 
@@ -33,13 +35,24 @@ def data_lines(rec: TeacherRecord, tcfg: dict[str, Any]) -> list[str]:
     """The report's data bullets: source and splits, and the rows read and dropped."""
     split = rec.split_sizes
     subset = tcfg["data"]["source"] == "default" and tcfg["data"]["train_size"]
-    lines = [
-        f"- data: `{rec.data_source}`; seeded splits (seed {tcfg['seed']}): "
-        f"train {split['train']}, validation {split['val']}, test {split['test']} examples; max length "
-        f"{rec.max_length} tokens." + (" A subset of the rows is used to keep the default run short." if subset else "")
-    ]
+    if rec.data_splits and not all(v.startswith("drawn from") for v in rec.data_splits.values()):
+        lines = [f"- data: `{rec.data_source}`; max length {rec.max_length} tokens."]
+        order = [name for name in ("train", "val", "test") if name in rec.data_splits]
+        lines += [f"  - {name}: {rec.data_splits[name]}." for name in order]
+    else:
+        lines = [
+            f"- data: `{rec.data_source}`; seeded splits (seed {tcfg['seed']}): "
+            f"train {split['train']}, validation {split['val']}, test {split['test']} examples; max length "
+            f"{rec.max_length} tokens."
+            + (" A subset of the rows is used to keep the default run short." if subset else "")
+        ]
     if rec.data_rows:
         lines.append(f"- Data: {rows_summary(rec.data_rows)}.")
+    for name, leak in rec.leakage.items():
+        lines.append(
+            f"- Leakage: {leak.overlap:,} of the {leak.of:,} {name} texts ({100 * leak.share:.1f}%) also occur in the "
+            "train split (after case / whitespace normalisation)."
+        )
     return lines
 
 
@@ -376,6 +389,8 @@ def write_report(export: Manifest, results: dict[str, Any], profiled: ProfileRec
         f"onnxruntime {export.environment['packages']['onnxruntime']}, kdpipe {export.kdpipe_version} "
         f"(git {str(export.environment.get('git_sha'))[:10]}).",
         "",
+        deployed_machine_line(export, profiled.deploy),
+        "",
     ]
     for png in ("training.png", "cka.png"):
         if run.distill.has(png):
@@ -383,6 +398,20 @@ def write_report(export: Manifest, results: dict[str, Any], profiled: ProfileRec
     path = work / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return Report(path=path, summary=_summary(run, results))
+
+
+def deployed_machine_line(export: Manifest, deploy: str) -> str:
+    """kdpipe.env.machine_line of this host (where the profile times the models) with the integer operators of
+    the deployed model's graph (kdpipe.env.int8_kernels), read through the export record; a graph that cannot be
+    read leaves them out. Every task's report.md carries it."""
+    from google.protobuf.message import DecodeError
+
+    models = record(export, ExportRecord).models
+    try:
+        kernels = int8_kernels(export.path(models[deploy].onnx)) if deploy in models else None
+    except (ArtifactError, OSError, ValueError, DecodeError):
+        kernels = None
+    return machine_line(machine(), kernels, deploy if kernels is not None else None)
 
 
 def _target_lines(data: dict[str, Any]) -> list[str]:

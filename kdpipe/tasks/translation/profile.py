@@ -21,6 +21,7 @@ from kdpipe.artifacts.records import (
 from kdpipe.config import TargetProfile
 from kdpipe.errors import ConfigError
 from kdpipe.profiling.budgets import check_budgets, deployed_name
+from kdpipe.reporting.report import deployed_machine_line
 from kdpipe.tasks.translation.common import read_splits
 from kdpipe.tasks.translation.export import INT8, VARIANT_DIRS, onnx_bytes
 
@@ -172,6 +173,7 @@ def report_lines(export: Manifest, results: dict[str, Any], rec: ProfileRecord) 
             s = r["shapes"][KEY]
             lines.append(f"| {name} | {engine} | {s['p50_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | "
                          f"{r['mean_tokens']:.1f} | {r['peak_rss_mib']:.0f} |")  # fmt: skip
+    lines += ["", deployed_machine_line(export, rec.deploy)]
     lines += ["", f"Budgets of {rec.deploy}:" if rec.budgets else "No budgets in this profile."]
     for b in rec.budgets:
         value = "missing" if b.value is None else f"{b.value:.4g}"
