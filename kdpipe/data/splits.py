@@ -248,7 +248,7 @@ def _split_given(
 
 
 def _given(t: Table, split: str, rows: int) -> str:
-    what = f"{rows} rows of {shown(t.path)} ({t.where})"
+    what = f"{rows} rows of {shown(t.path.name)} ({t.where})"
     if split == "test" and t.split == "validation":
         what += ", the given validation split: no test split was given"
     return what
