@@ -75,6 +75,12 @@ def test_every_stage_runs_and_the_export_holds_the_student_and_its_int4_variant(
     # budget = reference / (1 + tolerance), tolerance = 1 / accuracy_budget - 1: exactly accuracy_budget x reference
     assert int4["gate"]["budget"] == pytest.approx(0.5 * int4["gate"]["reference"])
     assert "report:" in out
+    from tests.test_cards import check_cards  # every model directory's README.md, its code run from the run directory
+
+    cards = check_cards(
+        runs, {"teacher/model", "student/model", "distill/model", "export/student", "export/student-int4"}
+    )
+    assert "int4" in cards["export/student-int4"] and "ORTModelForCausalLM" in cards["export/student-int4"]
 
 
 def test_the_profile_times_ttft_and_decode_and_writes_the_reports(lm_run: tuple[Path, Path, str]) -> None:

@@ -79,6 +79,14 @@ def test_every_stage_runs_and_a_second_run_skips_them(run: tuple[Path, Path, str
     report = (runs / "profile" / "report.md").read_text()
     assert "Lee Spearman" in report and "recall@10" in report and "p50 ms" in report
     assert (runs / "profile" / "cosines.png").is_file()
+    from test_cards import check_cards  # every model directory's README.md, its code run from the run directory
+
+    models = {"teacher/model", "student/model", "distill/model", "export/student", "export/student/st"}
+    cards = check_cards(runs, models | {"export/teacher"})
+    assert (
+        "library_name: sentence-transformers" in cards["export/student/st"]
+        and 'backend="onnx"' in cards["export/student/st"]
+    )
     code, out = invoke("run", recipe)
     assert code == 0, out
     assert "re-running" not in out

@@ -197,4 +197,12 @@ def test_data_free_through_a_teaching_assistant(tiny_dir: Path, tiny_csv: Path, 
     runs = tmp_path / "runs"
     assistant = read_manifest(runs / "assistant", "teacher")
     assert "logit_stats.json" in {r.path for r in assistant.outputs}
+    from test_cards import front_matter  # the promoted assistant's model card, a hashed output like its model
+
+    assert "model/README.md" in {r.path for r in assistant.outputs}
+    assert front_matter((runs / "assistant" / "model" / "README.md").read_text())["tags"][:3] == [
+        "kdpipe",
+        "distillation",
+        "teacher",
+    ]
     assert read_manifest(runs / "distill", "distill").record["data_free"]["inputs"] == 12

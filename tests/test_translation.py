@@ -134,6 +134,11 @@ def test_run_goes_through_every_stage(run: tuple[int, str, Path]) -> None:
     # fp32 and int8-dynamic; "optimized" (a classification fusion) is skipped
     assert set(export["record"]["models"]) == {"student", "student-int8-dynamic", "teacher"}
     assert (runs / "export" / "student-int8-dynamic" / "decoder_with_past_model.onnx").is_file()
+    from test_cards import check_cards  # every model directory's README.md, its code run from the run directory
+
+    models = {"teacher/model", "student/model", "distill/model", "export/student", "export/student-int8-dynamic"}
+    cards = check_cards(runs, models | {"export/teacher"})
+    assert "ORTModelForSeq2SeqLM" in cards["export/student"] and "pipeline_tag: translation" in cards["distill/model"]
     profile = manifest(runs, "profile")
     assert profile["metrics"]["student_p50_ms_generate"]["value"] > 0
     assert profile["metrics"]["student-int8-dynamic_p50_ms_generate"]["value"] > 0

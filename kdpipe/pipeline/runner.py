@@ -35,6 +35,8 @@ from kdpipe.env import environment
 from kdpipe.errors import ArtifactError, ConfigError
 from kdpipe.pipeline import assistant, distill, export, profile, student, teacher
 from kdpipe.pipeline.validate import check_recipe
+from kdpipe.reporting.card import write_cards
+from kdpipe.tasks.registry import task_of
 from kdpipe.train import distributed
 
 STAGES: dict[str, StageSpec[Any]] = {
@@ -102,13 +104,15 @@ def execute(
                 config=identity,
                 config_hash=chash,
                 inputs=sorted(inputs, key=lambda r: r.path),
-                outputs=list_outputs(work),
+                outputs=[],
                 environment=environment(),
                 metrics=out.metrics,
                 lineage=_lineage(upstream, final, spec.name),
                 record=out.record.model_dump(mode="json"),
                 created_at=now(),
             )
+            _write_cards(manifest, work, final.name)  # before the outputs are listed: each card is a hashed output
+            manifest.outputs = list_outputs(work)
             write_json_atomic(work / MANIFEST, manifest.to_json())  # last: it marks the stage finished
         manifest.dir = final
         if spec.name not in UNSTORED:
@@ -117,6 +121,12 @@ def execute(
         distributed.barrier()  # the followers read the manifest once it is in place
         ctx.console.print(f"[green]done[/] {final.name} -> {final}")
         return manifest, True
+
+
+def _write_cards(manifest: Manifest, work: Path, name: str) -> None:
+    """A model card (README.md) in every model directory the stage wrote, from its task's card hints."""
+    manifest.dir = work  # a sibling of the final directory, so its lineage's relative paths hold from here
+    write_cards(manifest, name, task_of(manifest).card_hints())
 
 
 UNSTORED = frozenset({"profile"})  # a measurement of this machine at this moment: never shared nor reused

@@ -13,6 +13,7 @@ from typing import Protocol
 from kdpipe.artifacts.manifest import FileRecord, Manifest
 from kdpipe.artifacts.records import RunContext, StageOutput
 from kdpipe.config import DistillConfig, ExportConfig, Recipe, StudentConfig, TargetProfile, TeacherConfig
+from kdpipe.reporting.cardcode import CardHints
 
 
 class Task(Protocol):
@@ -47,4 +48,9 @@ class Task(Protocol):
     ) -> StageOutput:
         """`providers`: the execution providers to time on; `missing`: the profile's that this onnxruntime lacks
         (allow_fallback), for the task to say so."""
+        ...
+
+    def card_hints(self) -> CardHints:
+        """What the model cards of its artifacts say of it (kdpipe.reporting.card): Hugging Face pipeline tag, the
+        transformers / optimum classes that load its models, a sample input, its quality metrics."""
         ...

@@ -14,6 +14,7 @@ from kdpipe.artifacts.manifest import FileRecord, Manifest
 from kdpipe.artifacts.records import RunContext, StageOutput
 from kdpipe.config import DistillConfig, ExportConfig, Recipe, StudentConfig, TargetProfile, TeacherConfig
 from kdpipe.errors import ConfigError, ModelError
+from kdpipe.reporting.cardcode import CardHints
 from kdpipe.tasks.causal_lm import build, data
 
 
@@ -120,6 +121,18 @@ def check_recipe(recipe: Recipe) -> None:
     data.read_rows(recipe.teacher)  # a missing column, an empty corpus: one line
 
 
+# what its model cards say of it (kdpipe.reporting.card)
+CARD = CardHints(
+    pipeline_tag="text-generation",
+    pipeline_task="text-generation",
+    auto_class="AutoModelForCausalLM",
+    ort_class="ORTModelForCausalLM",
+    example="The capital of France is",
+    quality={"perplexity": "perplexity"},
+    generates=True,
+)
+
+
 class CausalLMTask:
     """Decoder-only language models (kdpipe.tasks.registry.TASKS["causal_lm"])."""
 
@@ -161,6 +174,9 @@ class CausalLMTask:
 
         result: StageOutput = run_profile(prof, upstream, work, ctx, providers, missing)
         return result
+
+    def card_hints(self) -> CardHints:
+        return CARD
 
 
 CAUSAL_LM = CausalLMTask()

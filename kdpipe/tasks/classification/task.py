@@ -7,7 +7,18 @@ from pathlib import Path
 from kdpipe.artifacts.manifest import FileRecord, Manifest
 from kdpipe.artifacts.records import RunContext, StageOutput
 from kdpipe.config import DistillConfig, ExportConfig, Recipe, StudentConfig, TargetProfile, TeacherConfig
+from kdpipe.reporting.cardcode import CardHints
 from kdpipe.tasks.classification import checks, distill, export, profile, student, teacher
+
+# what its model cards say of it (kdpipe.reporting.card)
+CARD = CardHints(
+    pipeline_tag="text-classification",
+    pipeline_task="text-classification",
+    auto_class="AutoModelForSequenceClassification",
+    ort_class="ORTModelForSequenceClassification",
+    example="this was a great drive",
+    quality={"test_accuracy": "accuracy", "test_macro_f1": "f1"},
+)
 
 
 class ClassificationTask:
@@ -43,6 +54,9 @@ class ClassificationTask:
         missing: list[str],
     ) -> StageOutput:
         return profile.run_profile(prof, upstream, work, ctx, providers, missing)
+
+    def card_hints(self) -> CardHints:
+        return CARD
 
 
 CLASSIFICATION = ClassificationTask()

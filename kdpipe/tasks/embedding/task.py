@@ -16,6 +16,7 @@ from kdpipe.artifacts.manifest import FileRecord, Manifest
 from kdpipe.artifacts.records import RunContext, StageOutput
 from kdpipe.config import DistillConfig, ExportConfig, Recipe, StudentConfig, TargetProfile, TeacherConfig
 from kdpipe.errors import ConfigError
+from kdpipe.reporting.cardcode import CardHints
 from kdpipe.tasks.embedding import build, data
 from kdpipe.tasks.embedding.distill import check_recipe_terms
 
@@ -129,6 +130,18 @@ def check_recipe(recipe: Recipe) -> None:
         read_transfer(Path(recipe.distill.transfer))  # an empty transfer file: one line
 
 
+# what its model cards say of it (kdpipe.reporting.card)
+CARD = CardHints(
+    pipeline_tag="feature-extraction",
+    pipeline_task="feature-extraction",
+    auto_class="AutoModel",
+    ort_class="ORTModelForFeatureExtraction",
+    example="A man is playing a guitar.",
+    quality={"lee_spearman": "spearmanr", "onnx_lee_spearman": "spearmanr"},
+    st_pipeline_tag="sentence-similarity",
+)
+
+
 class EmbeddingTask:
     """Sentence encoders (kdpipe.tasks.registry.TASKS["embedding"])."""
 
@@ -178,6 +191,9 @@ class EmbeddingTask:
         from kdpipe.tasks.embedding.profile import run_profile
 
         return run_profile(prof, upstream, work, ctx, providers, missing)
+
+    def card_hints(self) -> CardHints:
+        return CARD
 
 
 EMBEDDING = EmbeddingTask()

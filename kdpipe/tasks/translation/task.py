@@ -26,12 +26,24 @@ from pathlib import Path
 from kdpipe.artifacts.manifest import FileRecord, Manifest
 from kdpipe.artifacts.records import RunContext, StageOutput
 from kdpipe.config import DistillConfig, ExportConfig, Recipe, StudentConfig, TargetProfile, TeacherConfig
+from kdpipe.reporting.cardcode import CardHints
 from kdpipe.tasks.translation.checks import check_recipe, teacher_inputs
 from kdpipe.tasks.translation.distill import run_distill
 from kdpipe.tasks.translation.export import run_export
 from kdpipe.tasks.translation.profile import run_profile
 from kdpipe.tasks.translation.student import run_student
 from kdpipe.tasks.translation.teacher import run_teacher
+
+# what its model cards say of it (kdpipe.reporting.card)
+CARD = CardHints(
+    pipeline_tag="translation",
+    pipeline_task="translation",
+    auto_class="AutoModelForSeq2SeqLM",
+    ort_class="ORTModelForSeq2SeqLM",
+    example="открыть файл",
+    quality={"test_bleu": "bleu"},
+    generates=True,
+)
 
 
 class TranslationTask:
@@ -67,6 +79,9 @@ class TranslationTask:
         missing: list[str],
     ) -> StageOutput:
         return run_profile(prof, upstream, work, ctx, providers, missing)
+
+    def card_hints(self) -> CardHints:
+        return CARD
 
 
 TRANSLATION = TranslationTask()
