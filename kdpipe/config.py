@@ -102,8 +102,9 @@ class DataConfig(_Strict):
         LEAKAGE_WARN,
         ge=0,
         le=1,
-        description="Share of test (or validation) texts also found in train, after whitespace / case "
-        "normalisation, above which the teacher warns.",
+        description="Share of a held-out split's texts also found in the train side, after whitespace / case "
+        "normalisation, above which the teacher warns (classification: test and validation vs train; embedding: "
+        "held-out vs transfer; causal_lm: held-out texts / prompts vs train).",
     )
     encoding: str = Field(
         "auto",
@@ -238,6 +239,39 @@ class TranslationConfig(_Strict):
         return self
 
 
+def _one_path(v: str | None) -> str | None:
+    if v is not None and not v.strip():
+        raise ValueError("is empty; give a text file, a table or a `datasets` directory")
+    return v
+
+
+class EmbeddingFiles(_Strict):
+    """Sentence splits the user already has: each a .txt file (one sentence per line), a CSV / TSV / JSON / JSONL /
+    parquet table (column teacher.data.text_column) or a `datasets` directory. A missing one is drawn (seeded)."""
+
+    transfer: str | None = Field(
+        None,
+        description="The transfer sentences (None: the corpus, teacher.embedding.sentences or teacher.data's table). "
+        "Used as given; transfer_size subsamples them only when set in the recipe.",
+    )
+    held_out: str | None = Field(
+        None,
+        description="The held-out sentences (None: held_out of them drawn from the transfer sentences). Used as "
+        "given; held_out subsamples them only when set in the recipe.",
+    )
+
+    @field_validator("transfer", "held_out")
+    @classmethod
+    def _path_given(cls, v: str | None) -> str | None:
+        return _one_path(v)
+
+    @model_validator(mode="after")
+    def _one_given(self) -> EmbeddingFiles:
+        if self.transfer is None and self.held_out is None:
+            raise ValueError("give transfer, held_out or both (or drop teacher.embedding.files)")
+        return self
+
+
 class EmbeddingConfig(_Strict):
     """teacher.task: embedding (a sentence encoder, kdpipe.tasks.embedding): pooling, the held-out sentences and the
     transfer set. The teacher is used as it is (no fine-tuning); teacher.model names it ('default': the embedded
@@ -270,10 +304,58 @@ class EmbeddingConfig(_Strict):
         4000, gt=0, le=MAX_ROWS, description="Sentences of the rest that form the transfer set (None: all of them)."
     )
 
+    files: EmbeddingFiles | None = Field(
+        None,
+        description="Given splits {transfer, held_out} (either may be left out: the transfer sentences are then the "
+        "corpus, the held-out ones drawn from the transfer sentences); their leakage (held-out sentences also in "
+        "transfer) is counted and warned about above teacher.data.leakage_warn.",
+    )
+
     @field_validator("sentences")
     @classmethod
     def _sentences_given(cls, v: str | None) -> str | None:
         return v if v is None else _not_blank(v, "a text file path")
+
+    @model_validator(mode="after")
+    def _sentences_or_transfer(self) -> EmbeddingConfig:
+        if self.sentences is not None and self.files is not None and self.files.transfer is not None:
+            raise ValueError(
+                f"both sentences ({self.sentences!r}) and files.transfer are set: give one (the sentences are the "
+                "corpus the transfer set is drawn from)"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _drop_none(handler(self), "files")  # no `files: None`: existing embedding run ids stay as they were
+
+
+class CausalLMFiles(_Strict):
+    """Causal-LM splits the user already has, each read as teacher.causal_lm.data is (a .txt file of prompts, or a
+    CSV / TSV / JSON / JSONL / parquet table or `datasets` directory with prompt_column / text_column)."""
+
+    train: str | None = Field(
+        None,
+        description="The train rows (None: teacher.causal_lm.data or the embedded corpora). Used as given; "
+        "train_prompts subsamples them only when set in the recipe.",
+    )
+    held_out_texts: str | None = Field(
+        None, description="The held-out texts scored by perplexity (None: held_out_texts rows drawn from train)."
+    )
+    held_out_prompts: str | None = Field(
+        None, description="The held-out prompts generated for (None: held_out_prompts rows drawn from train)."
+    )
+
+    @field_validator("train", "held_out_texts", "held_out_prompts")
+    @classmethod
+    def _path_given(cls, v: str | None) -> str | None:
+        return _one_path(v)
+
+    @model_validator(mode="after")
+    def _one_given(self) -> CausalLMFiles:
+        if self.train is None and self.held_out_texts is None and self.held_out_prompts is None:
+            raise ValueError("give train, held_out_texts and / or held_out_prompts (or drop teacher.causal_lm.files)")
+        return self
 
 
 class CausalLMConfig(_Strict):
@@ -303,10 +385,27 @@ class CausalLMConfig(_Strict):
     batch_size: int = Field(8, gt=0, le=4096, description="Prompts per generation / evaluation batch.")
     chat_template: bool = Field(True, description="Apply the tokenizer's chat template to prompts (when it has one).")
 
+    files: CausalLMFiles | None = Field(
+        None,
+        description="Given splits {train, held_out_texts, held_out_prompts} (any may be left out: train is then "
+        "teacher.causal_lm.data or the embedded corpora, a held-out split drawn from train); their leakage "
+        "(held-out texts / prompts also in train) is counted and warned about above teacher.data.leakage_warn.",
+    )
+
     @field_validator("data")
     @classmethod
     def _data_given(cls, v: str | None) -> str | None:
         return v if v is None else _not_blank(v, "a prompt / text file path")
+
+    @model_validator(mode="after")
+    def _data_or_train(self) -> CausalLMConfig:
+        if self.data is not None and self.files is not None and self.files.train is not None:
+            raise ValueError(f"both data ({self.data!r}) and files.train are set: give one (both are the train rows)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _drop_none(handler(self), "files")  # no `files: None`: existing causal-LM run ids stay as they were
 
 
 class TeacherConfig(_Strict):

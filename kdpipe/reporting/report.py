@@ -48,12 +48,18 @@ def data_lines(rec: TeacherRecord, tcfg: dict[str, Any]) -> list[str]:
         ]
     if rec.data_rows:
         lines.append(f"- Data: {rows_summary(rec.data_rows)}.")
-    for name, leak in rec.leakage.items():
-        lines.append(
-            f"- Leakage: {leak.overlap:,} of the {leak.of:,} {name} texts ({100 * leak.share:.1f}%) also occur in the "
-            "train split (after case / whitespace normalisation)."
-        )
-    return lines
+    return lines + leakage_lines(rec)
+
+
+def leakage_lines(rec: TeacherRecord, labels: dict[str, str] | None = None, against: str = "train split") -> list[str]:
+    """The report's leakage bullets: per held-out split, its texts also in `against` after normalisation. `labels`:
+    what a split's texts are called (default "<split> texts")."""
+    labels = labels or {}
+    return [
+        f"- Leakage: {leak.overlap:,} of the {leak.of:,} {labels.get(name, f'{name} texts')} "
+        f"({100 * leak.share:.1f}%) also occur in the {against} (after case / whitespace normalisation)."
+        for name, leak in rec.leakage.items()
+    ]
 
 
 def _training_lines(run: Run) -> list[str]:

@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdpipe.artifacts.manifest import FileRecord, Manifest, Metric, input_records, sha256_file
+from kdpipe.artifacts.manifest import FileRecord, Manifest, Metric, input_records
 from kdpipe.artifacts.records import (
     CausalLMInfo,
     LayerSelection,
+    LeakageCount,
     LMWidthRecord,
     RunContext,
     StageOutput,
@@ -37,6 +38,7 @@ from kdpipe.artifacts.records import (
     record,
 )
 from kdpipe.config import CausalLMConfig, StudentConfig, TeacherConfig
+from kdpipe.data.texts import data_digest
 from kdpipe.errors import ConfigError, DataError, ModelError
 from kdpipe.tasks.causal_lm import data
 
@@ -77,8 +79,7 @@ def teacher_inputs(cfg: TeacherConfig) -> list[FileRecord]:
         records = [FileRecord.of(gguf_path(), f"model/{GGUF_NAME}")]
     else:
         records = input_records(teacher_dir(cfg), "model")
-    path = data.data_path(data.section(cfg))
-    return records + ([FileRecord.of(path, f"data/{path.name}")] if path is not None else [])
+    return records + [FileRecord.of(path, name) for name, path in data.data_files(data.section(cfg))]
 
 
 def _copy_model(src: Path, dst: Path) -> None:
@@ -148,7 +149,8 @@ def run_teacher(cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
     from kdpipe.tasks.causal_lm import lm
 
     c = data.section(cfg)
-    splits = data.split(data.read_rows(cfg), c, ctx.seed)
+    parts = data.read_parts(cfg)
+    splits = data.split(parts, c, ctx.seed)
     folder = teacher_dir(cfg, materialize=True)
     model, tok = lm.load(folder)
     context = _context(model)
@@ -162,6 +164,7 @@ def run_teacher(cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
         f"{model.config.num_hidden_layers} layers; {len(train)} train prompts, {len(held_prompts)} held-out prompts, "
         f"{len(held_texts)} held-out texts; generating {c.max_new_tokens} new tokens per prompt"
     )
+    leaks = _print_splits(splits, cfg, ctx)
     start = time.perf_counter()
     gens = _generations(model, tok, train, c, ctx.seed, c.sampled)
     data.write_jsonl(gens, work / data.GENERATIONS)
@@ -173,7 +176,7 @@ def run_teacher(cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
         raise ModelError(f"the teacher's held-out perplexity is {ppl}", "the teacher is broken; nothing was written")
     ctx.console.print(f"teacher held-out perplexity {ppl:.3f}; {new_tokens} SeqKD tokens in {gen_s:.1f}s")
     _copy_model(folder, work / MODEL_DIR)
-    rec = _teacher_record(cfg, model, any(r["chat"] for r in train + held_prompts), splits, len(gens))
+    rec = _teacher_record(cfg, model, any(r["chat"] for r in train + held_prompts), splits, len(gens), leaks)
     metrics = {
         "perplexity": Metric(round(ppl, 5), "held-out perplexity"),
         "params": Metric(lm.params(model), "parameters"),
@@ -184,22 +187,45 @@ def run_teacher(cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
     return StageOutput(record=rec, metrics=metrics)
 
 
+def _print_splits(splits: data.Splits, cfg: TeacherConfig, ctx: RunContext) -> list[str]:
+    """Where each split came from and its leakage printed; the leakage warnings (for the record)."""
+    for split, where in splits.origin.items():
+        ctx.console.print(f"  {split}: {where}")
+    for split, (n, of) in splits.leakage.items():
+        ctx.console.print(f"  leakage: {n:,} of the {of:,} {split.replace('_', ' ')} also in train")
+    leaks = data.leakage_warnings(splits, cfg.data.leakage_warn)
+    for line in leaks:
+        ctx.console.print(f"[yellow]warning[/]: {line}")
+    return leaks
+
+
+def _data_source(c: CausalLMConfig) -> str:
+    """What the record calls the data: the data file or the embedded corpora (as before given splits existed), and
+    each given split's file."""
+    path = data.data_path(c)
+    given = data.given_paths(c)
+    main = [] if "train" in given else [data.DEFAULT_DATA if path is None else str(path)]
+    return ", ".join(main + [f"{s}: {p}" for s, p in given.items()])
+
+
 def _name(cfg: TeacherConfig) -> str:
     return DEFAULT_NAME if cfg.model == "default" else Path(cfg.model).name
 
 
-def _teacher_record(cfg: TeacherConfig, model: Any, chat: bool, splits: data.Splits, gens: int) -> TeacherRecord:
+def _teacher_record(
+    cfg: TeacherConfig, model: Any, chat: bool, splits: data.Splits, gens: int, warnings: list[str]
+) -> TeacherRecord:
     from kdpipe.tasks.causal_lm import lm
 
-    c, path = data.section(cfg), data.data_path(data.section(cfg))
-    conf = model.config
+    c = data.section(cfg)
+    files, conf = data.data_files(c), model.config
     info = CausalLMInfo(
         teacher=_name(cfg), teacher_kind="default" if cfg.model == "default" else "local",
         model_type=str(conf.model_type), layers=int(conf.num_hidden_layers), hidden_size=int(conf.hidden_size),
         vocab_size=int(conf.vocab_size), tied_embeddings=lm.tied(model), model_dir=MODEL_DIR, train_prompts=data.TRAIN,
         held_out_texts=data.HELD_OUT_TEXTS, held_out_prompts=data.HELD_OUT_PROMPTS, generations=data.GENERATIONS,
         held_out_generations=data.HELD_OUT_GENERATIONS, max_new_tokens=c.max_new_tokens, sampled=c.sampled,
-        max_length=c.max_length, chat_template=chat, data=data.DEFAULT_DATA if path is None else str(path),
+        max_length=c.max_length, chat_template=chat, data=_data_source(c),
     )  # fmt: skip
     sizes = {
         "train_prompts": len(splits.train), "held_out_prompts": len(splits.held_out_prompts),
@@ -207,8 +233,9 @@ def _teacher_record(cfg: TeacherConfig, model: Any, chat: bool, splits: data.Spl
     }  # fmt: skip
     return TeacherRecord(
         label_names=[], max_length=c.max_length, split_sizes=sizes, data_source=info.data,
-        data_sha256=sha256_file(path) if path is not None else "embedded", model_source=info.teacher,
-        finetuned=False, trained_params="head", info=info,
+        data_sha256=data_digest(files) if files else "embedded", model_source=info.teacher, finetuned=False,
+        trained_params="head", info=info, data_splits=dict(splits.origin),
+        leakage={s: LeakageCount(overlap=n, of=of) for s, (n, of) in splits.leakage.items()}, warnings=warnings,
     )  # fmt: skip
 
 

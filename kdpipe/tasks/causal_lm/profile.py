@@ -33,7 +33,7 @@ from kdpipe.artifacts.records import (
 from kdpipe.config import TargetProfile
 from kdpipe.errors import ConfigError
 from kdpipe.profiling.budgets import check_budgets, deployed_name
-from kdpipe.reporting.report import deployed_machine_line
+from kdpipe.reporting.report import deployed_machine_line, leakage_lines
 from kdpipe.tasks.causal_lm.data import read_jsonl
 from kdpipe.tasks.causal_lm.distill import SAMPLES
 from kdpipe.tasks.causal_lm.export import GATE_METRIC, gate_line, onnx_bytes
@@ -276,7 +276,8 @@ def run_profile(
     (work / "latency.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     report = _inverted(figures(Run.of(upstream), results, rec, quality="perplexity"))
     (work / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    lines = quality_lines(upstream, export) + report_lines(results, checks, rec.deploy) + sample_lines(upstream)
+    lines = quality_lines(upstream, export) + data_lines(record(t_manifest, TeacherRecord))
+    lines += report_lines(results, checks, rec.deploy) + sample_lines(upstream)
     lines += ["", deployed_machine_line(upstream, rec.deploy)]
     (work / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     for c in checks:
@@ -325,6 +326,14 @@ def quality_lines(upstream: Manifest, export: ExportRecord) -> list[str]:
     if "teacher" not in export.models:
         lines.append(f"- teacher: {export.models['student'].spec.get('teacher', 'not exported')}")
     return [*lines, ""]
+
+
+def data_lines(rec: TeacherRecord) -> list[str]:
+    """Where the rows came from (the data file or the embedded corpora, or the given files; each split's origin) and
+    the leakage of the held-out texts / prompts into the train rows."""
+    labels = {"held_out_texts": "held-out texts", "held_out_prompts": "held-out prompts"}
+    lines = [f"- data: {rec.data_source}."] + [f"  - {s}: {where}." for s, where in rec.data_splits.items()]
+    return [*lines, *leakage_lines(rec, labels, "train rows"), ""]
 
 
 def sample_lines(upstream: Manifest) -> list[str]:

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdpipe.artifacts.manifest import FileRecord, Manifest, Metric, input_records, sha256_file
+from kdpipe.artifacts.manifest import FileRecord, Manifest, Metric, input_records
 from kdpipe.artifacts.records import (
     EmbeddingInfo,
+    LeakageCount,
     RunContext,
     StageOutput,
     StudentRecord,
@@ -30,6 +31,7 @@ from kdpipe.artifacts.records import (
     record,
 )
 from kdpipe.config import EmbeddingConfig, StudentConfig, TeacherConfig, WidthConfig
+from kdpipe.data.texts import data_digest
 from kdpipe.errors import ConfigError
 from kdpipe.tasks.embedding import data
 from kdpipe.tasks.embedding.teachers import Teacher, resolve_teacher
@@ -55,9 +57,9 @@ def teacher_of(cfg: TeacherConfig) -> Teacher:
 
 
 def teacher_inputs(cfg: TeacherConfig) -> list[FileRecord]:
-    """The teacher folder's files and the sentence file, by content."""
-    path = data.corpus_path(cfg)
-    return [*input_records(teacher_of(cfg).path, "model"), FileRecord.of(path, f"data/{path.name}")]
+    """The teacher folder's files and the sentence files (the corpus, the given splits), by content."""
+    files = [FileRecord.of(path, name) for name, path in data.data_files(cfg)]
+    return [*input_records(teacher_of(cfg).path, "model"), *files]
 
 
 def _params(model: Any) -> int:
@@ -80,7 +82,8 @@ def run_teacher(cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
     from kdpipe.tasks.embedding.quality import lee_score
 
     e, teacher = section(cfg), teacher_of(cfg)
-    sentences = data.split(data.read_corpus(cfg), e, ctx.seed)
+    parts = data.read_corpus(cfg)
+    sentences = data.split(parts, e, ctx.seed)
     data.write_sentences(sentences.held_out, work / data.HELD_OUT)
     data.write_sentences(sentences.transfer, work / data.TRANSFER)
     encoder, tok = load_encoder(teacher.path, pooling=e.pooling, normalize=e.normalize)
@@ -91,6 +94,7 @@ def run_teacher(cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
         f"{encoder.dim}-d, {_params(encoder) / 1e6:.1f}M params; {len(sentences.held_out)} held-out / "
         f"{len(sentences.transfer)} transfer sentences"
     )
+    leaks = _print_splits(sentences, cfg, ctx)
     start = time.perf_counter()
     lee = lee_score(embedder(encoder, tok), name="teacher")
     ctx.console.print(
@@ -103,12 +107,12 @@ def run_teacher(cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
         teacher_kind=teacher.kind, sha256=teacher.sha256, model_dir=MODEL_DIR, held_out=data.HELD_OUT,
         transfer=data.TRANSFER,
     )  # fmt: skip
-    corpus = data.corpus_path(cfg)
     rec = TeacherRecord(
         label_names=[], max_length=int(encoder.max_seq_length or 512),
         split_sizes={"held_out": len(sentences.held_out), "transfer": len(sentences.transfer)},
-        data_source=str(corpus), data_sha256=sha256_file(corpus), model_source=teacher.name, finetuned=False,
-        trained_params="head", info=info,
+        data_source=data.describe(parts), data_sha256=data_digest(data.data_files(cfg)), model_source=teacher.name,
+        finetuned=False, trained_params="head", info=info, data_splits=dict(sentences.origin),
+        leakage={s: LeakageCount(overlap=n, of=of) for s, (n, of) in sentences.leakage.items()}, warnings=leaks,
     )  # fmt: skip
     metrics = {
         "lee_spearman": Metric(round(lee.spearman, 5), "Spearman rho"),
@@ -119,6 +123,18 @@ def run_teacher(cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
         "eval_seconds": Metric(round(time.perf_counter() - start, 1), "s"),
     }
     return StageOutput(record=rec, metrics=metrics)
+
+
+def _print_splits(sentences: data.Sentences, cfg: TeacherConfig, ctx: RunContext) -> list[str]:
+    """Where each split came from and its leakage printed; the leakage warnings (for the record)."""
+    for split, where in sentences.origin.items():
+        ctx.console.print(f"  {split}: {where}")
+    n, of = sentences.leakage["held_out"]
+    ctx.console.print(f"  leakage: {n:,} of the {of:,} held-out sentences also in the transfer set")
+    leaks = data.leakage_warnings(sentences, cfg.data.leakage_warn)
+    for line in leaks:
+        ctx.console.print(f"[yellow]warning[/]: {line}")
+    return leaks
 
 
 def select_layers(cfg: StudentConfig, n: int) -> list[int]:

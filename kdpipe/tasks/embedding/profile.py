@@ -41,7 +41,7 @@ from kdpipe.env import cpu_model
 from kdpipe.errors import DataError
 from kdpipe.profiling import timing
 from kdpipe.profiling.budgets import check_budgets, deployed_name
-from kdpipe.reporting.report import deployed_machine_line
+from kdpipe.reporting.report import deployed_machine_line, leakage_lines
 from kdpipe.tasks.embedding import data
 from kdpipe.tasks.embedding.distill import FIGURE, RECALL_K
 from kdpipe.tasks.embedding.timing_loader import LOADER
@@ -368,6 +368,12 @@ def _inputs_line(described: dict[str, Any]) -> str:
             f"(share of real tokens: {share}).")  # fmt: skip
 
 
+def _data_lines(rec: TeacherRecord) -> list[str]:
+    """Where the sentences came from (the corpus or the given files, each split's origin) and their leakage."""
+    lines = [f"- data: `{rec.data_source}`."] + [f"  - {s}: {where}." for s, where in rec.data_splits.items()]
+    return [*lines, *leakage_lines(rec, {"held_out": "held-out sentences"}, "transfer set"), ""]
+
+
 def report_lines(
     upstream: Manifest, prof: TargetProfile, results: dict[str, Any], sizes: dict[str, int], budgets: list[Any],
     missing: list[str], figures: list[str], eager: dict[str, Any], described: dict[str, Any],
@@ -379,6 +385,7 @@ def report_lines(
              "al. similarity set (1,225 document pairs, gensim's test data) and on the held-out sentences "
              "(mean cosine to the teacher, recall@10 of the teacher's neighbours). Retention = student / teacher Lee "
              "Spearman.", "", *_quality_rows(upstream, sizes), ""]  # fmt: skip
+    lines += _data_lines(record(teacher, TeacherRecord))
     static = upstream.upstream("student").record.get("arch") == "static"
     if static:
         lines += ["The student is static (model2vec's distillation of the teacher's tokens, student.arch: static; "
