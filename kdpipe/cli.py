@@ -153,6 +153,14 @@ def teacher(
         help="Text encoding of --data: 'auto' (UTF-8, or a UTF-8/UTF-16 byte-order mark) or a codec "
         "name such as cp1252, latin-1, cp1251.",
     ),
+    train: str | None = typer.Option(None, "--train", help="A given train split (file or `datasets` directory)."),
+    validation: str | None = typer.Option(
+        None, "--validation", help="A given validation split (without --test: the split the test metrics use)."
+    ),
+    test: str | None = typer.Option(None, "--test", help="A given test split."),
+    label_names: str | None = typer.Option(
+        None, "--label-names", help="Names of numeric labels, comma-separated: label i is the i-th name."
+    ),
     text_column: str | None = typer.Option(None, help="Text column of --data."),
     label_column: str | None = typer.Option(None, help="Label column of --data."),
     epochs: float | None = typer.Option(None, help="Fine-tuning epochs."),
@@ -168,6 +176,14 @@ def teacher(
         s = _opt(sets, "teacher.model", model, "--model")
         s = _opt(s, "teacher.data.source", data, "--data")
         s = _opt(s, "teacher.data.encoding", encoding, "--encoding")
+        for key, value, flag in (
+            ("train", train, "--train"),
+            ("validation", validation, "--validation"),
+            ("test", test, "--test"),
+        ):
+            s = _opt(s, f"teacher.data.files.{key}", value, flag)
+        names = None if label_names is None else [n.strip() for n in label_names.split(",")]
+        s = _opt(s, "teacher.data.label_names", names, "--label-names", typed=label_names)
         s = _opt(s, "teacher.data.text_column", text_column, "--text-column")
         s = _opt(s, "teacher.data.label_column", label_column, "--label-column")
         s = _opt(s, "teacher.epochs", epochs, "--epochs")

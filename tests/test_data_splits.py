@@ -230,3 +230,12 @@ def test_bad_splits_fail_on_the_command_line_before_any_model_loads(tmp_path: Pa
     )
     assert_one_line_error(code, out, "also the train split")  # the data's error, not the missing model's
     assert not (tmp_path / "runs" / "teacher").exists()
+
+
+def test_the_split_options_of_kdpipe_teacher_reach_the_recipe(tmp_path: Path, files: dict[str, Path]) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "no-such-model", files["train"], tmp_path / "runs")
+    base = ["teacher", "--recipe", recipe, "--set", "teacher.data.source=default"]
+    code, out = invoke(*base, "--train", files["train"], "--validation", files["dev"], "--label-names", "a,b")
+    assert_one_line_error(code, out, "teacher.data.label_names: 2 names for labels 0..2")
+    code, out = invoke(*base, "--train", files["train"], "--test", files["train"])
+    assert_one_line_error(code, out, "teacher.data.files.test", "also the train split")

@@ -104,7 +104,7 @@ def _trained(runs: Path) -> dict[str, float]:
 
 
 def test_kill_9_in_the_middle_then_the_same_command_resumes(tmp_path: Path) -> None:
-    space = {"layers": [1, 2, 3], "ffn": [0.0], "epochs": [6.0], "trials": 3, "rungs": 1}
+    space = {"layers": [1, 2], "ffn": [0.0], "epochs": [6.0], "trials": 2, "rungs": 1}
     recipe = _search_recipe(tmp_path, space, {"model_mib": 10.0})
     runs = tmp_path / "runs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -126,7 +126,7 @@ def test_kill_9_in_the_middle_then_the_same_command_resumes(tmp_path: Path) -> N
     done = subprocess.run([*KDPIPE, "search", str(recipe)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     data = _report(runs)
-    assert [r["state"] for r in data["candidates"]] == ["complete"] * 3
+    assert [r["state"] for r in data["candidates"]] == ["complete"] * 2
     after = _trained(runs)
     for key in finished_before:  # what had finished was not trained again
         assert after[key] == before[key]
@@ -200,3 +200,28 @@ def test_a_profile_without_cost_budgets_is_refused(tmp_path: Path) -> None:
     recipe = _search_recipe(tmp_path, {"layers": [1]}, {"retention": 0.5})
     code, out = invoke("search", recipe)
     assert_one_line_error(code, out, "no latency or size budget")
+
+
+def test_a_search_killed_before_a_trial_had_its_candidate_resumes(tmp_path: Path) -> None:
+    """Planted: a RUNNING trial that left the queue but was killed before its first suggest (no params), and a
+    WAITING one (its candidate only in the queue's fixed params): recovery must neither crash nor queue twice."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from kdpipe.search import study as st
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    plan = st.Plan("r", (), str(tmp_path), url, "s", {"layers": [1, 2]}, ("a", "b"), 0.0, "t", 2, {})
+    s = st._study(plan)
+    s.enqueue_trial({"candidate": "a"})
+    s.enqueue_trial({"candidate": "b"})
+    s.ask()  # left the queue (RUNNING, candidate 'a' in its fixed params) and was killed there
+    (running,) = s.get_trials(states=(TrialState.RUNNING,))
+    assert running.params == {} and st.candidate_of(running) == "a"
+    s.ask()  # 'b' left the queue too; planted below: a RUNNING trial with no candidate at all
+    s.ask()
+    st._recover(plan)
+    trials = optuna.load_study(study_name="s", storage=url).get_trials(deepcopy=False)
+    waiting = [st.candidate_of(t) for t in trials if t.state == TrialState.WAITING]
+    assert sorted(waiting) == ["a", "b"]  # each queued again once, nothing for the blank one
+    assert all(t.state != TrialState.RUNNING for t in trials)

@@ -237,15 +237,24 @@ def _recover(plan: Plan) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted (the search was killed)")  # noqa: SLF001
         study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)  # noqa: SLF001
-        queued.append(t.params["candidate"])
+        key = candidate_of(t)
+        if key is not None:  # None: killed before it was given a candidate; nothing of it to resume
+            queued.append(key)
     space = SearchSpace.model_validate(plan.space)
-    tried = {t.params.get("candidate") for t in study.get_trials(deepcopy=False)} - set(queued)
-    waiting = {t.params.get("candidate") for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+    tried = {candidate_of(t) for t in study.get_trials(deepcopy=False)} - set(queued)
+    waiting = {candidate_of(t) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
     if space.trials >= len(plan.keep):
         queued += [k for k in plan.keep if k not in tried and k not in queued]
     for key in queued:
         if key not in waiting:
             study.enqueue_trial({"candidate": key})
+
+
+def candidate_of(trial: Any) -> str | None:
+    """A trial's candidate key: its parameter once suggested, else the one it was enqueued with (a WAITING trial,
+    or one killed between leaving the queue and its first suggest), else None."""
+    key = trial.params.get("candidate") or trial.system_attrs.get("fixed_params", {}).get("candidate")
+    return None if key is None else str(key)
 
 
 def finished(study: Any) -> dict[str, Any]:
