@@ -19,9 +19,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/kdpipe run
 
-## install, then the test suite alone
+## install, then the test suite alone (one worker per core, each test file on one worker: its fixtures run once)
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 ## install, then ruff, mypy, hadolint and the tests (this is what .ci/run calls)
 lint: $(STAMP)
