@@ -135,7 +135,8 @@ def run(
     with _guard():
         from kdpipe import api
 
-        result = api.run(recipe, sets, out, profile=profile, force=force, resume=resume, compare=compare, console=err)
+        s = _opt(sets, "profile", profile, "--profile")  # an error names `--profile X`, as typed
+        result = api.run(recipe, s, out, force=force, resume=resume, compare=compare, console=err)
         typer.echo(f"report: {result.report}")
         _after_profile(result, strict)
 
@@ -304,8 +305,8 @@ def profile(
     with _guard():
         from kdpipe import api
 
-        up = dict(upstream=export_dir, force=force, console=err)
-        result = api.profile_run(recipe, sets, out, target=target, compare=compare, **up)  # type: ignore[arg-type]
+        s = _opt(sets, "profile", target, "--profile")
+        result = api.profile_run(recipe, s, out, compare=compare, upstream=export_dir, force=force, console=err)
         typer.echo(f"profile: {result['profile'].dir}")
         typer.echo(f"report: {result.report}")
         _after_profile(result, strict)

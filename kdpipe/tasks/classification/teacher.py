@@ -131,9 +131,10 @@ def run_teacher(cfg: TeacherConfig, work: Path, ctx: RunContext) -> StageOutput:
     ctx.console.print(
         f"teacher {describe_model(cfg.model)} ({count_params(model) / 1e6:.1f}M params, "
         f"{model.config.num_hidden_layers} layers) on {len(enc['train'])} train / {len(enc['val'])} val / "
-        f"{len(enc['test'])} test examples; labels {names}; device {device.torch_device}"
+        f"{len(enc['test'])} test examples{'' if src.given else ' of ' + shown(src.tables['all'].path.name)}; "
+        f"labels {names}; device {device.torch_device}"
     )
-    for split, where in splits.origin.items():
+    for split, where in splits.origin.items() if src.given else ():  # drawn splits: the line above says it all
         ctx.console.print(f"  {split}: {where}")
     leaks = leakage_warnings(splits, cfg.data)
     for line in leaks:
