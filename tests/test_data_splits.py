@@ -108,6 +108,12 @@ def test_the_embedded_default_has_the_leak_the_issue_names() -> None:
     d = recipe.teacher.data
     splits = split_source(read_source(d), d, recipe.seed)
     assert splits.leakage["test"] == (37, 2000)
+    from kdpipe.artifacts.records import LeakageCount
+    from kdpipe.data.splits import leakage_warnings
+
+    # the warning and the report round the share the same way (1.85% is 1.9%, not 1.8% from a float's 1.8499...)
+    assert "37 of the 2,000 test texts (1.9%)" in leakage_warnings(splits, d)[0]
+    assert LeakageCount(overlap=37, of=2000).percent == "1.9%"
     assert overlap(["A  b"], ["a b", "ab"]) == (1, 2)
 
 

@@ -47,6 +47,21 @@ class LeakageCount(Record):
     def share(self) -> float:
         return self.overlap / self.of if self.of else 0.0
 
+    @property
+    def percent(self) -> str:
+        """The share as the warnings and reports print it (one rounding for both: 37 of 2,000 is 1.9%)."""
+        return percent(self.overlap, self.of)
+
+
+def percent(n: int, of: int) -> str:
+    """n of `of` as a percentage with one decimal, rounded half up from the exact fraction (37 / 2,000 = 1.9%)."""
+    from fractions import Fraction
+
+    if not of:
+        return "0.0%"
+    tenths = Fraction(1000 * n, of)
+    return f"{int(tenths + Fraction(1, 2)) / 10:.1f}%"
+
 
 class PosteriorInfo(Record):
     """The teacher's posterior N(m, S) over its weights (kdpipe.methods.bayes), stored next to its model."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kdpipe.artifacts.records import percent
 from kdpipe.config import DataConfig
 from kdpipe.data.hfdatasets import dict_splits, is_dataset_dict, is_datasets_dir
 from kdpipe.data.tables import (
@@ -295,7 +296,7 @@ def leakage_warnings(splits: Splits, cfg: DataConfig) -> list[str]:
     for split, (n, of) in splits.leakage.items():
         if of and n / of > cfg.leakage_warn:
             out.append(
-                f"{n:,} of the {of:,} {split} texts ({100 * n / of:.1f}%) also occur in the train split after "
+                f"{n:,} of the {of:,} {split} texts ({percent(n, of)}) also occur in the train split after "
                 f"case / whitespace normalisation (above teacher.data.leakage_warn {cfg.leakage_warn:g}): "
                 "its metrics overstate accuracy on unseen text; de-duplicate the splits"
             )

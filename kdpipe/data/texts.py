@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kdpipe.artifacts.records import percent
 from kdpipe.data.hfdatasets import is_datasets_dir
 from kdpipe.data.tables import (
     _COMPRESSED,
@@ -184,7 +185,7 @@ def leakage_warning(what: str, n: int, of: int, train: str, threshold: float) ->
     if not of or n / of <= threshold:
         return None
     return (
-        f"{n:,} of the {of:,} {what} ({100 * n / of:.1f}%) also occur in the {train} after case / whitespace "
+        f"{n:,} of the {of:,} {what} ({percent(n, of)}) also occur in the {train} after case / whitespace "
         f"normalisation (above teacher.data.leakage_warn {threshold:g}): its metrics overstate quality on unseen "
         "text; de-duplicate the splits"
     )

@@ -57,7 +57,7 @@ def leakage_lines(rec: TeacherRecord, labels: dict[str, str] | None = None, agai
     labels = labels or {}
     return [
         f"- Leakage: {leak.overlap:,} of the {leak.of:,} {labels.get(name, f'{name} texts')} "
-        f"({100 * leak.share:.1f}%) also occur in the {against} (after case / whitespace normalisation)."
+        f"({leak.percent}) also occur in the {against} (after case / whitespace normalisation)."
         for name, leak in rec.leakage.items()
     ]
 
