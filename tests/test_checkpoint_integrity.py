@@ -215,14 +215,18 @@ def test_a_signal_while_a_checkpoint_is_written_is_an_interrupt(tmp_path: Path, 
     real = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f: real(obj, _Interrupting(f, sig)))
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, cli._terminated)  # what `kdpipe` runs under: SIGTERM unwinds like Ctrl-C
+    # what `kdpipe` runs under: Python's Ctrl-C handler (a pytest-xdist worker ignores SIGINT), and SIGTERM
+    # unwinding like Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, cli._terminated)
     try:
         with pytest.raises(KeyboardInterrupt):  # not torch's RuntimeError: the CLI says "interrupted", exit 130
             _save(ckpt, 4)
-        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]  # the handlers are back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
         assert signal.getsignal(signal.SIGTERM) is cli._terminated
     finally:
-        signal.signal(signal.SIGTERM, before[signal.SIGTERM])
+        for s, handler in before.items():
+            signal.signal(s, handler)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kd.pt", "kd.pt.json"]  # no temporary left
     monkeypatch.setattr(torch, "save", real)
     assert _restored_steps(ckpt) == 4  # the write in progress was finished, and is intact
