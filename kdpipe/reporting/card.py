@@ -297,15 +297,17 @@ def _checks(name: str, m: dict[str, Any]) -> list[str]:
     """The parity check and the gate of one exported model, as the export record states them."""
     rows = []
     p = m.get("parity")
-    if isinstance(p, dict):
+    if isinstance(p, dict) and not m.get("of"):  # a variant's record repeats its source's parity: its gate is its own
         rows.append(f"| {name} | parity ({p.get('kind')}): max abs diff | {_fmt(_num(p.get('max_abs_diff')))} "
                     f"(atol {_fmt(_num(p.get('atol')))}, agreement {_fmt(_num(p.get('agreement')))}, "
                     f"{p.get('examples')} examples, ok: {p.get('ok')}) |")  # fmt: skip
     g = m.get("gate")
     if isinstance(g, dict):
         ref, budget = _fmt(_num(g.get("reference"))), _fmt(_num(g.get("budget")))
+        diff, agree = _fmt(_num(g.get("max_abs_diff"))), _fmt(_num(g.get("agreement")))
         rows.append(f"| {name} | gate ({g.get('metric')}) | {_fmt(_num(g.get('value')))} (reference {ref}, "
-                    f"budget {budget}, ok: {g.get('ok')}) |")  # fmt: skip
+                    f"budget {budget}, {g.get('examples')} examples, max abs diff {diff}, agreement {agree}, "
+                    f"ok: {g.get('ok')}) |")  # fmt: skip
     return rows
 
 
