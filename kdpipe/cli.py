@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -14,6 +15,9 @@ from rich.text import Text
 from kdpipe import __version__
 from kdpipe.artifacts.cache_cli import cache_app
 from kdpipe.errors import ConfigError, KdpipeError
+
+if TYPE_CHECKING:
+    from kdpipe.api import RunResult
 
 app = typer.Typer(
     name="kdpipe",
@@ -312,12 +316,11 @@ def profile(
         _after_profile(result, strict)
 
 
-def _after_profile(result: object, strict: bool) -> None:
+def _after_profile(result: RunResult, strict: bool) -> None:
     """--compare prints regressions against an older run; --strict fails on a missed budget (edge CI). The
     report is written either way, so CI keeps it."""
-    from kdpipe.api import RunResult, check_budgets
+    from kdpipe.api import check_budgets
 
-    assert isinstance(result, RunResult)
     for line in result.regressions:
         typer.echo(line)
     for b in result.misses:

@@ -71,16 +71,21 @@ def dict_splits(path: Path) -> dict[str, Path]:
     return found
 
 
-def read_dataset(path: Path, columns: tuple[str, str]) -> tuple[Any, list[str] | None]:
-    """One Dataset as a pandas frame of its `columns` (text, label), and the label's ClassLabel names (or None)."""
+def load_split(path: Path, instead: str = "give ") -> Any:
+    """One Dataset's directory, loaded; a DatasetDict is refused naming its splits (`instead`: what the hint offers
+    before "one split's directory")."""
     ds = _load(path)
     if type(ds).__name__ == "DatasetDict":
-        splits = ", ".join(ds.keys())
         raise DataError(
-            f"{shown(path)}: a DatasetDict (splits {splits}), not one split",
-            f"give it as teacher.data.source (its splits are used as given), or one split's directory, "
-            f"e.g. {shown(path / next(iter(ds.keys())))}",
+            f"{shown(path)}: a DatasetDict (splits {', '.join(ds.keys())}), not one split",
+            f"{instead}one split's directory, e.g. {shown(path / next(iter(ds.keys())))}",
         )
+    return ds
+
+
+def read_dataset(path: Path, columns: tuple[str, str]) -> tuple[Any, list[str] | None]:
+    """One Dataset as a pandas frame of its `columns` (text, label), and the label's ClassLabel names (or None)."""
+    ds = load_split(path, "give it as teacher.data.source (its splits are used as given), or ")
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise DataError(

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kdpipe.artifacts.records import percent
 from kdpipe.config import DataConfig
 from kdpipe.data.hfdatasets import dict_splits, is_dataset_dict, is_datasets_dir
 from kdpipe.data.tables import (
@@ -26,6 +25,7 @@ from kdpipe.data.tables import (
     read_labeled,
     source_path,
 )
+from kdpipe.data.texts import input_files, inside_error, leakage_warning
 from kdpipe.errors import DataError
 from kdpipe.files import shown
 
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 GIVEN = ("train", "validation", "test")
-OURS = {"train": "train", "validation": "val", "test": "test"}  # given split -> the teacher's split file name
 
 
 @dataclass(frozen=True)
@@ -56,9 +55,6 @@ class Source:
     @property
     def given(self) -> bool:
         return "all" not in self.tables
-
-    def paths(self) -> list[tuple[str, Path]]:
-        return [(t.split, t.path) for t in self.tables.values()]
 
 
 @dataclass(frozen=True)
@@ -89,7 +85,7 @@ def given_paths(cfg: DataConfig) -> dict[str, tuple[str, Path]] | None:
 
 def read_source(cfg: DataConfig, finetune: bool = True) -> Source:
     """Every given split read and checked (empty, the same file twice, another schema, label names), or the one
-    table (kdpipe.data.tables.load_source's checks)."""
+    table (kdpipe.data.tables.load_labeled's checks)."""
     paths = given_paths(cfg)
     if paths is None:
         path, read = load_labeled(cfg, finetune)
@@ -153,11 +149,7 @@ def _check_given(tables: dict[str, Table], cfg: DataConfig) -> None:
         if t is not train:
             n, of = overlap(train.read.frame.text, t.read.frame.text)
             if n == of:
-                raise DataError(
-                    f"{t.where}: every one of its {of:,} texts also occurs in the train split ({shown(train.path)})",
-                    "the splits overlap: give held-out texts that are not in train (or leave the split out to "
-                    "draw it from train)",
-                )
+                raise inside_error(t.where, of, f"the train split ({shown(train.path)})")
 
 
 def check_source(cfg: DataConfig, finetune: bool = True) -> None:
@@ -292,15 +284,10 @@ def _leakage(frames: dict[str, pd.DataFrame]) -> dict[str, tuple[int, int]]:
 
 def leakage_warnings(splits: Splits, cfg: DataConfig) -> list[str]:
     """A warning per held-out split whose share of texts also in train is above teacher.data.leakage_warn."""
-    out = []
-    for split, (n, of) in splits.leakage.items():
-        if of and n / of > cfg.leakage_warn:
-            out.append(
-                f"{n:,} of the {of:,} {split} texts ({percent(n, of)}) also occur in the train split after "
-                f"case / whitespace normalisation (above teacher.data.leakage_warn {cfg.leakage_warn:g}): "
-                "its metrics overstate accuracy on unseen text; de-duplicate the splits"
-            )
-    return out
+    found = (
+        leakage_warning(f"{s} texts", n, of, "train split", cfg.leakage_warn) for s, (n, of) in splits.leakage.items()
+    )
+    return [w for w in found if w is not None]
 
 
 def describe(src: Source, cfg: DataConfig) -> str:
@@ -326,14 +313,7 @@ def source_files(cfg: DataConfig) -> list[tuple[str, Path]]:
 
 
 def _files(paths: dict[str, Path], given: bool) -> list[tuple[str, Path]]:
-    out: list[tuple[str, Path]] = []
-    for split, path in paths.items():
-        prefix = f"data/{split}" if given else "data"
-        if path.is_dir():
-            out += [(f"{prefix}/{p.relative_to(path)}", p) for p in sorted(path.rglob("*")) if p.is_file()]
-        else:
-            out.append((f"{prefix}/{path.name}", path))
-    return out
+    return [f for split, path in paths.items() for f in input_files(f"data/{split}" if given else "data", path)]
 
 
 def as_record(splits: Splits) -> dict[str, Any]:

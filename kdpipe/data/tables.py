@@ -535,15 +535,10 @@ def _is_default(path: Path) -> bool:
         return False
 
 
-def load_source(cfg: DataConfig, finetune: bool = True) -> tuple[Path, pd.DataFrame, RowCounts]:
-    """The configured table, read strictly and checked: columns, enough rows for the splits and,
-    when a head is trained on it, at least two classes. Pandas only, no torch: seconds, not ten."""
-    path, table = load_labeled(cfg, finetune)
-    return path, table.frame, table.counts
-
-
 def load_labeled(cfg: DataConfig, finetune: bool = True) -> tuple[Path, Labeled]:
-    """`load_source`, with the table's columns and ClassLabel names (kdpipe.data.splits names the labels)."""
+    """The configured table, read strictly and checked: columns, enough rows for the splits and, when a head is
+    trained on it, at least two classes; with the table's columns and ClassLabel names (kdpipe.data.splits names
+    the labels). Pandas only, no torch: seconds, not ten."""
     path = source_path(cfg)
     table = read_labeled(path, cfg.text_column, cfg.label_column, source_encoding(cfg))
     df, counts = table.frame, table.counts

@@ -106,15 +106,9 @@ def _frame_records(df: Any) -> Records:
 
 
 def _read_dataset(path: Path) -> Records:
-    from kdpipe.data.hfdatasets import _load
+    from kdpipe.data.hfdatasets import load_split
 
-    ds = _load(path)
-    if type(ds).__name__ == "DatasetDict":
-        raise DataError(
-            f"{shown(path)}: a DatasetDict (splits {', '.join(ds.keys())}), not one split",
-            f"give one split's directory, e.g. {shown(path / next(iter(ds.keys())))}",
-        )
-    return _frame_records(ds.to_pandas())
+    return _frame_records(load_split(path).to_pandas())
 
 
 def missing_column(path: Path, name: str, columns: list[str], field: str) -> DataError:

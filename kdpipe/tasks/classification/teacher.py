@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kdpipe.artifacts.manifest import FileRecord, Metric, sha256_file
+from kdpipe.artifacts.manifest import FileRecord, Metric
 from kdpipe.artifacts.records import RunContext, StageOutput, TeacherRecord
 from kdpipe.config import TeacherConfig
 from kdpipe.data.splits import (
@@ -22,6 +21,7 @@ from kdpipe.data.splits import (
     split_source,
 )
 from kdpipe.data.tables import SPLITS, Encoded, encode, read_split, write_split
+from kdpipe.data.texts import data_digest
 from kdpipe.files import shown
 from kdpipe.losses.objective import LossContext, build_objective
 from kdpipe.losses.terms import CELoss
@@ -51,13 +51,7 @@ def teacher_inputs(cfg: TeacherConfig) -> list[FileRecord]:
 
 def _data_sha256(src: Source) -> str:
     """The data file's SHA-256; for given splits (or a directory), one digest over every file's."""
-    files = data_files(src)
-    if len(files) == 1 and not src.given:
-        return sha256_file(files[0][1])
-    digest = hashlib.sha256()
-    for name, path in files:
-        digest.update(f"{name}\0{sha256_file(path)}\n".encode())
-    return digest.hexdigest()
+    return data_digest(data_files(src))
 
 
 def _rows(src: Source) -> dict[str, int]:
